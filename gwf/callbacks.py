@@ -1,0 +1,109 @@
+"""In-training evaluation of the EMA generator on a fixed noise set: metrics, pictures and a summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from gwf.viz import save_image_grid, save_metric_curves, save_scatter
+
+
+class EvalCallback(L.Callback):
+    """Every ``every_n_updates`` updates (and at the start and the end of training), samples ``num_samples``
+    points from the EMA generator with fixed noise (labels balanced over classes, guidance ``alpha``), scores them
+    with the evaluator (``evaluate(x, labels) -> dict``), logs the metrics to every logger, and writes under the run
+    directory: ``samples/update_XXXXXXX.png`` (grid with one row per class, or a 2D scatter plot), ``eval.csv``,
+    ``eval_curves.png`` and ``eval_summary.json`` (first and last evaluation)."""
+
+    def __init__(self, evaluator: Callable[[], object], every_n_updates: int = 1000, num_samples: int = 1000,
+                 alpha: float | None = None, grid_per_class: int = 10, seed: int = 12345):
+        self.make_evaluator = evaluator
+        self.every_n_updates = every_n_updates
+        self.num_samples = num_samples
+        self.alpha = alpha
+        self.grid_per_class = grid_per_class
+        self.seed = seed
+        self.evaluator = None
+        self.rows: list[dict] = []
+        self._last_update = -1
+
+    def on_fit_start(self, trainer, module):
+        if trainer.is_global_zero:
+            self.evaluator = self.make_evaluator()  # after prepare_data: the evaluator may read prepared files
+            previous = Path(trainer.default_root_dir) / "eval.csv"
+            if previous.exists() and int(module.update_count) > 0:  # a resumed run continues its history
+                with open(previous) as f:
+                    self.rows = [{k: float(v) if k != "update" else int(v) for k, v in r.items()}
+                                 for r in csv.DictReader(f) if int(r["update"]) <= int(module.update_count)]
+
+    def _labels(self, module) -> torch.Tensor | None:
+        num_classes = module.conditioning.num_classes
+        if num_classes == 0:
+            return None
+        per_class = max(self.num_samples // num_classes, 1)
+        return torch.arange(num_classes, device=module.device).repeat_interleave(per_class)
+
+    @rank_zero_only
+    def evaluate(self, trainer, module) -> dict:
+        update = int(module.update_count)
+        if update == self._last_update:
+            return self.rows[-1]
+        self._last_update = update
+        labels = self._labels(module)
+        n = len(labels) if labels is not None else self.num_samples
+        alpha = self.alpha if module.conditioning.guided else None
+        was_training = module.training
+        x = module.sample(n, labels, alpha, seed=self.seed)
+        module.train(was_training)
+        metrics = {k: float(v) for k, v in self.evaluator.evaluate(x, labels).items()}
+        out = Path(trainer.default_root_dir)
+        self._picture(trainer, x, labels, out / "samples" / f"update_{update:07d}.png", update)
+        row = {"update": update, **metrics}
+        self.rows.append(row)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+        self._write(out)
+        return row
+
+    def _picture(self, trainer, x, labels, path: Path, update: int):
+        if x.ndim == 2 and x.shape[1] == 2:
+            real, _ = trainer.datamodule.load_split("val", len(x))
+            save_scatter(x, real, path, title=f"update {update}")
+        elif labels is not None:
+            k = self.grid_per_class
+            per_class = len(labels) // int(labels.max() + 1)
+            idx = torch.cat([torch.arange(c * per_class, c * per_class + min(k, per_class))
+                             for c in range(int(labels.max()) + 1)])
+            save_image_grid(x[idx.to(x.device)], nrow=min(k, per_class), path=path)
+        else:
+            save_image_grid(x[: self.grid_per_class**2], nrow=self.grid_per_class, path=path)
+
+    def _write(self, out: Path):
+        with open(out / "eval.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        (out / "eval_summary.json").write_text(json.dumps({"first": self.rows[0], "last": self.rows[-1]}, indent=2))
+        if len(self.rows) > 1:
+            save_metric_curves(self.rows, out / "eval_curves.png")
+
+    def on_train_start(self, trainer, module):
+        self.evaluate(trainer, module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        update = int(module.update_count)
+        if update > 0 and update % self.every_n_updates == 0:
+            self.evaluate(trainer, module)
+
+    def on_train_end(self, trainer, module):
+        self.evaluate(trainer, module)
+        if trainer.is_global_zero:
+            final = Path(trainer.default_root_dir) / "samples" / f"update_{int(module.update_count):07d}.png"
+            if final.exists():
+                (final.parent / "final.png").write_bytes(final.read_bytes())

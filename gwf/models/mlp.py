@@ -1,0 +1,77 @@
+"""MLP generator for 2D toys and small images (digits): z [B, noise_dim] -> x [B, *out_shape]."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class AlphaEmbedding(nn.Module):
+    """Guidance strength alpha = w + 1 (W-Flow Eq. 16) as Fourier features of log(alpha)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"alpha embedding dim must be even, got {dim}")
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(16.0), dim // 2)), persistent=False)
+
+    def forward(self, alpha: Tensor) -> Tensor:
+        a = torch.log(alpha.float()).unsqueeze(-1) * self.freqs  # [B, dim/2]
+        return torch.cat([a.sin(), a.cos()], dim=-1)
+
+
+class MLPGenerator(nn.Module):
+    """Conditional MLP generator.
+
+    Inputs: ``z`` [B, noise_dim]; ``labels`` [B] int64 in [0, num_classes) or None; ``alpha`` [B] >= 1 or None.
+    Conditioning vectors (class embedding, alpha features) are concatenated to z and to every hidden layer's input.
+    With ``num_classes = 0`` the generator is unconditional; with ``alpha_dim = 0`` it ignores alpha.
+    """
+
+    def __init__(
+        self,
+        out_shape: list[int] | tuple[int, ...],
+        noise_dim: int = 32,
+        hidden: int = 256,
+        depth: int = 3,
+        num_classes: int = 0,
+        class_dim: int = 32,
+        alpha_dim: int = 0,
+    ):
+        super().__init__()
+        self.out_shape = tuple(int(s) for s in out_shape)
+        self.noise_dim = noise_dim
+        self.num_classes = num_classes
+        self.class_emb = nn.Embedding(num_classes, class_dim) if num_classes > 0 else None
+        self.alpha_emb = AlphaEmbedding(alpha_dim) if alpha_dim > 0 else None
+        cond_dim = (class_dim if num_classes > 0 else 0) + alpha_dim
+        self.cond_dim = cond_dim
+        dims = [noise_dim] + [hidden] * depth
+        self.layers = nn.ModuleList(nn.Linear(d + cond_dim, hidden) for d in dims[:-1])
+        self.out = nn.Linear(hidden + cond_dim, math.prod(self.out_shape))
+        self.act = nn.SiLU()
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return (self.noise_dim,)
+
+    def _cond(self, z: Tensor, labels: Tensor | None, alpha: Tensor | None) -> Tensor:
+        parts = []
+        if self.class_emb is not None:
+            if labels is None:
+                raise ValueError("this generator is class-conditional (num_classes > 0): pass labels")
+            parts.append(self.class_emb(labels))
+        if self.alpha_emb is not None:
+            parts.append(self.alpha_emb(alpha if alpha is not None else torch.ones(len(z), device=z.device)))
+        return torch.cat(parts, dim=-1) if parts else z.new_zeros(len(z), 0)
+
+    def forward(self, z: Tensor, labels: Tensor | None = None, alpha: Tensor | None = None) -> Tensor:
+        if z.ndim != 2 or z.shape[1] != self.noise_dim:
+            raise ValueError(f"MLPGenerator expects z of shape [B, {self.noise_dim}], got {tuple(z.shape)}")
+        c = self._cond(z, labels, alpha)
+        h = z
+        for layer in self.layers:
+            h = self.act(layer(torch.cat([h, c], dim=-1)))
+        return self.out(torch.cat([h, c], dim=-1)).view(len(z), *self.out_shape)

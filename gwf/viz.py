@@ -1,0 +1,69 @@
+"""Pictures people look at: image grids (rows = classes), 2D scatter plots, metric curves. Headless (Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def image_grid(x: Tensor, nrow: int, pad: int = 1) -> np.ndarray:
+    """x [N, C, H, W] in [-1, 1] -> uint8 [rows*(H+pad)+pad, nrow*(W+pad)+pad, 3]; N is padded to full rows."""
+    x = x.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(dtype=torch.uint8)
+    n, c, h, w = x.shape
+    if c not in (1, 3):
+        raise ValueError(f"image_grid shows 1- or 3-channel images, got {c} channels (decode latents first)")
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    imgs = x.numpy().transpose(0, 2, 3, 1)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = imgs[i]
+    return grid
+
+
+def save_image_grid(x: Tensor, nrow: int, path: str | Path, upscale: int = 8) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(image_grid(x, nrow))
+    img.resize((img.width * upscale, img.height * upscale), Image.NEAREST).save(path)
+    return path
+
+
+def save_scatter(x_gen: Tensor, x_real: Tensor, path: str | Path, title: str = "") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(*x_real.cpu().numpy().T, s=2, alpha=0.4, c="tab:blue", label="target")
+    ax.scatter(*x_gen.detach().cpu().numpy().T, s=2, alpha=0.4, c="tab:orange", label="generated")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", markerscale=4)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_metric_curves(rows: list[dict], path: str | Path, x_key: str = "update") -> Path:
+    """One panel per metric of ``rows`` (dicts with ``x_key`` and float metrics)."""
+    path = Path(path)
+    keys = [k for k in rows[0] if k != x_key]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    steps = [r[x_key] for r in rows]
+    for ax, k in zip(axes[0], keys):
+        ax.plot(steps, [r[k] for r in rows], marker="o")
+        ax.set_xlabel(x_key)
+        ax.set_title(k)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

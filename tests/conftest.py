@@ -1,0 +1,33 @@
+import gwf  # noqa: F401  (first: torchvision shim for the CPU torch)
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides=(), data_dir: Path | None = None, runs_dir: Path | None = None):
+    """The composed training config for ``overrides``, as gwf-train would see it (without the hydra node)."""
+    extra = []
+    if data_dir is not None:
+        extra.append(f"paths.data_dir={data_dir}")
+    if runs_dir is not None:
+        extra.append(f"paths.root={runs_dir}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[*overrides, *extra])
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn digits prepared once per test session (shards + classifier)."""
+    from gwf.data.digits import prepare_digits
+
+    root = tmp_path_factory.mktemp("data") / "digits"
+    prepare_digits(root)
+    return root

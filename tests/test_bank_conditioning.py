@@ -1,0 +1,74 @@
+"""Class memory bank and per-step conditioning (labels, guidance alpha)."""
+
+import math
+
+import pytest
+import torch
+
+from gwf.conditioning import ConditioningSampler, sample_alpha
+from gwf.data.bank import ClassBank
+
+
+def _batch(labels):
+    labels = torch.tensor(labels)
+    # each sample encodes its class in its value, and its order of arrival in the second coordinate
+    x = torch.stack([labels.float(), torch.arange(len(labels)).float()], 1)
+    return x, labels
+
+
+def test_bank_positives_are_of_their_class_and_distinct():
+    bank = ClassBank(num_classes=3, capacity=8, shape=(2,))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        bank.push(*_batch(torch.randint(0, 3, (12,), generator=g).tolist()))
+    assert bank.ready(4)
+    pos = bank.sample(torch.tensor([2, 0]), 4, g)
+    assert pos.shape == (2, 4, 2)
+    assert (pos[0, :, 0] == 2).all() and (pos[1, :, 0] == 0).all()
+    # without replacement when the class holds enough samples: the slot values differ
+    for row in pos:
+        assert len(set(map(tuple, row.tolist()))) == 4
+
+
+def test_bank_ring_buffer_keeps_latest():
+    bank = ClassBank(num_classes=1, capacity=4, shape=(2,), uncond_capacity=3)
+    bank.push(*_batch([0] * 6))  # arrivals 0..5 of class 0; the buffer keeps the last 4
+    kept = sorted(bank.data[0, :, 1].tolist())
+    assert kept == [2.0, 3.0, 4.0, 5.0]
+    assert sorted(bank.uncond[:, 1].tolist()) == [3.0, 4.0, 5.0]
+    bank.push(*_batch([0, 0]))  # arrivals 0, 1 of a new batch overwrite the two oldest slots (2, 3)
+    assert sorted(bank.data[0, :, 1].tolist()) == [0.0, 1.0, 4.0, 5.0]
+
+
+def test_bank_with_few_samples_draws_with_replacement():
+    bank = ClassBank(num_classes=2, capacity=16, shape=(2,))
+    bank.push(*_batch([0, 1, 1]))
+    assert not bank.ready(2)
+    pos = bank.sample(torch.tensor([0]), 5, torch.Generator().manual_seed(0))
+    assert (pos[0, :, 0] == 0).all() and pos.shape == (1, 5, 2)
+    with pytest.raises(ValueError, match="shape"):
+        bank.push(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_alpha_distribution_matches_power_law():
+    # density proportional to alpha^-k on [1, a_max]: CDF(a) = (1 - a^(1-k)) / (1 - a_max^(1-k))
+    k, a_max, n = 3.0, 4.0, 200_000
+    alpha = sample_alpha(n, a_max, k, 0.0, torch.Generator().manual_seed(0))
+    assert float(alpha.min()) >= 1.0 and float(alpha.max()) <= a_max
+    for a in (1.2, 1.5, 2.0, 3.0):
+        cdf = (1 - a ** (1 - k)) / (1 - a_max ** (1 - k))
+        assert abs(float((alpha <= a).float().mean()) - cdf) < 0.005
+    forced = sample_alpha(n, a_max, k, 0.3, torch.Generator().manual_seed(1))
+    # P(alpha == 1) = 0.3 exactly (continuous part has no atom)
+    assert abs(float((forced == 1.0).float().mean()) - 0.3) < 0.005
+    mean_expected = (k - 1) / (k - 2) * (1 - a_max ** (2 - k)) / (1 - a_max ** (1 - k))
+    assert math.isclose(float(alpha.mean()), mean_expected, rel_tol=5e-3)
+
+
+def test_conditioning_sampler():
+    cond = ConditioningSampler(num_classes=10, labels_per_step=4, alpha_max=4.0)
+    labels, alpha = cond.sample(torch.Generator().manual_seed(0))
+    assert len(set(labels.tolist())) == 4 and alpha.shape == (4,)
+    assert ConditioningSampler(num_classes=0).sample(torch.Generator()) == (None, None)
+    with pytest.raises(ValueError, match="labels_per_step"):
+        ConditioningSampler(num_classes=3, labels_per_step=5)

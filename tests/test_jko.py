@@ -1,0 +1,88 @@
+"""The shared JKO machinery: schedule arithmetic, the proximal term's value, the frozen copy."""
+
+import pytest
+import torch
+from torch import nn
+
+from gwf.jko import JKOProximal, JKOSchedule, tau_from_official_lambda2
+
+
+@pytest.mark.parametrize("steps,first,inner", [(1, 5, 5), (3, 4, 2), (4, 1, 3)])
+def test_schedule_matches_enumeration(steps, first, inner):
+    sched = JKOSchedule(steps, first, inner)
+    enumerated = [(0, i) for i in range(first)] + [(k, i) for k in range(1, steps) for i in range(inner)]
+    assert sched.total_updates == len(enumerated)
+    assert [sched.locate(u) for u in range(len(enumerated))] == enumerated
+    ends = [u for u in range(len(enumerated)) if sched.ends_outer_step(u)]
+    assert ends == [first - 1 + k * inner for k in range(steps)]
+
+
+def test_schedule_rejects_empty():
+    with pytest.raises(ValueError, match="jko.steps"):
+        JKOSchedule(0, 10, 10)
+
+
+class Linear(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, z, labels=None, alpha=None):
+        return z @ self.w.T
+
+
+def test_proximal_term_closed_form():
+    # G(z) = W z, G_prev(z) = W0 z: prox = mean_b ||(W - W0) z_b||^2 / (2 tau), summed over output dims.
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 4)
+    gen = Linear(w0)
+    jko = JKOProximal(gen, tau=0.25)
+    with torch.no_grad():
+        gen.w.add_(torch.tensor(0.5))
+    z = torch.randn(1000, 4)
+    expected = ((z @ (gen.w - w0).T) ** 2).sum(1).mean() / (2 * 0.25)
+    assert torch.allclose(jko(gen(z), z), expected, rtol=1e-5)
+    # E ||D z||^2 = ||D||_F^2 for z ~ N(0, I): the Monte Carlo value agrees with the population value
+    population = ((gen.w - w0) ** 2).sum() / (2 * 0.25)
+    assert abs(float(jko(gen(z), z).detach()) / float(population.detach()) - 1) < 0.1
+
+
+def test_proximal_gradient_is_displacement_over_tau():
+    torch.manual_seed(1)
+    gen = Linear(torch.randn(2, 2))
+    jko = JKOProximal(gen, tau=2.0)
+    with torch.no_grad():
+        gen.w.mul_(1.3)
+    z = torch.randn(8, 2)
+    x = gen(z).detach().requires_grad_(True)
+    jko(x, z).backward()
+    # d/dx [ mean_b ||x_b - x_prev_b||^2 / (2 tau) ] = (x - x_prev) / (tau * B)
+    assert torch.allclose(x.grad, (x - jko.previous(z)) / (2.0 * 8), atol=1e-6)
+
+
+def test_refresh_and_no_jko():
+    gen = Linear(torch.ones(2, 2))
+    jko = JKOProximal(gen, tau=1.0)
+    with torch.no_grad():
+        gen.w.fill_(3.0)
+    z = torch.randn(5, 2)
+    assert float(jko(gen(z), z)) > 0
+    jko.refresh(gen)
+    assert float(jko(gen(z), z)) == 0.0
+    assert not any(p.requires_grad for p in jko.previous.parameters())
+    none = JKOProximal(gen, tau=None)
+    assert none.previous is None and float(none(gen(z), z)) == 0.0
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0])
+def test_tau_must_be_positive(tau):
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        JKOProximal(Linear(torch.ones(1, 1)), tau=tau)
+
+
+def test_official_lambda2_mapping():
+    # official: mean_d (x - x_prev)^2 / lambda2 == ours: sum_d (x - x_prev)^2 / (2 tau)
+    d, lam = 3072, 1.0
+    tau = tau_from_official_lambda2(lam, d)
+    diff = torch.randn(d)
+    assert torch.isclose((diff**2).mean() / lam, (diff**2).sum() / (2 * tau))
