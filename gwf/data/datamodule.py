@@ -1,0 +1,269 @@
+"""One DataModule for every shard set: WebDataset tars of (x, label) samples (format: gwf/data/shards.py).
+
+Training is an endless stream: shards drawn with replacement (webdataset's resampled mode), a sample shuffle
+buffer, samples batched inside the worker, and virtual epochs of ``epoch_size // batch_size`` batches per rank.
+Each (rank, worker, epoch) draws from its own seeded stream, so DDP ranks need no shard splitting, runs are
+reproducible, and a run resumed at an epoch boundary reads what an uninterrupted run reads.
+
+Why not ``wds.WebDataset(urls, resampled=True)`` (webdataset 1.0.2): its shard resampler ignores ``seed`` (it
+seeds from time and os.urandom) and its default ``nodesplitter`` raises under DDP; the stream below is the same
+pipeline (resampled shards -> tar samples -> shuffle -> batched) with the seed under our control.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+
+from gwf.constants import LABEL_KEY, TENSOR_KEY
+from gwf.data.shards import Sample, decode_sample, expand_urls, iter_raw_samples, missing_shards
+from gwf.seeding import derive_seed
+
+Batch = tuple[Tensor, Tensor]  # x float32 [B, *shape], y int64 [B]
+
+
+class SampleChecker:
+    """Decode a raw tar sample and check it against the configured shape/dtype/classes (cheap, every sample)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, num_classes: int, tensor_key: str, label_key: str):
+        self.shape, self.dtype, self.num_classes = shape, dtype, num_classes
+        self.tensor_key, self.label_key = tensor_key, label_key
+
+    def __call__(self, raw: dict) -> Sample:
+        key, x, label = decode_sample(raw, self.tensor_key, self.label_key)
+        if x.shape != self.shape or x.dtype != self.dtype:
+            raise ValueError(
+                f"sample {key!r} in shard {raw.get('__url__', '?')} has shape {list(x.shape)} dtype {x.dtype}, "
+                f"expected shape {list(self.shape)} dtype {self.dtype}. Set data.shape / data.dtype in the config "
+                "to what the shards hold, or point data.train_shards / data.val_shards at the right shards."
+            )
+        if not 0 <= label < self.num_classes:
+            raise ValueError(
+                f"sample {key!r} in shard {raw.get('__url__', '?')} has label {label}, outside "
+                f"[0, {self.num_classes}); set data.num_classes to the number of classes of the shards"
+            )
+        return key, x, label
+
+
+def collate(samples: list[Sample]) -> Batch:
+    """Stack samples in their stored dtype (fp16 latents cross the worker pipe at half size)."""
+    x = torch.from_numpy(np.stack([s[1] for s in samples]))
+    y = torch.tensor([s[2] for s in samples], dtype=torch.int64)
+    return x, y
+
+
+def _to_float32(batches: Iterator[Batch]) -> Iterator[Batch]:
+    for x, y in batches:
+        yield x.float(), y
+
+
+class ResampledStream(IterableDataset):
+    """Endless stream of batches; shards drawn with replacement, samples shuffled in a buffer.
+
+    Seeded by (seed, rank, worker, epoch); ``epoch`` is set in the main process (EpochLoader) before a pass
+    starts its workers.
+    """
+
+    def __init__(
+        self, urls: list[str], check: SampleChecker, batch_size: int, shuffle_buffer: int, seed: int, rank: int
+    ):
+        self.urls, self.check, self.batch_size = urls, check, batch_size
+        self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
+        self.epoch, self.epoch_was_set = 0, False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.epoch_was_set = int(epoch), True
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        rng = random.Random(derive_seed("shards", self.seed, self.rank, worker, self.epoch))
+        shards = (rng.choice(self.urls) for _ in itertools.count())
+        samples = iter_raw_samples(shards)
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        samples = map(self.check, samples)
+        return wds.batched(self.batch_size, collation_fn=collate, partial=False)(samples)
+
+
+class OrderedStream(IterableDataset):
+    """One deterministic pass over ``urls``: shards in order (dealt round-robin to workers), file order inside."""
+
+    def __init__(self, urls: list[str], check: SampleChecker, batch_size: int):
+        self.urls, self.check, self.batch_size = urls, check, batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        urls = self.urls if info is None else self.urls[info.id :: info.num_workers]
+        samples = map(self.check, iter_raw_samples(urls))
+        return wds.batched(self.batch_size, collation_fn=collate, partial=True)(samples)
+
+
+class EpochLoader(wds.WebLoader):
+    """WebLoader of a ResampledStream that sets the stream's epoch before each pass.
+
+    Lightning's fit loop calls ``loader.sampler.set_epoch(epoch)`` before every epoch (the DistributedSampler
+    protocol), with the right epoch after a resume, so ``sampler`` is the stream. Without a trainer, pass k over
+    the loader is epoch k. Workers are not persistent: they start on the first batch of a pass and take a
+    pickled copy of the stream, epoch included.
+    """
+
+    def __init__(self, stream: ResampledStream, num_batches: int, **kwargs):
+        super().__init__(stream, batch_size=None, persistent_workers=False, **kwargs)
+        self.stream = self.sampler = stream
+        self.num_batches, self.passes = num_batches, 0
+        self.append(_to_float32)  # runs in the main process, after the workers
+        self.with_epoch(num_batches)
+
+    def __iter__(self):
+        if not self.stream.epoch_was_set:
+            self.stream.epoch = self.passes
+        self.passes += 1
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Batches ``(x float32 [B, *shape], y int64 [B])`` from WebDataset shards.
+
+    Args:
+        train_shards / val_shards: brace pattern ("data/digits/train-{000000..000003}.tar") or list of them;
+            val_shards may be None (no validation).
+        shape, dtype: what every stored ``x`` is (checked per sample); ``dtype`` is a numpy name ("float16").
+        num_classes: labels lie in [0, num_classes).
+        batch_size: per rank. epoch_size: samples per virtual epoch per rank.
+        shuffle_buffer: samples in the shuffle buffer of each worker (0: no shuffle).
+        prepare: a name in ``gwf.data.PREPARERS`` run by ``prepare_data`` when shards are missing (or None);
+            root: the directory given to it.
+        seed: seeds every (rank, worker, epoch) stream.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str],
+        val_shards: str | Sequence[str] | None,
+        shape: Sequence[int],
+        num_classes: int,
+        dtype: str = "float32",
+        batch_size: int = 256,
+        num_workers: int = 2,
+        shuffle_buffer: int = 2000,
+        epoch_size: int = 50_000,
+        prepare: str | None = None,
+        root: str | Path | None = None,
+        seed: int = 0,
+        tensor_key: str = TENSOR_KEY,
+        label_key: str = LABEL_KEY,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_shards = _plain(train_shards)
+        self.val_shards = None if val_shards is None else _plain(val_shards)
+        self._shape = tuple(int(s) for s in shape)
+        self._num_classes = int(num_classes)
+        self.dtype = np.dtype(dtype)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.shuffle_buffer, self.epoch_size, self.seed = int(shuffle_buffer), int(epoch_size), int(seed)
+        self.prepare, self.root = prepare, root
+        if self.epoch_size < self.batch_size:
+            raise ValueError(f"epoch_size ({self.epoch_size}) must be >= batch_size ({self.batch_size}), per rank")
+        if prepare is not None:
+            from gwf.data import PREPARERS
+
+            if prepare not in PREPARERS:
+                raise ValueError(f"data.prepare={prepare!r} is not one of {sorted(PREPARERS)} (or null)")
+            if root is None:
+                raise ValueError(f"data.prepare={prepare!r} needs data.root, the directory it writes to")
+        self.checker = SampleChecker(self._shape, self.dtype, self._num_classes, tensor_key, label_key)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def urls(self, split: str) -> list[str]:
+        patterns = {"train": self.train_shards, "val": self.val_shards}[split]
+        if patterns is None:
+            raise ValueError(f"no {split} shards configured (data.{split}_shards is null)")
+        return expand_urls(patterns)
+
+    def _missing(self) -> list[tuple[str, list[str]]]:
+        """[(pattern, missing urls)] for each configured split with missing local shards."""
+        out = []
+        for patterns in (self.train_shards, self.val_shards):
+            if patterns is not None and (missing := missing_shards(expand_urls(patterns))):
+                out.append((patterns, missing))
+        return out
+
+    def _raise_missing(self, missing: list[tuple[str, list[str]]]) -> None:
+        patterns, urls = missing[0]
+        raise FileNotFoundError(
+            f"{len(urls)} shard(s) of {patterns!r} missing, first: {Path(urls[0]).absolute()}. "
+            "Create them with a preparer (data.prepare=digits and data.root=<dir>, or "
+            "`python -m gwf.data.digits --root <dir>`), or write your own with gwf.data.shards.write_shards "
+            "(see data/README.md), or point data.train_shards / data.val_shards at existing shards."
+        )
+
+    def prepare_data(self) -> None:
+        """Lightning runs this on one process per node before setup: create missing shards if we can."""
+        if self._missing() and self.prepare is not None:
+            from gwf.data import PREPARERS
+
+            PREPARERS[self.prepare](Path(self.root))
+        if missing := self._missing():
+            self._raise_missing(missing)
+
+    def setup(self, stage: str | None = None) -> None:
+        if missing := self._missing():
+            self._raise_missing(missing)
+
+    def _rank(self) -> int:
+        if self.trainer is not None:
+            return self.trainer.global_rank
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank()
+        return 0
+
+    def train_dataloader(self) -> EpochLoader:
+        stream = ResampledStream(
+            self.urls("train"), self.checker, self.batch_size, self.shuffle_buffer, self.seed, self._rank()
+        )
+        return EpochLoader(stream, self.epoch_size // self.batch_size, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        if self.val_shards is None:
+            return []
+        urls = self.urls("val")
+        stream = OrderedStream(urls, self.checker, self.batch_size)
+        loader = wds.WebLoader(stream, batch_size=None, num_workers=min(self.num_workers, len(urls)))
+        loader.append(_to_float32)
+        return loader
+
+    def load_split(self, split: str, max_samples: int | None = None) -> Batch:
+        """The whole split (or its first ``max_samples``) in memory, in shard then file order:
+        x float32 [N, *shape], y int64 [N]."""
+        samples = map(self.checker, iter_raw_samples(self.urls(split)))
+        batch = list(itertools.islice(samples, max_samples))
+        if not batch:
+            raise ValueError(f"the {split} shards {self.urls(split)[:3]}... hold no samples")
+        x, y = collate(batch)
+        return x.float(), y
+
+
+def _plain(patterns):
+    """Hydra ListConfig -> list of str; a str stays a str."""
+    return str(patterns) if isinstance(patterns, (str, Path)) else [str(p) for p in patterns]

@@ -1,0 +1,237 @@
+"""The shard sample format, and writing/reading shards.
+
+Every shard set (digits, SD-VAE latents, image folders) is a list of WebDataset tars whose samples are
+
+    {"__key__": str, TENSOR_KEY: np.ndarray (np.save bytes), LABEL_KEY: int (ASCII digits)}
+
+i.e. a sample is two tar members sharing a basename: ``<key>.x.npy`` and ``<key>.cls``. The key holds no "."
+(WebDataset splits a member name at its first dot) and no "/".
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import secrets
+import socket
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from gwf.constants import LABEL_KEY, TENSOR_KEY
+
+Sample = tuple[str, np.ndarray, int]  # (key, x, label)
+
+_TAR_BLOCK = 512
+_TAR_END_MARKER = 2 * _TAR_BLOCK  # a complete tar ends with two zero blocks
+
+
+class ShardReadError(OSError):
+    """A shard that cannot be read: truncated (killed writer, partial copy) or corrupt."""
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def shard_pattern(prefix: str, num_shards: int) -> str:
+    """Brace pattern of the shards ``write_shards`` names, e.g. ``train-{000000..000003}.tar``."""
+    if num_shards == 1:
+        return shard_name(prefix, 0)
+    return f"{prefix}-{{{0:06d}..{num_shards - 1:06d}}}.tar"
+
+
+def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
+    """A brace pattern ("a-{000000..000003}.tar", "::"-separated lists) or a list of them -> list of urls."""
+    if isinstance(urls, (str, Path)):
+        urls = [urls]
+    return [url for pattern in urls for url in wds.shardlists.expand_urls(str(pattern))]
+
+
+def is_local(url: str) -> bool:
+    """Local file paths can be checked before reading; "pipe:", "http://", "s3://" ... urls cannot."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def missing_shards(urls: Sequence[str]) -> list[str]:
+    return [url for url in urls if is_local(url) and not os.path.isfile(url)]
+
+
+def check_shard_complete(url: str) -> None:
+    """Raise ShardReadError unless the local tar at ``url`` ends with its end-of-archive marker.
+
+    Python's streaming tar reader stops silently when a file is cut at a member boundary, so a truncated shard
+    would lose samples without a word; every complete tar ends with two zero blocks, so we check those.
+    """
+    if not is_local(url):
+        return
+    size = os.path.getsize(url)
+    with open(url, "rb") as f:
+        f.seek(max(size - _TAR_END_MARKER, 0))
+        tail = f.read()
+    if size < _TAR_END_MARKER or size % _TAR_BLOCK or tail.strip(b"\0"):
+        raise ShardReadError(
+            f"shard {url} is truncated or not a tar file ({size} bytes, no end-of-archive marker). "
+            "Delete it and re-create the shard set (see data/README.md)."
+        )
+
+
+def encode_sample(
+    key: str, x: np.ndarray, label: int, tensor_key: str = TENSOR_KEY, label_key: str = LABEL_KEY
+) -> dict:
+    if not key or "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must be non-empty and hold no '.' or '/'")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x), allow_pickle=False)
+    return {"__key__": key, tensor_key: buf.getvalue(), label_key: str(int(label)).encode()}
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}  # header bytes -> (dtype, shape, fortran)
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """np.load of .npy bytes, with the header parse cached: every sample of a shard set has the same header, and
+    numpy parses it with ast.literal_eval (~100 us, most of the decoding time of a small sample)."""
+    if data[:6] != _NPY_MAGIC:
+        raise ValueError("not a .npy payload (bad magic bytes)")
+    size_bytes = 2 if data[6] == 1 else 4  # header length field: 2 bytes in format 1.0, 4 in 2.0/3.0
+    start = 8 + size_bytes
+    end = start + int.from_bytes(data[8:start], "little")
+    header = data[:end]
+    if header not in _npy_headers:
+        fp = io.BytesIO(data)
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:  # format 3.0 (utf8 field names): rare, take numpy's slow path
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        if dtype.hasobject:
+            raise ValueError("object arrays (pickles) are not allowed in shards")
+        _npy_headers[header] = (dtype, shape, fortran)
+    dtype, shape, fortran = _npy_headers[header]
+    count = math.prod(shape)
+    if len(data) - end != count * dtype.itemsize:
+        raise ValueError(f"truncated .npy payload ({len(data) - end} bytes for shape {list(shape)} {dtype})")
+    x = np.frombuffer(data, dtype=dtype, count=count, offset=end).copy()  # copy: writable, owns its memory
+    return x.reshape(shape[::-1]).T if fortran else x.reshape(shape)
+
+
+def decode_sample(sample: dict, tensor_key: str = TENSOR_KEY, label_key: str = LABEL_KEY) -> Sample:
+    """Raw tar sample (bytes) -> (key, x, label); errors name the shard and the key."""
+    key, url = sample["__key__"], sample.get("__url__", "?")
+    try:
+        x = load_npy(sample[tensor_key])
+        label = int(sample[label_key])
+    except KeyError as e:
+        raise ValueError(
+            f"sample {key!r} in shard {url} has no {e.args[0]!r} member (it has {sorted(sample)}); "
+            "check data.tensor_key / data.label_key"
+        ) from None
+    except ValueError as e:
+        raise ShardReadError(f"cannot decode sample {key!r} in shard {url}: {e}") from e
+    return key, x, label
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    out_dir: str | Path,
+    prefix: str,
+    samples_per_shard: int,
+    *,
+    total: int | None = None,
+    tensor_key: str = TENSOR_KEY,
+    label_key: str = LABEL_KEY,
+) -> list[Path]:
+    """Write (key, x, label) samples into ``out_dir/prefix-000000.tar``, ``prefix-000001.tar``, ...
+
+    Each shard is written under a hidden temporary name and renamed when complete, so a killed run never leaves
+    a file that looks like a finished shard. Member mtimes are fixed, so equal samples give identical bytes.
+    ``total`` (number of samples, optional) sizes the progress bar. Returns the shard paths, in order.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    writer = tmp = path = None
+    try:
+        for i, (key, x, label) in enumerate(tqdm(samples, total=total, desc=f"writing {prefix} shards", unit="sample")):
+            if i % samples_per_shard == 0:
+                if writer is not None:
+                    paths.append(_finish(writer, tmp, path))
+                path = out_dir / shard_name(prefix, i // samples_per_shard)
+                tmp = temporary_path(path)
+                # mtime=0, an int: a float mtime costs an extra pax header per member (and slower reads)
+                writer = wds.TarWriter(open(tmp, "wb"), encoder=False, mtime=0)
+            writer.write(encode_sample(key, x, label, tensor_key, label_key))
+        if writer is not None:
+            paths.append(_finish(writer, tmp, path))
+            writer = None
+    finally:
+        if writer is not None:  # interrupted: drop the partial shard
+            writer.close()
+            writer.stream.close()
+            tmp.unlink(missing_ok=True)
+    return paths
+
+
+def temporary_path(path: Path) -> Path:
+    """A hidden sibling name, unique across processes and hosts (several nodes may prepare one shared folder)."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _finish(writer: wds.TarWriter, tmp: Path, path: Path) -> Path:
+    writer.close()
+    writer.stream.flush()
+    os.fsync(writer.stream.fileno())
+    writer.stream.close()
+    os.replace(tmp, path)  # atomic on POSIX
+    return path
+
+
+def iter_shard_samples(url: str) -> Iterator[dict]:
+    """Raw samples ({"__key__", "__url__", member suffix: bytes}) of one shard, in file order.
+
+    A local shard must be read to its end: Python's streaming tar reader also stops silently at a corrupt
+    member header, so we check that only zero padding follows where it stopped.
+    """
+    if not is_local(url):
+        yield from wds.tarfile_samples([{"url": url}])
+        return
+    check_shard_complete(url)
+    try:
+        with open(url, "rb") as f:
+            files = wds.tariterators.tar_file_expander([{"url": url, "stream": f}])
+            yield from wds.tariterators.group_by_keys(files)
+            stopped_at = f.tell()
+            for chunk in iter(lambda: f.read(1 << 16), b""):
+                if chunk.strip(b"\0"):
+                    raise ShardReadError(
+                        f"shard {url} is corrupt: the tar reader stopped near byte {stopped_at} of "
+                        f"{os.path.getsize(url)} (bad member header). Delete it and re-create the shard set."
+                    )
+    except ShardReadError:
+        raise
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardReadError(f"cannot read shard {url}: {e.args[0] if e.args else e!r} (truncated or corrupt)") from e
+
+
+def iter_raw_samples(urls: Iterable[str]) -> Iterator[dict]:
+    for url in urls:
+        yield from iter_shard_samples(url)
+
+
+def read_samples(
+    urls: str | Path | Sequence[str | Path], tensor_key: str = TENSOR_KEY, label_key: str = LABEL_KEY
+) -> Iterator[Sample]:
+    """(key, x, label) of every sample of ``urls`` (pattern or list), in shard order then file order."""
+    for sample in iter_raw_samples(expand_urls(urls)):
+        yield decode_sample(sample, tensor_key, label_key)
