@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -96,6 +97,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train from a composed config into ``run_dir``; returns the evaluation summary (first and last)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)  # weight init; training noise is seeded per (seed, rank, update)
 
     datamodule = instantiate(cfg.data)
