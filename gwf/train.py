@@ -101,7 +101,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)  # weight init; training noise is seeded per (seed, rank, update)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, _convert_="all")  # plain containers: checkpoints load with weights_only
     module = build_module(cfg, datamodule.shape, datamodule.num_classes)
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [

@@ -230,6 +230,13 @@ class ShardDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if missing := self._missing():
             self._raise_missing(missing)
+        # Fail before training starts, not in a worker minutes later: the first sample of each split must match
+        # data.shape / data.dtype (every sample is checked again as it streams).
+        for split, patterns in (("train", self.train_shards), ("val", self.val_shards)):
+            if patterns is not None:
+                first = next(iter_raw_samples(self.urls(split)[:1]), None)
+                if first is not None:
+                    self.checker(first)
 
     def _rank(self) -> int:
         if self.trainer is not None:

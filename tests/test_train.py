@@ -1,0 +1,97 @@
+"""End to end: the entry point on the digits shards and on a 2D mixture; JKO keeps the generator near its previous
+copy; bad input gives clear errors."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from hydra.errors import InstantiationException
+
+from gwf.train import build_module, train
+from tests.conftest import compose_config
+
+
+def _digits_overrides(digits_dir, *extra):
+    return [f"paths.data_dir={digits_dir.parent}", "data.num_workers=0", "trainer.enable_progress_bar=false", *extra]
+
+
+def test_digits_short_run_writes_outputs_and_resumes(digits_dir, tmp_path):
+    cfg = compose_config(_digits_overrides(digits_dir, "jko.inner_first=40", "eval.every_n_updates=20",
+                                           "eval.num_samples=200", "checkpoint.every_n_steps=20"))
+    run_dir = tmp_path / "run"
+    summary = train(cfg, run_dir)
+    assert summary["first"]["update"] == 0 and summary["last"]["update"] == 40
+    for name in ["checkpoints/last.ckpt", "metrics.csv", "eval.csv", "eval_curves.png", "samples/final.png",
+                 "config.yaml"]:
+        assert (run_dir / name).exists(), name
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["config"]["method"]["name"] == "wflow"  # composed config travels with it
+    assert int(ckpt["state_dict"]["update_count"]) == 40
+    # a relaunch of the same command resumes and finds nothing left to do
+    again = train(cfg, run_dir)
+    assert again["last"]["update"] == 40
+    ckpt2 = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert torch.equal(ckpt2["state_dict"]["generator.out.weight"], ckpt["state_dict"]["generator.out.weight"])
+
+
+def test_wflow_lowers_sinkhorn_divergence_on_2d_mixture(tmp_path):
+    cfg = compose_config(["experiment=toy2d_wflow", "jko.steps=2", "jko.inner_first=300", "jko.inner=300",
+                          "eval.every_n_updates=300", "trainer.enable_progress_bar=false"])
+    summary = train(cfg, tmp_path / "toy")
+    first, last = summary["first"]["sinkhorn_div"], summary["last"]["sinkhorn_div"]
+    assert last < first / 10, (first, last)
+
+
+def _displacement(cfg, tau, updates):
+    cfg.jko.tau = tau
+    L.seed_everything(0)
+    from gwf.data.toy2d import Toy2DDataModule
+
+    dm = Toy2DDataModule(target="8gaussians", batch_size=256)
+    module = build_module(cfg, dm.shape, 0)
+    trainer = L.Trainer(max_steps=updates, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    z = torch.randn(4096, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        initial = module.jko.previous(z) if tau is not None else None
+        return module.generator(z), initial
+
+
+def test_small_tau_keeps_generator_near_previous_copy():
+    cfg = compose_config(["experiment=toy2d_wflow", "jko.steps=1", "jko.inner_first=1000"])
+    x_free, _ = _displacement(cfg, None, 60)
+    x_jko, x_prev = _displacement(cfg, 1e-3, 60)  # prev = the initial generator (the outer step is not over)
+    # same initialization (seeded), so x_prev is also the free run's starting point
+    moved_free = ((x_free - x_prev) ** 2).sum(1).mean()
+    moved_jko = ((x_jko - x_prev) ** 2).sum(1).mean()
+    assert moved_jko < 0.05 * moved_free, (float(moved_jko), float(moved_free))
+
+
+def test_bad_tau_and_unknown_names_are_clear_errors(digits_dir, tmp_path):
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        train(compose_config(_digits_overrides(digits_dir, "jko.tau=0")), tmp_path / "a")
+    with pytest.raises(InstantiationException, match="unknown 2D target 'spiral'; choose one of"):
+        train(compose_config(["experiment=toy2d_wflow", "data.target=spiral"]), tmp_path / "b")
+
+
+def test_wrong_shape_names_the_shard(digits_dir, tmp_path):
+    cfg = compose_config(_digits_overrides(digits_dir, "data.shape=[1,4,4]", "jko.inner_first=5"))
+    with pytest.raises(Exception, match=r"train-00000\d\.tar") as info:
+        train(cfg, tmp_path / "c")
+    assert "(1, 4, 4)" in str(info.value) or "[1, 4, 4]" in str(info.value)
+
+
+def test_missing_shards_without_preparer(tmp_path):
+    cfg = compose_config([f"paths.data_dir={tmp_path}/none", "data.prepare=null"])
+    with pytest.raises(FileNotFoundError, match="none/digits/train"):
+        train(cfg, tmp_path / "d")
+
+
+def test_non_finite_loss_stops_with_a_clear_message():
+    cfg = compose_config(["experiment=toy2d_wflow"])
+    module = build_module(cfg, (2,), 0)
+    with pytest.raises(FloatingPointError, match="non-finite generator loss at update 0.*last.ckpt"):
+        module._check_finite("generator loss", gen_loss=torch.tensor(float("nan")), prox=torch.tensor(0.0))
+    module._check_finite("generator loss", gen_loss=torch.tensor(1.0))  # finite: no error
