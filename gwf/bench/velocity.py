@@ -1,0 +1,245 @@
+"""Benchmark of the W-Flow velocity field: wall time of each engine beside the unavoidable work ("floor").
+
+    gwf-bench-velocity                # full table (several minutes on 2 cores)
+    gwf-bench-velocity --quick        # smoke test
+    gwf-bench-velocity --sizes 1024 --dims 4096 --engines own --skip-memory
+
+One problem (B = 1), N = M = N2 points in R^D, two-batch estimator (two OT problems: x -> pos and x -> neg).
+Floor = for both terms, the cost-matrix GEMM (x @ y^T) + the projection GEMM (P @ y) + 2 * n_iters log-sum-exp
+passes over the [N, M] matrix (one pass = logsumexp(S + g, dim=-1), timed whole, chunked, and chunked in place
+like the own engine: the fastest counts), each measured in the same run. The memory row runs the own engine in a
+subprocess and reports its peak resident set size (VmHWM). Times are medians over the repeats (first call = warm-up);
+the own engine and the floor's parts are timed in turn (interleaved), so that load from other processes hits
+both alike; the biggest cases run once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import gwf  # noqa: F401  (torchvision workaround before anything else)
+
+import numpy as np
+import torch
+
+from gwf.ot import relative_eps, sinkhorn_velocity
+from gwf.ot.geomloss_engine import DEFAULT_SCALING
+from gwf.ot.sinkhorn import _CHUNK_ENTRIES
+
+_QUICK = dict(sizes=[256, 1024], dims=[2, 64], memory=(2048, 64))
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _timed(fns: dict, repeats: int, budget_s: float) -> tuple[dict, int]:
+    """({name: median seconds}, runs) of callables timed in turn, interleaved so that a change of machine load
+    (shared boxes) hits all of them alike. One warm-up round; a round slower than budget_s / 2 is the measurement.
+    """
+    first = {k: _seconds(f) for k, f in fns.items()}
+    if sum(first.values()) * 2 > budget_s:
+        return first, 1
+    times = {k: [] for k in fns}
+    while not times or len(next(iter(times.values()))) < repeats:
+        for k, f in fns.items():
+            times[k].append(_seconds(f))
+        if sum(map(sum, times.values())) + sum(first.values()) > budget_s:
+            break
+    return {k: float(np.median(v)) for k, v in times.items()}, len(next(iter(times.values())))
+
+
+def _inputs(n: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, d, generator=g)
+    pos = 1.2 * torch.randn(1, n, d, generator=g) + 0.3
+    neg = torch.randn(1, n, d, generator=g)
+    return x, pos, neg
+
+
+def floor_parts(x, y, tag: str) -> dict:
+    """Callables of the unavoidable work of the own engine for the term x -> y (see the module docstring)."""
+    n, m = x.shape[1], y.shape[1]
+    buf = torch.empty(1, n, m).uniform_(-1.0, 0.0)
+    pot = torch.randn(1, m)
+    rows = max(1, _CHUNK_ENTRIES // m)
+    work = torch.empty(1, min(rows, n), m)
+
+    def lse_whole():
+        torch.logsumexp(buf + pot[:, None, :], dim=-1)
+
+    def lse_chunked():
+        for r0 in range(0, n, rows):
+            torch.logsumexp(buf[:, r0 : r0 + rows] + pot[:, None, :], dim=-1)
+
+    def lse_chunked_in_place():  # no allocation per chunk, as the own engine does
+        for r0 in range(0, n, rows):
+            blk = buf[:, r0 : r0 + rows]
+            t = torch.add(blk, pot[:, None, :], out=work[:, : blk.shape[1]])
+            mx = t.amax(dim=-1, keepdim=True)
+            t.sub_(mx).exp_().sum(dim=-1).log_().add_(mx[..., 0])
+
+    return {
+        f"cost/{tag}": lambda: torch.bmm(x, y.transpose(1, 2)),
+        f"proj/{tag}": lambda: torch.bmm(buf, y),
+        f"lse_whole/{tag}": lse_whole,
+        f"lse_chunked/{tag}": lse_chunked,
+        f"lse_in_place/{tag}": lse_chunked_in_place,
+    }
+
+
+def floor_from(t: dict, tags, n_iters: int) -> float:
+    """Floor = sum over the terms of cost GEMM + projection GEMM + 2 n_iters x (fastest log-sum-exp pass)."""
+    return sum(
+        t[f"cost/{g}"] + t[f"proj/{g}"] + 2 * n_iters * min(t[f"lse_{v}/{g}"] for v in ("whole", "chunked", "in_place"))
+        for g in tags
+    )
+
+
+def _geomloss_iters(x, y, eps: float, scaling: float) -> int:
+    """Length of geomloss's eps-scaling schedule for this problem (its number of Sinkhorn updates)."""
+    both = torch.cat([x[0], y[0]])
+    blur = math.sqrt(eps)
+    diameter = max(float((both.amax(0) - both.amin(0)).norm()), blur)
+    return 2 + len(np.arange(2 * math.log(diameter), 2 * math.log(blur), 2 * math.log(scaling)))
+
+
+def bench_size(engines, n: int, d: int, n_iters: int, repeats: int, budget_s: float) -> list[dict]:
+    """Rows for one (N, D): the own engine is timed interleaved with the floor's parts; geomloss on its own."""
+    x, pos, neg = _inputs(n, d)
+    fns = {**floor_parts(x, pos, "pos"), **floor_parts(x, neg, "neg")}
+    if "own" in engines:
+        fns["own"] = lambda: sinkhorn_velocity(x, pos, neg, engine="own", n_iters=n_iters)
+    t, runs = _timed(fns, repeats, budget_s)
+    floor = floor_from(t, ("pos", "neg"), n_iters)
+    rows = []
+    for engine in engines:
+        if engine == "own":
+            rows.append(dict(engine="own", n=n, d=d, iters=n_iters, seconds=t["own"], floor=floor, runs=runs))
+        else:
+            g, g_runs = _timed({"geomloss": lambda: sinkhorn_velocity(x, pos, neg, engine="geomloss")}, repeats,
+                               budget_s)
+            iters = _geomloss_iters(x, pos, float(relative_eps(x, [x, neg, pos])[0]), DEFAULT_SCALING)
+            rows.append(dict(engine=engine, n=n, d=d, iters=iters, seconds=g["geomloss"], floor=floor, runs=g_runs))
+    return rows
+
+
+def _peak_rss_gib() -> float:
+    """Peak resident set size of this process image: VmHWM (reset at exec, unlike ru_maxrss on Linux)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def _memory_child(n: int, d: int, n_iters: int) -> None:
+    """Runs in a subprocess: one velocity call at N = M = N2 = n, D = d; prints JSON with the peak RSS."""
+    base = _peak_rss_gib()
+    x, pos, neg = _inputs(n, d)
+    t0 = time.perf_counter()
+    v, _ = sinkhorn_velocity(x, pos, neg, engine="own", n_iters=n_iters)
+    seconds = time.perf_counter() - t0
+    print(json.dumps(dict(n=n, d=d, seconds=seconds, peak_gib=_peak_rss_gib(), base_gib=base,
+                          inputs_gib=3 * x.numel() * 4 / 2**30, finite=bool(torch.isfinite(v).all()))))
+
+
+def memory_row(n: int, d: int, n_iters: int) -> dict:
+    cmd = [sys.executable, "-m", "gwf.bench.velocity", "--memory-child", str(n), str(d), "--n-iters", str(n_iters),
+           "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _fmt_ms(s: float) -> str:
+    return f"{s * 1e3:,.1f}" if s < 10 else f"{s * 1e3:,.0f}"
+
+
+def format_table(rows: list[dict], n_iters: int) -> str:
+    lines = [
+        f"| engine | N = M | D | Sinkhorn iters | velocity (ms) | floor (ms) | time / floor | runs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['engine']} | {r['n']} | {r['d']} | {r['iters']} | {_fmt_ms(r['seconds'])} | {_fmt_ms(r['floor'])} "
+            f"| {r['seconds'] / r['floor']:.2f} | {r['runs']} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Two-batch velocity (two OT problems), B = 1. Floor = 2 x (cost GEMM + projection GEMM + {2 * n_iters} "
+        f"log-sum-exp passes) for the own engine's {n_iters} iterations, measured in the same run; geomloss "
+        f"(tensorized, scaling = {DEFAULT_SCALING}) runs its own eps-scaling schedule (iterations column) and is "
+        "shown against the same floor."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="gwf-bench-velocity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small subset (smoke test)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="N = M = N2")
+    p.add_argument("--dims", type=int, nargs="+", default=[2, 64, 4096], help="D")
+    p.add_argument("--engines", nargs="+", default=["own", "geomloss"], choices=["own", "geomloss"])
+    p.add_argument("--n-iters", type=int, default=10, help="own engine's Sinkhorn iterations")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=30.0, help="time budget per measurement")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--memory-size", type=int, nargs=2, default=[16384, 4096], metavar=("N", "D"))
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's default, all cores)")
+    p.add_argument("--output", help="also write the Markdown to this file")
+    p.add_argument("--memory-child", type=int, nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        _memory_child(*args.memory_child, args.n_iters)
+        return
+    if args.quick:
+        args.sizes, args.dims, args.memory_size = _QUICK["sizes"], _QUICK["dims"], list(_QUICK["memory"])
+
+    header = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average at start {os.getloadavg()[0]:.2f}"
+    )
+    print(header, flush=True)
+    rows = []
+    for n in args.sizes:
+        for d in args.dims:
+            for row in bench_size(args.engines, n, d, args.n_iters, args.repeats, args.budget_s):
+                rows.append(row)
+                print(f"  {row['engine']:8s} N={n:5d} D={d:5d}: {_fmt_ms(row['seconds'])} ms, floor "
+                      f"{_fmt_ms(row['floor'])} ms, ratio {row['seconds'] / row['floor']:.2f}", flush=True)
+    text = format_table(rows, args.n_iters)
+    if not args.skip_memory:
+        n, d = args.memory_size
+        mem = memory_row(n, d, args.n_iters)
+        text += (
+            f"\n\nMemory: own engine, two-batch velocity, N = M = N2 = {mem['n']}, D = {mem['d']}, {args.n_iters} "
+            f"iterations: peak RSS {mem['peak_gib']:.2f} GiB (subprocess; {mem['base_gib']:.2f} GiB after imports, "
+            f"{mem['inputs_gib']:.2f} GiB of inputs x, pos, neg), {mem['seconds']:.1f} s, finite output: "
+            f"{mem['finite']}."
+        )
+    text += f"\n\n({header}; load average at end {os.getloadavg()[0]:.2f}.)"
+    print()
+    print(text)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

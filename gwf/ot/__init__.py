@@ -1,0 +1,31 @@
+"""Optimal-transport core of W-Flow: entropic OT, barycentric projections, the W-Flow velocity field.
+
+Pure functions of tensors. Conventions: cost ||x - y||^2 / 2, uniform weights, eps KL(pi | a (x) b)
+(geomloss blur = sqrt(eps)); batched inputs x [B, N, D], y [B, M, D]; fp32 outputs, detached.
+
+ENGINES maps an engine name to a barycentric projection with the common signature
+    project(x [B, N, D], y [B, M, D], eps: float | Tensor [B], n_iters=..., mask_diagonal=False) -> T [B, N, D]
+"""
+
+from gwf.ot.geomloss_engine import barycentric_projection_geomloss
+from gwf.ot.sinkhorn import DEFAULT_N_ITERS, barycentric_projection, sinkhorn_potentials
+
+ENGINES = {
+    "own": barycentric_projection,
+    "geomloss": barycentric_projection_geomloss,
+}
+
+# Imported after ENGINES: velocity looks engines up in gwf.ot.ENGINES.
+from gwf.ot.velocity import ESTIMATORS, mean_squared_distance, relative_eps, sinkhorn_velocity  # noqa: E402
+
+__all__ = [
+    "DEFAULT_N_ITERS",
+    "ENGINES",
+    "ESTIMATORS",
+    "barycentric_projection",
+    "barycentric_projection_geomloss",
+    "mean_squared_distance",
+    "relative_eps",
+    "sinkhorn_potentials",
+    "sinkhorn_velocity",
+]
