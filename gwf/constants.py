@@ -7,6 +7,9 @@ SD_VAE_LATENT_SHAPE = (4, 32, 32)
 # W-Flow's relative entropic regularization: eps = R * mean squared pairwise distance ([WF] official recipe,
 # robust over 0.025-0.075).
 DEFAULT_EPS_REL = 0.05
+# Sinkhorn iterations of the own engine (the official W-Flow code uses 20) and geomloss's eps-scaling factor.
+DEFAULT_N_ITERS = 20
+DEFAULT_GEOMLOSS_SCALING = 0.95
 
 # Sample format shared by every shard set (digits, latents, image folders):
 # "__key__" (str), TENSOR_KEY (a .npy array), LABEL_KEY (int class index).
@@ -17,3 +20,4 @@ LABEL_KEY = "cls"
 DIGITS_SHAPE = (1, 8, 8)
 DIGITS_NUM_CLASSES = 10
 DIGITS_MAX_INTENSITY = 16.0
+DIGITS_DTYPE = "float16"  # x / 8 - 1 takes the values k/8 - 1, k = 0..16: exact in fp16

@@ -36,9 +36,19 @@ from gwf.ot.sinkhorn import _CHUNK_ENTRIES
 _QUICK = dict(sizes=[256, 1024], dims=[2, 64], memory=(2048, 64))
 
 
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def _seconds(fn) -> float:
+    _sync()
     t0 = time.perf_counter()
     fn()
+    _sync()  # CUDA kernels are asynchronous: time until they finish
     return time.perf_counter() - t0
 
 
@@ -63,16 +73,16 @@ def _inputs(n: int, d: int, seed: int = 0):
     x = torch.randn(1, n, d, generator=g)
     pos = 1.2 * torch.randn(1, n, d, generator=g) + 0.3
     neg = torch.randn(1, n, d, generator=g)
-    return x, pos, neg
+    return x.to(DEVICE), pos.to(DEVICE), neg.to(DEVICE)
 
 
 def floor_parts(x, y, tag: str) -> dict:
     """Callables of the unavoidable work of the own engine for the term x -> y (see the module docstring)."""
     n, m = x.shape[1], y.shape[1]
-    buf = torch.empty(1, n, m).uniform_(-1.0, 0.0)
-    pot = torch.randn(1, m)
+    buf = torch.empty(1, n, m, device=DEVICE).uniform_(-1.0, 0.0)
+    pot = torch.randn(1, m, device=DEVICE)
     rows = max(1, _CHUNK_ENTRIES // m)
-    work = torch.empty(1, min(rows, n), m)
+    work = torch.empty(1, min(rows, n), m, device=DEVICE)
 
     def lse_whole():
         torch.logsumexp(buf + pot[:, None, :], dim=-1)
@@ -200,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-size", type=int, nargs=2, default=[16384, 4096], metavar=("N", "D"))
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default, all cores)")
     p.add_argument("--output", help="also write the Markdown to this file")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the memory row measures host RSS: CPU only)")
     p.add_argument("--memory-child", type=int, nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -210,9 +221,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         args.sizes, args.dims, args.memory_size = _QUICK["sizes"], _QUICK["dims"], list(_QUICK["memory"])
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        args.skip_memory = True
 
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
     header = (
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {where}, {os.cpu_count()} CPUs, "
         f"load average at start {os.getloadavg()[0]:.2f}"
     )
     print(header, flush=True)

@@ -23,13 +23,12 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from gwf.constants import DIGITS_MAX_INTENSITY, DIGITS_NUM_CLASSES, DIGITS_SHAPE, LABEL_KEY, TENSOR_KEY
+from gwf.constants import DIGITS_DTYPE, DIGITS_MAX_INTENSITY, DIGITS_NUM_CLASSES, DIGITS_SHAPE, LABEL_KEY, TENSOR_KEY
 from gwf.data.shards import read_samples, shard_pattern, temporary_path, write_shards
 
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 DIGITS_TRAIN_SHARDS = 4
-DIGITS_DTYPE = "float16"  # x / 8 - 1 takes the values k/8 - 1, k = 0..16: exact in fp16
 CLASSIFIER_FILE = "classifier.pt"
 MANIFEST_FILE = "manifest.json"
 

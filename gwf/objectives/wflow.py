@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from gwf.constants import DEFAULT_EPS_REL
+from gwf.constants import DEFAULT_EPS_REL, DEFAULT_N_ITERS
 from gwf.objectives.base import GenBatch, Objective, RealBatch
 from gwf.ot.velocity import sinkhorn_velocity
 
@@ -28,7 +28,7 @@ class WFlow(Objective):
         eta: float = 1.0,
         eps_rel: float = DEFAULT_EPS_REL,
         engine: str = "own",
-        n_iters: int = 20,
+        n_iters: int = DEFAULT_N_ITERS,
         estimator: str = "two_batch",
         rms_normalize: bool = True,
         guidance: bool = True,

@@ -17,13 +17,14 @@ import math
 import torch
 from torch import Tensor
 
+from gwf.constants import DEFAULT_GEOMLOSS_SCALING
 from gwf.ot.sinkhorn import as_eps, check_point_clouds
 
 # eps-scaling ratio. geomloss ends its annealing with a single update at the target eps, so its potentials lag
 # behind: the error of T shrinks like (1 - scaling). Measured against a converged Sinkhorn (N = 256, eps = 0.05 x
 # mean squared distance), relative RMS error of T: D = 2: 27% / 4-7% / 1-2% for scaling 0.5 / 0.95 / 0.99;
 # D = 64: 0.7% / 0.2% / 0.03%. geomloss's own default is 0.5.
-DEFAULT_SCALING = 0.95
+DEFAULT_SCALING = DEFAULT_GEOMLOSS_SCALING
 
 
 def _projection_one_eps(x: Tensor, y: Tensor, eps: float, scaling: float) -> Tensor:

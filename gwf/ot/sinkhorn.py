@@ -25,8 +25,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-# Default number of Sinkhorn iterations (W-Flow's sinkhorn_num_iter default).
-DEFAULT_N_ITERS = 20
+from gwf.constants import DEFAULT_N_ITERS  # W-Flow's sinkhorn_num_iter default
 
 # Entries of the [B, N, M] matrix processed per chunk: 2^18 fp32 = 1 MiB, so a chunk and its log-sum-exp
 # temporaries stay in the L2/L3 cache (measured ~3-4x faster than one pass over the whole matrix).

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 import gwf.ot as _ot  # the engine registry gwf.ot.ENGINES (defined before this module is imported)
-from gwf.constants import DEFAULT_EPS_REL
+from gwf.constants import DEFAULT_EPS_REL, DEFAULT_N_ITERS
 from gwf.ot.sinkhorn import check_point_clouds, fp32_island
 
 ESTIMATORS = ("two_batch", "single", "masked")
@@ -91,7 +91,7 @@ def sinkhorn_velocity(
     *,
     eps_rel: float = DEFAULT_EPS_REL,
     engine: str = "own",
-    n_iters: int = 20,
+    n_iters: int = DEFAULT_N_ITERS,
     estimator: str = "two_batch",
     uncond: Tensor | None = None,
     guidance_w: float | Tensor | None = None,
