@@ -9,6 +9,7 @@ import gwf  # noqa: F401  (first: makes torchvision importable next to a CPU tor
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import hydra
@@ -26,6 +27,11 @@ from gwf.module import GWFModule, OptimConfig, StepSizes
 from gwf.objectives import build_objective
 
 log = logging.getLogger("gwf")
+
+# Two Lightning warnings that do not apply here: the EMA and frozen JKO copies are in eval mode on purpose, and
+# with manual optimization our checkpoints are meant to hold the state after the update.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 
 # Keys of the method config that belong to the training loop, not to the objective's constructor.
 LOOP_KEYS = ("name", "d_steps", "t_steps", "critic_optim")

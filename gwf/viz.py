@@ -59,7 +59,10 @@ def save_metric_curves(rows: list[dict], path: str | Path, x_key: str = "update"
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     steps = [r[x_key] for r in rows]
     for ax, k in zip(axes[0], keys):
-        ax.plot(steps, [r[k] for r in rows], marker="o")
+        values = [r[k] for r in rows]
+        ax.plot(steps, values, marker="o")
+        if min(values) > 0 and max(values) > 1 and max(values) / min(values) > 20:  # e.g. a distance falling 100x
+            ax.set_yscale("log")
         ax.set_xlabel(x_key)
         ax.set_title(k)
         ax.grid(alpha=0.3)

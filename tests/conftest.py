@@ -4,12 +4,23 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small problems everywhere: one thread avoids OpenMP barrier stalls when the cores are shared (CI, busy
+    laptops), where two threads were measured up to 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def compose_config(overrides=(), data_dir: Path | None = None, runs_dir: Path | None = None):

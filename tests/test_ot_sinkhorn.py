@@ -24,15 +24,6 @@ from gwf.ot.gaussian import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small problems: one thread avoids OpenMP barrier stalls when the cores are shared (CI, busy laptops)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _problems(seed=0, batch=3, n=24, m=31, d=3):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, n, d, generator=g)

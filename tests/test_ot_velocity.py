@@ -20,15 +20,6 @@ from gwf.ot import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small problems: one thread avoids OpenMP barrier stalls when the cores are shared (CI, busy laptops)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _clouds(seed, batch, n, d, k=3):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, n, d, generator=g) for _ in range(k)]
