@@ -95,3 +95,19 @@ def test_non_finite_loss_stops_with_a_clear_message():
     with pytest.raises(FloatingPointError, match="non-finite generator loss at update 0.*last.ckpt"):
         module._check_finite("generator loss", gen_loss=torch.tensor(float("nan")), prox=torch.tensor(0.0))
     module._check_finite("generator loss", gen_loss=torch.tensor(1.0))  # finite: no error
+
+
+def test_wandb_logger_runs_offline_without_credentials(tmp_path, monkeypatch):
+    from gwf.loggers import wandb_has_credentials, wandb_run_id
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "toy"))
+    assert not wandb_has_credentials()
+    cfg = compose_config(["experiment=toy2d_wflow", "logger=wandb", "jko.steps=1", "jko.inner_first=10",
+                          "trainer.enable_progress_bar=false"])
+    train(cfg, tmp_path / "toy")
+    runs = list((tmp_path / "toy" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].name.endswith(wandb_run_id(tmp_path / "toy"))
+    assert wandb_run_id(tmp_path / "toy") == wandb_run_id(tmp_path / "toy")  # a resumed run reuses the id
