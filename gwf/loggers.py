@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from gwf.seeding import derive_seed
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts; a resumed run must keep its history,
+    so this one adopts the existing header and appends."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``metrics.csv`` in the run directory, continued (not overwritten) when the run resumes."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def wandb_has_credentials() -> bool:
@@ -30,7 +53,7 @@ def make_loggers(spec: dict, run_dir: Path, group: str, name: str) -> list[Logge
     for kind, kwargs in spec.items():
         kwargs = dict(kwargs or {})
         if kind == "csv":
-            loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="", **kwargs))
+            loggers.append(ResumableCSVLogger(save_dir=str(run_dir), name="", version="", **kwargs))
         elif kind == "wandb":
             # Never hang without credentials: offline unless a key is configured (sync later with `wandb sync`).
             if os.environ.get("WANDB_MODE") is None and not wandb_has_credentials():

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from gwf.callbacks import EvalCallback
 from gwf.conditioning import ConditioningSampler
 from gwf.jko import JKOSchedule
+from gwf.loggers import make_loggers
 from gwf.models import build_model
 from gwf.module import GWFModule, OptimConfig, StepSizes
 from gwf.objectives import build_objective
@@ -94,8 +95,6 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int) -> GWFModule:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    from gwf.loggers import make_loggers
-
     return make_loggers(OmegaConf.to_container(cfg.logger, resolve=True) or {}, run_dir, cfg.name, run_dir.name)
 
 

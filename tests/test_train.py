@@ -16,6 +16,13 @@ def _digits_overrides(digits_dir, *extra):
     return [f"paths.data_dir={digits_dir.parent}", "data.num_workers=0", "trainer.enable_progress_bar=false", *extra]
 
 
+def _csv_steps(path):
+    import csv
+
+    with open(path) as f:
+        return [row["step"] for row in csv.DictReader(f)]
+
+
 def test_digits_short_run_writes_outputs_and_resumes(digits_dir, tmp_path):
     cfg = compose_config(_digits_overrides(digits_dir, "jko.inner_first=40", "eval.every_n_updates=20",
                                            "eval.num_samples=200", "checkpoint.every_n_steps=20"))
@@ -28,8 +35,10 @@ def test_digits_short_run_writes_outputs_and_resumes(digits_dir, tmp_path):
     ckpt = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["config"]["method"]["name"] == "wflow"  # composed config travels with it
     assert int(ckpt["state_dict"]["update_count"]) == 40
-    # a relaunch of the same command resumes and finds nothing left to do
+    logged_steps = _csv_steps(run_dir / "metrics.csv")
+    # a relaunch of the same command resumes and finds nothing left to do, and keeps the metric history
     again = train(cfg, run_dir)
+    assert _csv_steps(run_dir / "metrics.csv")[: len(logged_steps)] == logged_steps
     assert again["last"]["update"] == 40
     ckpt2 = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert torch.equal(ckpt2["state_dict"]["generator.out.weight"], ckpt["state_dict"]["generator.out.weight"])
