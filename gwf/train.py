@@ -24,6 +24,7 @@ from gwf.conditioning import ConditioningSampler
 from gwf.jko import JKOSchedule
 from gwf.loggers import make_loggers
 from gwf.models import build_model
+from gwf.models.critics import build_critic
 from gwf.module import GWFModule, OptimConfig, StepSizes
 from gwf.objectives import build_objective
 
@@ -58,7 +59,11 @@ if not OmegaConf.has_resolver("gwf_run_name"):
 def build_module(cfg: DictConfig, data_shape, num_classes: int) -> GWFModule:
     """Plain objects from the composed config (no Hydra below this point)."""
     method = OmegaConf.to_container(cfg.method, resolve=True)
-    objective = build_objective(method["name"], **{k: v for k, v in method.items() if k not in LOOP_KEYS})
+    kwargs = {k: v for k, v in method.items() if k not in LOOP_KEYS}
+    if isinstance(kwargs.get("critic"), dict):  # critic-based objectives receive their network, built for the data
+        spec = dict(kwargs["critic"])
+        kwargs["critic"] = build_critic(spec.pop("name"), in_shape=list(data_shape), **spec)
+    objective = build_objective(method["name"], **kwargs)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     generator = build_model(model.pop("name"), out_shape=list(data_shape), num_classes=num_classes, **model)
     b = cfg.batch

@@ -16,22 +16,40 @@ from gwf.seeding import make_generator
 Sampler = Callable[[int, torch.Generator], Tensor]  # (n, generator) -> [n, 2]
 
 
-def gaussian_mixture(centers: Tensor, std: float) -> Sampler:
-    def sample(n: int, g: torch.Generator) -> Tensor:
-        idx = torch.randint(len(centers), (n,), generator=g)
-        return centers[idx] + std * torch.randn(n, 2, generator=g)
+class GaussianMixture:
+    """Isotropic Gaussian mixture; exposes its modes (centers, std, weights) for mode recall and quality rate."""
 
-    return sample
+    def __init__(self, centers: Tensor, std: float, weights: Tensor | None = None):
+        self.centers = centers.float()
+        self.std = float(std)
+        w = torch.ones(len(centers)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        self.weights = w / w.sum()
+
+    def __call__(self, n: int, g: torch.Generator) -> Tensor:
+        idx = torch.multinomial(self.weights, n, replacement=True, generator=g)
+        return self.centers[idx] + self.std * torch.randn(n, 2, generator=g)
 
 
-def eight_gaussians(radius: float = 2.0, std: float = 0.02 ** 0.5) -> Sampler:
-    angles = torch.arange(8) * (2 * math.pi / 8)
-    return gaussian_mixture(radius * torch.stack([angles.cos(), angles.sin()], 1), std)
+def _circle(k: int, radius: float) -> Tensor:
+    angles = torch.arange(k) * (2 * math.pi / k)
+    return radius * torch.stack([angles.cos(), angles.sin()], 1)
 
 
-def twenty_five_gaussians(spacing: float = 1.0, std: float = 0.05) -> Sampler:
+def eight_gaussians(radius: float = 2.0, std: float = 0.02 ** 0.5) -> GaussianMixture:
+    return GaussianMixture(_circle(8, radius), std)
+
+
+def twenty_five_gaussians(spacing: float = 1.0, std: float = 0.05) -> GaussianMixture:
     grid = torch.arange(-2, 3, dtype=torch.float32) * spacing
-    return gaussian_mixture(torch.cartesian_prod(grid, grid), std)
+    return GaussianMixture(torch.cartesian_prod(grid, grid), std)
+
+
+def imbalanced(std: float = 0.1, minor_weight: float = 0.02) -> GaussianMixture:
+    """W-Flow's mode-coverage target: six large concentrated modes on a circle of radius 1.5 and two small modes
+    far away at (+-4, 4), each holding ``minor_weight`` of the mass."""
+    centers = torch.cat([_circle(6, 1.5), torch.tensor([[-4.0, 4.0], [4.0, 4.0]])])
+    major = (1 - 2 * minor_weight) / 6
+    return GaussianMixture(centers, std, torch.tensor([major] * 6 + [minor_weight] * 2))
 
 
 def checkerboard(scale: float = 1.0) -> Sampler:
@@ -44,10 +62,49 @@ def checkerboard(scale: float = 1.0) -> Sampler:
     return sample
 
 
+def two_moons(noise: float = 0.05, scale: float = 1.5) -> Sampler:
+    """Two interleaving half circles (as scikit-learn's make_moons), centred, with Gaussian noise."""
+
+    def sample(n: int, g: torch.Generator) -> Tensor:
+        t = torch.rand(n, generator=g) * math.pi
+        upper = torch.rand(n, generator=g) < 0.5
+        x = torch.where(upper, t.cos(), 1 - t.cos()) - 0.5
+        y = torch.where(upper, t.sin(), 0.5 - t.sin()) - 0.25
+        return scale * torch.stack([x, y], 1) + noise * torch.randn(n, 2, generator=g)
+
+    return sample
+
+
+def rings(radii: tuple[float, ...] = (1.0, 2.0, 3.0), noise: float = 0.05) -> Sampler:
+    """Concentric rings, mass proportional to the circumference."""
+    r = torch.tensor(radii)
+
+    def sample(n: int, g: torch.Generator) -> Tensor:
+        idx = torch.multinomial(r / r.sum(), n, replacement=True, generator=g)
+        angle = torch.rand(n, generator=g) * 2 * math.pi
+        return r[idx, None] * torch.stack([angle.cos(), angle.sin()], 1) + noise * torch.randn(n, 2, generator=g)
+
+    return sample
+
+
+def swiss_roll(noise: float = 0.05, scale: float = 0.25) -> Sampler:
+    """2D swiss roll: t in [1.5 pi, 4.5 pi], (t cos t, t sin t) scaled."""
+
+    def sample(n: int, g: torch.Generator) -> Tensor:
+        t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g))
+        return scale * torch.stack([t * t.cos(), t * t.sin()], 1) + noise * torch.randn(n, 2, generator=g)
+
+    return sample
+
+
 TARGETS: dict[str, Callable[..., Sampler]] = {
     "8gaussians": eight_gaussians,
     "25gaussians": twenty_five_gaussians,
+    "imbalanced": imbalanced,
     "checkerboard": checkerboard,
+    "moons": two_moons,
+    "rings": rings,
+    "swissroll": swiss_roll,
 }
 
 

@@ -1,0 +1,47 @@
+"""Critic networks: x [B, *in_shape] (and labels) -> [B] scores, or [B, out_dim] embeddings (learned MMD kernels)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class MLPCritic(nn.Module):
+    """MLP critic for 2D toys and small images. ``out_dim = 1`` returns a score per sample [B]; a larger
+    ``out_dim`` returns an embedding [B, out_dim]. Class-conditional (projection-free: the class embedding is
+    concatenated to the input) when ``num_classes > 0``."""
+
+    def __init__(self, in_shape: list[int] | tuple[int, ...], hidden: int = 256, depth: int = 3, out_dim: int = 1,
+                 num_classes: int = 0, class_dim: int = 32):
+        super().__init__()
+        self.in_dim = math.prod(int(s) for s in in_shape)
+        self.class_emb = nn.Embedding(num_classes, class_dim) if num_classes > 0 else None
+        dims = [self.in_dim + (class_dim if num_classes > 0 else 0)] + [hidden] * depth
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        h = x.flatten(1)
+        if h.shape[1] != self.in_dim:
+            raise ValueError(f"MLPCritic expects inputs with {self.in_dim} values each, got shape {tuple(x.shape)}")
+        if self.class_emb is not None:
+            if labels is None:
+                raise ValueError("this critic is class-conditional (num_classes > 0): pass labels")
+            h = torch.cat([h, self.class_emb(labels)], dim=1)
+        out = self.head(self.body(h))
+        return out.squeeze(-1) if self.out_dim == 1 else out
+
+
+CRITICS: dict[str, type[nn.Module]] = {"mlp": MLPCritic}
+
+
+def build_critic(name: str, **kwargs) -> nn.Module:
+    if name not in CRITICS:
+        raise ValueError(f"unknown critic '{name}'; choose one of {sorted(CRITICS)} (method.critic.name=...)")
+    return CRITICS[name](**kwargs)

@@ -1,0 +1,50 @@
+"""2D targets and their metrics against known answers."""
+
+import math
+
+import pytest
+import torch
+
+from gwf.data.toy2d import TARGETS, GaussianMixture, imbalanced, make_sampler
+from gwf.eval.toy2d import Toy2DEvaluator, mode_metrics, sinkhorn_divergence
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_every_target_samples_finite_2d_points(name):
+    x = make_sampler(name)(4096, _g())
+    assert x.shape == (4096, 2) and torch.isfinite(x).all()
+    assert torch.equal(x, make_sampler(name)(4096, _g()))  # seeded
+
+
+def test_mixture_weights_and_mode_metrics_known_answers():
+    mix = imbalanced()
+    x = mix(200_000, _g(1))
+    # each sample comes from its nearest center here (modes are far apart relative to std)
+    nearest = torch.cdist(x, mix.centers).argmin(1)
+    freq = torch.bincount(nearest, minlength=8).float() / len(x)
+    assert torch.allclose(freq, mix.weights, atol=3e-3)
+    m = mode_metrics(x, mix)
+    # 2D isotropic Gaussian: P(|z| <= 3) = 1 - exp(-9/2)
+    assert abs(m["hq_rate"] - (1 - math.exp(-4.5))) < 2e-3
+    assert m["mode_recall"] == 1.0
+    # samples of the six major modes only: the two minor modes are missed
+    major = GaussianMixture(mix.centers[:6], mix.std)
+    assert mode_metrics(major(20_000, _g(2)), mix)["mode_recall"] == pytest.approx(6 / 8)
+    # uniform noise far from every mode is not high quality
+    assert mode_metrics(torch.rand(10_000, 2, generator=_g(3)) * 0.2 + 10, mix)["hq_rate"] == 0.0
+
+
+def test_sinkhorn_divergence_separates_target_from_shifted_copy():
+    ev = Toy2DEvaluator("8gaussians", num_samples=1000)
+    same = ev.evaluate(make_sampler("8gaussians")(1000, _g(5)))
+    shifted = ev.evaluate(make_sampler("8gaussians")(1000, _g(5)) + 1.0)
+    assert same["sinkhorn_div"] < 0.05 * shifted["sinkhorn_div"]
+    # translation by t, cost |x-y|^2/2: S_eps(mu, mu + t) = |t|^2 / 2 exactly, for any eps (the cross term
+    # <x - y, t> integrates to <E x - E y, t> = 0 under any coupling of mu with itself)
+    t = torch.tensor([1.0, 1.0]) / math.sqrt(2)
+    assert sinkhorn_divergence(ev.reference, ev.reference + t) == pytest.approx(0.5, abs=1e-4)
+    assert set(same) == {"sinkhorn_div", "hq_rate", "mode_recall"} and same["mode_recall"] == 1.0
