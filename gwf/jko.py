@@ -11,7 +11,9 @@ loop and number of generator updates without the transport term (a GAN for criti
 
 Schedule: K outer steps; the first has ``inner_first`` updates, the others ``inner`` updates. The frozen copy
 G_{theta_k} is the raw (not EMA) generator, refreshed at the end of each outer step; critic, optimizers, EMA and
-LR schedule are not reset, and G_theta is warm-started.
+LR schedule are not reset, and G_theta is warm-started. For the first outer step, G_{theta_0} is either a frozen
+copy of the initial generator (``start="generator"``) or the identity on the noise (``start="noise"``: the flow
+starts from mu0 itself, as in the official code's 2D recipe).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+
+STARTS = ("generator", "noise")
 
 
 def tau_from_official_lambda2(lambda2: float, data_dim: int) -> float:
@@ -63,13 +68,19 @@ class JKOSchedule:
 class JKOProximal(nn.Module):
     """Frozen previous generator G_{theta_k} and the proximal term 1/(2 tau) E ||G_theta(z) - G_theta_k(z)||^2."""
 
-    def __init__(self, generator: nn.Module, tau: float | None):
+    def __init__(self, generator: nn.Module, tau: float | None, start: str = "generator"):
         super().__init__()
         if tau is not None and not tau > 0:
             raise ValueError(f"jko.tau must be > 0 (or null for no JKO term), got {tau}")
+        if start not in STARTS:
+            raise ValueError(f"jko.start must be one of {STARTS}, got {start!r}")
         self.tau = tau
         # No copy at all for tau = None: the baseline carries no extra state.
         self.previous = self._frozen_copy(generator) if tau is not None else None
+        # start="noise": the first outer step is measured from mu0 itself, T_0 = identity on z (as the official GWF
+        # code does for its 2D and UNet generators); needs noise of the data's shape. A buffer, so checkpoints
+        # taken before and after the first refresh have the same keys.
+        self.register_buffer("from_noise", torch.tensor(start == "noise"))
 
     @staticmethod
     def _frozen_copy(generator: nn.Module) -> nn.Module:
@@ -82,6 +93,7 @@ class JKOProximal(nn.Module):
         """G_{theta_k} <- G_theta (end of an outer step)."""
         if self.previous is None:
             return
+        self.from_noise.fill_(False)
         for p_prev, p in zip(self.previous.parameters(), generator.parameters()):
             p_prev.copy_(p)
         for b_prev, b in zip(self.previous.buffers(), generator.buffers()):
@@ -93,6 +105,15 @@ class JKOProximal(nn.Module):
         if self.previous is None:
             return x.new_zeros(())
         with torch.no_grad():
-            x_prev = self.previous(*gen_inputs)
+            if bool(self.from_noise):
+                z = gen_inputs[0]
+                if z[0].numel() != x[0].numel():
+                    raise ValueError(
+                        f"jko.start=noise needs noise of the data's size (T_0 = identity), got noise {tuple(z.shape[1:])} "
+                        f"for data {tuple(x.shape[1:])}: set model.noise_dim to the data dimension or jko.start=generator"
+                    )
+                x_prev = z.reshape(x.shape)
+            else:
+                x_prev = self.previous(*gen_inputs)
         sq = (x.float() - x_prev.float()).pow(2).flatten(1).sum(1)  # [B] squared distances over all dims
         return sq.mean() / (2.0 * self.tau)

@@ -65,6 +65,7 @@ class GWFModule(L.LightningModule):
         conditioning: ConditioningSampler,
         schedule: JKOSchedule,
         tau: float | None = None,
+        jko_start: str = "generator",
         sizes: StepSizes = StepSizes(),
         optim: OptimConfig = OptimConfig(),
         critic_optim: OptimConfig | None = None,
@@ -81,7 +82,7 @@ class GWFModule(L.LightningModule):
         self.data_shape = tuple(int(s) for s in data_shape)
         self.conditioning = conditioning
         self.schedule = schedule
-        self.jko = JKOProximal(generator, tau)
+        self.jko = JKOProximal(generator, tau, jko_start)
         self.ema = EMA(generator, ema_decay)
         self.sizes = sizes
         self.optim = optim

@@ -90,6 +90,7 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int) -> GWFModule:
         conditioning=conditioning,
         schedule=JKOSchedule(cfg.jko.steps, cfg.jko.inner_first, cfg.jko.inner),
         tau=cfg.jko.tau,
+        jko_start=cfg.jko.get("start", "generator"),
         sizes=sizes,
         optim=OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
         critic_optim=OptimConfig(**critic_optim) if critic_optim else None,

@@ -86,3 +86,21 @@ def test_official_lambda2_mapping():
     tau = tau_from_official_lambda2(lam, d)
     diff = torch.randn(d)
     assert torch.isclose((diff**2).mean() / lam, (diff**2).sum() / (2 * tau))
+
+
+def test_start_from_noise_measures_transport_from_mu0_until_the_first_refresh():
+    torch.manual_seed(2)
+    gen = Linear(torch.randn(3, 3))
+    jko = JKOProximal(gen, tau=0.5, start="noise")
+    z = torch.randn(64, 3)
+    x = gen(z)
+    # T_0 = identity on z: prox = mean ||G(z) - z||^2 / (2 tau)
+    assert torch.allclose(jko(x, z), ((x - z) ** 2).sum(1).mean() / (2 * 0.5))
+    jko.refresh(gen)  # end of the first outer step: G_theta_1 = frozen copy
+    assert float(jko(gen(z), z).detach()) == 0.0
+    state = jko.state_dict()
+    assert "from_noise" in state and not bool(state["from_noise"])
+    with pytest.raises(ValueError, match="noise of the data's size"):
+        JKOProximal(gen, 1.0, start="noise")(torch.zeros(4, 2), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="jko.start"):
+        JKOProximal(gen, 1.0, start="zeros")
