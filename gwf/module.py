@@ -171,7 +171,7 @@ class GWFModule(L.LightningModule):
                 with torch.no_grad():
                     x_fake, _ = self.generate(self.generator, labels, alpha, self.sizes.gen_per_label,
                                               self.rng("critic", j))
-                loss_c, logs_c = self.objective.critic_loss(x_fake, real)
+                loss_c, logs_c = self.objective.critic_loss(x_fake, real, generator=self.rng("penalty", j))
                 self._check_finite("critic loss", critic_loss=loss_c)
                 logs["train/grad_norm_critic"] = self._optimizer_step(
                     optimizers[1], schedulers[1], loss_c, self.objective.critic.parameters(),

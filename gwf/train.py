@@ -62,7 +62,7 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int) -> GWFModule:
     kwargs = {k: v for k, v in method.items() if k not in LOOP_KEYS}
     if isinstance(kwargs.get("critic"), dict):  # critic-based objectives receive their network, built for the data
         spec = dict(kwargs["critic"])
-        kwargs["critic"] = build_critic(spec.pop("name"), in_shape=list(data_shape), **spec)
+        kwargs["critic"] = build_critic(spec.pop("name"), in_shape=list(data_shape), num_classes=num_classes, **spec)
     objective = build_objective(method["name"], **kwargs)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     generator = build_model(model.pop("name"), out_shape=list(data_shape), num_classes=num_classes, **model)

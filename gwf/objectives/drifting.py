@@ -1,0 +1,108 @@
+"""Drifting ([DRIFT], Deng et al. 2026, "Generative Modeling via Drifting") as a baseline field in gwf.
+
+Per temperature T (Algorithm 2 of [DRIFT]), with generated queries x, positives y+ (data) and negatives y- (the
+generated batch itself, self-pair masked):
+
+    logits = -||x_i - y_j|| / (T * s)           over the targets j in [y+, y-]      (Euclidean, not squared)
+    A      = sqrt(softmax_j(logits) * softmax_i(logits))     (geometric mean of row and column softmaxes)
+    W+_ij  = A+_ij * sum_k A-_ik,     W-_ik = A-_ik * sum_j A+_ij
+    V_T(x_i) = sum_j W+_ij y+_j - sum_k W-_ik y-_k          (attraction - repulsion; sum_j W+_ij = sum_k W-_ik, so
+                                                             V_T is translation equivariant)
+
+and V = sum_T V_T / RMS(V_T). Distance scale s: the mean distance ||x_i - y_j|| over all (unmasked) query-target
+pairs of the problem, detached. This is [DRIFT] App. A.6 (features rescaled so that the mean pairwise distance is
+sqrt(D), temperature tau * sqrt(D)) written in the data's units; public reimplementations compute that mean over the
+whole batch with the self pairs included, we compute it per problem (as gwf's W-Flow eps) without the masked pairs.
+RMS normalization is per problem over points and coordinates, with a floor relative to s / sqrt(D).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from gwf.objectives.base import GenBatch, Objective, RealBatch
+from gwf.objectives.kernels import squared_distances
+from gwf.ot.sinkhorn import check_point_clouds, fp32_island
+
+DRIFT_TEMPERATURES = (0.2, 0.05, 0.02)  # [DRIFT] App. A.6
+_RMS_FLOOR_REL = 1e-4  # relative to the per-coordinate distance scale s / sqrt(D)
+
+
+def drifting_field_single(x: Tensor, pos: Tensor, neg: Tensor, temperature: float, scale: Tensor,
+                          mask_self: bool) -> Tensor:
+    """One temperature of the Drifting field, unnormalized: V_T [B, N, D] (see the module docstring).
+
+    x: [B, N, D] queries; pos: [B, M, D]; neg: [B, K, D] (K = N and neg = x when ``mask_self``); scale: [B].
+    """
+    n, m = x.shape[1], pos.shape[1]
+    dist = squared_distances(x, torch.cat([pos, neg], dim=1)).sqrt()  # [B, N, M + K]
+    logits = -dist / (temperature * scale[:, None, None])
+    if mask_self:
+        idx = torch.arange(n, device=x.device)
+        logits[:, idx, m + idx] = float("-inf")
+    # geometric mean of the row and column softmaxes, in the log domain (masked entries -> exactly 0)
+    a = (0.5 * (logits.log_softmax(dim=2) + logits.log_softmax(dim=1))).exp()
+    a_pos, a_neg = a[:, :, :m], a[:, :, m:]
+    w_pos = a_pos * a_neg.sum(2, keepdim=True)
+    w_neg = a_neg * a_pos.sum(2, keepdim=True)
+    return torch.bmm(w_pos, pos) - torch.bmm(w_neg, neg)
+
+
+def drifting_field(x: Tensor, pos: Tensor, neg: Tensor | None = None,
+                   temperatures: Sequence[float] = DRIFT_TEMPERATURES, rms_normalize: bool = True) -> Tensor:
+    """Multi-temperature Drifting field V [B, N, D], detached fp32 (2-D inputs give [N, D]).
+
+    x: [B, N, D] generated samples; pos: [B, M, D] positives; neg: [B, K, D] negatives, or None for the generated
+    batch itself with the self-pair masked (the [DRIFT] default). Each temperature's field is rescaled to unit RMS
+    per problem (``rms_normalize``) before the sum, so |V| ~ sqrt(len(temperatures)) per coordinate.
+    """
+    if not temperatures or min(temperatures) <= 0:
+        raise ValueError(f"Drifting temperatures must be a non-empty list of positive numbers, got {temperatures}")
+    unbatched = x.dim() == 2
+    if unbatched:
+        x, pos, neg = x[None], pos[None], None if neg is None else neg[None]
+    mask_self = neg is None
+    check_point_clouds(x, pos, "x", "pos")
+    if not mask_self:
+        check_point_clouds(x, neg, "x", "neg")
+    elif x.shape[1] < 2:
+        raise ValueError("the Drifting field with the self-pair masked needs at least 2 generated samples")
+    with fp32_island(x.device):
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x, pos = x.detach().to(dtype), pos.detach().to(dtype)
+        neg = x if mask_self else neg.detach().to(dtype)
+        # distance scale s: mean ||x_i - y_j|| over the unmasked pairs, per problem
+        dist = squared_distances(x, torch.cat([pos, neg], dim=1)).sqrt()  # [B, N, M + K]
+        n_pairs = dist.shape[1] * dist.shape[2] - (x.shape[1] if mask_self else 0)
+        scale = (dist.sum((1, 2)) / n_pairs).clamp_min(torch.finfo(dtype).tiny)  # self pairs are 0: sum unchanged
+        floor = _RMS_FLOOR_REL * scale / x.shape[2] ** 0.5
+        velocity = torch.zeros_like(x)
+        for t in temperatures:
+            v = drifting_field_single(x, pos, neg, float(t), scale, mask_self)
+            if rms_normalize:
+                rms = v.square().mean((1, 2)).sqrt()
+                v = v / torch.maximum(rms, floor)[:, None, None]
+            velocity += v
+    return velocity[0] if unbatched else velocity
+
+
+class Drifting(Objective):
+    """Drifting baseline: generator loss mean_{i,d} || x - stopgrad(x + eta V(x)) ||^2 with the multi-temperature
+    Drifting field V (negatives = the generated batch, self-pair masked), per problem; same loss form as W-Flow."""
+
+    def __init__(self, eta: float = 1.0, temperatures: Sequence[float] = DRIFT_TEMPERATURES,
+                 rms_normalize: bool = True):
+        super().__init__()
+        if not temperatures or min(temperatures) <= 0:
+            raise ValueError(f"method.temperatures must be positive numbers, got {temperatures}")
+        self.eta, self.temperatures, self.rms_normalize = eta, tuple(float(t) for t in temperatures), rms_normalize
+
+    def generator_loss(self, gen: GenBatch, real: RealBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        x = gen.x.flatten(2)  # [L, N, D]
+        velocity = drifting_field(x, real.pos.flatten(2), None, self.temperatures, self.rms_normalize)
+        target = (x + self.eta * velocity.to(x.dtype)).detach()
+        loss = (x - target).pow(2).mean()
+        return loss, {"v_rms": velocity.square().mean().sqrt()}

@@ -1,0 +1,103 @@
+"""Gradient penalties on a critic d: x [B, *shape] (, labels [B]) -> [B] ([GWF] official code, DESIGN 2.2).
+
+Every penalty differentiates the critic w.r.t. its input with ``create_graph=True``, so the penalty's own gradient
+reaches the critic's parameters (double backprop). Inputs are detached copies: the penalty never moves samples.
+Randomness (the interpolation weights) comes from the ``generator`` argument.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+# Avoids the infinite derivative of ||g|| at g = 0 (identical points, dead critic); shifts ||g|| by < 1e-6.
+_NORM_EPS = 1e-12
+
+
+def _input_grad(critic: nn.Module, x: Tensor, labels: Tensor | None) -> Tensor:
+    """grad_x d(x) [B, D] (flattened), kept in the graph so a loss on it trains the critic."""
+    x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x, labels).sum(), x, create_graph=True)
+    return grad.flatten(1).float()
+
+
+def _interpolate(x_real: Tensor, x_fake: Tensor, generator: torch.Generator | None) -> Tensor:
+    """x_hat = eps x_real + (1 - eps) x_fake with eps ~ U[0, 1] drawn as torch.rand(B, generator=generator)."""
+    if x_real.shape != x_fake.shape:
+        raise ValueError(f"interpolation pairs real and fake samples: shapes {tuple(x_real.shape)} and "
+                         f"{tuple(x_fake.shape)} differ")
+    eps = torch.rand(x_real.shape[0], generator=generator, device=x_real.device, dtype=x_real.dtype)
+    eps = eps.view(-1, *[1] * (x_real.dim() - 1))
+    return eps * x_real.detach() + (1 - eps) * x_fake.detach()
+
+
+# R1 (Mescheder et al. 2018): E_real ||grad_x d(x)||^2
+def r1_penalty(critic: nn.Module, x_real: Tensor, labels: Tensor | None = None) -> Tensor:
+    return _input_grad(critic, x_real, labels).pow(2).sum(1).mean()
+
+
+# R2: E_fake ||grad_x d(x)||^2
+def r2_penalty(critic: nn.Module, x_fake: Tensor, labels: Tensor | None = None) -> Tensor:
+    return _input_grad(critic, x_fake, labels).pow(2).sum(1).mean()
+
+
+# Interpolated squared norm ([GWF] code, weight 10): E_{x_hat} ||grad d(x_hat)||^2, x_hat = eps x_real + (1-eps) x_fake
+def interpolated_penalty(critic: nn.Module, x_real: Tensor, x_fake: Tensor, labels: Tensor | None = None,
+                         generator: torch.Generator | None = None) -> Tensor:
+    return _input_grad(critic, _interpolate(x_real, x_fake, generator), labels).pow(2).sum(1).mean()
+
+
+# WGAN-GP (Gulrajani et al. 2017): E_{x_hat} (||grad d(x_hat)|| - 1)^2
+def wgan_gp_penalty(critic: nn.Module, x_real: Tensor, x_fake: Tensor, labels: Tensor | None = None,
+                    generator: torch.Generator | None = None) -> Tensor:
+    grad = _input_grad(critic, _interpolate(x_real, x_fake, generator), labels)
+    return ((grad.pow(2).sum(1) + _NORM_EPS).sqrt() - 1).pow(2).mean()
+
+
+PenaltyFn = Callable[..., Tensor]
+PENALTIES: dict[str, PenaltyFn] = {
+    "r1": r1_penalty,
+    "r2": r2_penalty,
+    "interpolated": interpolated_penalty,
+    "wgan_gp": wgan_gp_penalty,
+}
+PENALTY_NAMES = ("none", *PENALTIES, "r1+r2")
+
+
+def check_penalty_name(name: str | None) -> None:
+    if name is not None and name not in PENALTY_NAMES:
+        raise ValueError(f"unknown gradient penalty '{name}'; choose one of {list(PENALTY_NAMES)} or None")
+
+
+def penalty(name: str | None, weight: float, critic: nn.Module, x_real: Tensor, x_fake: Tensor,
+            labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """weight * penalty on grouped samples: x_real [L, M, *shape], x_fake [L, N, *shape], labels [L] or None.
+
+    R1 uses all L*M reals, R2 all L*N fakes; interpolation pairs the first K = min(M, N) samples of each problem
+    so that a real and a fake of the same class are mixed. "r1+r2" = R1 + R2, both with ``weight``.
+    """
+    check_penalty_name(name)
+    if name in (None, "none") or weight == 0:
+        return x_real.new_zeros((), dtype=torch.float32)
+    (L, M), N = x_real.shape[:2], x_fake.shape[1]
+    if x_fake.shape[0] != L or x_fake.shape[2:] != x_real.shape[2:]:
+        raise ValueError(f"penalty expects x_real [L, M, *shape] and x_fake [L, N, *shape], got "
+                         f"{tuple(x_real.shape)} and {tuple(x_fake.shape)}")
+
+    def per_sample(k: int) -> Tensor | None:
+        return None if labels is None else labels.repeat_interleave(k)
+
+    if name == "r1+r2":
+        value = (r1_penalty(critic, x_real.flatten(0, 1), per_sample(M))
+                 + r2_penalty(critic, x_fake.flatten(0, 1), per_sample(N)))
+    elif name == "r1":
+        value = r1_penalty(critic, x_real.flatten(0, 1), per_sample(M))
+    elif name == "r2":
+        value = r2_penalty(critic, x_fake.flatten(0, 1), per_sample(N))
+    else:
+        K = min(M, N)
+        value = PENALTIES[name](critic, x_real[:, :K].flatten(0, 1), x_fake[:, :K].flatten(0, 1), per_sample(K),
+                                generator=generator)
+    return weight * value
