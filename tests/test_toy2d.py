@@ -47,4 +47,6 @@ def test_sinkhorn_divergence_separates_target_from_shifted_copy():
     # <x - y, t> integrates to <E x - E y, t> = 0 under any coupling of mu with itself)
     t = torch.tensor([1.0, 1.0]) / math.sqrt(2)
     assert sinkhorn_divergence(ev.reference, ev.reference + t) == pytest.approx(0.5, abs=1e-4)
-    assert set(same) == {"sinkhorn_div", "hq_rate", "mode_recall"} and same["mode_recall"] == 1.0
+    assert set(same) == {"sinkhorn_div", "mmd2", "hq_rate", "mode_recall"} and same["mode_recall"] == 1.0
+    # unbiased MMD^2 of two samples of the same law is ~0 (either sign); far below the shifted copy's
+    assert abs(same["mmd2"]) < 0.02 * shifted["mmd2"]

@@ -8,6 +8,8 @@ from geomloss import SamplesLoss
 from torch import Tensor
 
 from gwf.data.toy2d import GaussianMixture, make_sampler
+from gwf.objectives.kernels import make_kernel
+from gwf.objectives.mmd import mmd2_unbiased
 from gwf.seeding import make_generator
 
 
@@ -30,16 +32,21 @@ def mode_metrics(x: Tensor, mixture: GaussianMixture, k_sigma: float = 3.0, reca
 
 
 class Toy2DEvaluator:
-    """``evaluate(x [N, 2], labels) -> dict`` against held-out samples of the target: ``sinkhorn_div`` always,
-    ``hq_rate`` and ``mode_recall`` for Gaussian-mixture targets."""
+    """``evaluate(x [N, 2], labels) -> dict`` against held-out samples of the target: ``sinkhorn_div`` and
+    ``mmd2`` (unbiased, Gaussian kernel with a FIXED bandwidth ``mmd_sigma``, so values compare across runs)
+    always, ``hq_rate`` and ``mode_recall`` for Gaussian-mixture targets."""
 
-    def __init__(self, target: str, num_samples: int = 2000, blur: float = 0.05, seed: int = 0):
+    def __init__(self, target: str, num_samples: int = 2000, blur: float = 0.05, mmd_sigma: float = 0.5,
+                 seed: int = 0):
         self.sampler = make_sampler(target)
         self.reference = self.sampler(num_samples, make_generator("cpu", "toy2d-eval", target, seed))
         self.blur = blur
+        self.kernel = make_kernel("gaussian", sigma=mmd_sigma)
 
     def evaluate(self, x: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-        out = {"sinkhorn_div": sinkhorn_divergence(x, self.reference, self.blur)}
+        x = x.detach().float().cpu()
+        out = {"sinkhorn_div": sinkhorn_divergence(x, self.reference, self.blur),
+               "mmd2": float(mmd2_unbiased(x, self.reference, self.kernel))}
         if isinstance(self.sampler, GaussianMixture):
             out.update(mode_metrics(x, self.sampler))
         return out
