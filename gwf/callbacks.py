@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from gwf.viz import save_image_grid, save_metric_curves, save_scatter
+from gwf.viz import save_image_grid, save_metric_curves, save_scatter, save_trajectories
 
 
 class EvalCallback(L.Callback):
@@ -19,7 +19,8 @@ class EvalCallback(L.Callback):
     points from the EMA generator with fixed noise (labels balanced over classes, guidance ``alpha``), scores them
     with the evaluator (``evaluate(x, labels) -> dict``), logs the metrics to every logger, and writes under the run
     directory: ``samples/update_XXXXXXX.png`` (grid with one row per class, or a 2D scatter plot), ``eval.csv``,
-    ``eval_curves.png`` and ``eval_summary.json`` (first and last evaluation)."""
+    ``eval_curves.png``, ``eval_summary.json`` (first and last evaluation) and, for 2D data, ``trajectories.png``
+    (paths of 64 fixed particles through the evaluations)."""
 
     def __init__(self, evaluator: Callable[[], object], every_n_updates: int = 1000, num_samples: int = 1000,
                  alpha: float | None = None, grid_per_class: int = 10, seed: int = 12345):
@@ -31,6 +32,8 @@ class EvalCallback(L.Callback):
         self.seed = seed
         self.evaluator = None
         self.rows: list[dict] = []
+        self.particles: list = []  # 2D data: positions of the first num_trajectories samples at each evaluation
+        self.num_trajectories = 64
         self._last_update = -1
 
     def on_fit_start(self, trainer, module):
@@ -59,10 +62,14 @@ class EvalCallback(L.Callback):
         n = len(labels) if labels is not None else self.num_samples
         alpha = self.alpha if module.conditioning.guided else None
         was_training = module.training
-        x = module.sample(n, labels, alpha, seed=self.seed)
+        x, z = module.sample(n, labels, alpha, seed=self.seed, return_inputs=True)
         module.train(was_training)
         metrics = {k: float(v) for k, v in self.evaluator.evaluate(x, labels).items()}
+        if module.source is not None:  # domain transfer: how far the generator moves its inputs, E ||G(z) - z||
+            metrics["mean_transport"] = float((x - z.reshape(x.shape)).flatten(1).norm(dim=1).mean())
         out = Path(trainer.default_root_dir)
+        if x.ndim == 2 and module.source is not None and not self.particles:  # transfer: paths start at the inputs
+            self.particles.append(z.reshape(x.shape)[: self.num_trajectories].cpu())
         self._picture(trainer, x, labels, out / "samples" / f"update_{update:07d}.png", update)
         row = {"update": update, **metrics}
         self.rows.append(row)
@@ -75,6 +82,11 @@ class EvalCallback(L.Callback):
         if x.ndim == 2 and x.shape[1] == 2:
             real, _ = trainer.datamodule.load_split("val", len(x))
             save_scatter(x, real, path, title=f"update {update}")
+            # the same (fixed-noise) particles at every evaluation: their paths through the flow
+            self.particles.append(x[: self.num_trajectories].cpu())
+            if len(self.particles) > 1:
+                save_trajectories(self.particles, real, path.parent.parent / "trajectories.png",
+                                  title=f"particles, updates 0-{update}")
         elif labels is not None:
             k = self.grid_per_class
             per_class = len(labels) // int(labels.max() + 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import lightning as L
 import torch
@@ -71,6 +72,7 @@ class GWFModule(L.LightningModule):
         critic_optim: OptimConfig | None = None,
         ema_decay: float = 0.999,
         seed: int = 0,
+        source: Callable[[int, torch.Generator], Tensor] | None = None,
         config: dict | None = None,
     ):
         super().__init__()
@@ -88,6 +90,9 @@ class GWFModule(L.LightningModule):
         self.optim = optim
         self.critic_optim = critic_optim or optim
         self.seed = seed
+        # Generator input: standard Gaussian noise, or samples of a source distribution (domain transfer, e.g. a 2D
+        # sampler (n, torch.Generator) -> [n, *noise_shape], drawn on the CPU).
+        self.source = source
         self.bank = ClassBank(conditioning.num_classes, sizes.bank_capacity, self.data_shape, sizes.uncond_per_step)
         self.register_buffer("update_count", torch.zeros((), dtype=torch.long))
 
@@ -101,22 +106,30 @@ class GWFModule(L.LightningModule):
     ) -> tuple[Tensor, tuple]:
         """n samples per label: x [L, n, *shape] and the generator inputs (z, labels, alpha), flattened to L*n."""
         num_problems = 1 if labels is None else len(labels)
-        z = torch.randn(num_problems * n, *model.noise_shape, generator=rng, device=self.device)
+        z = self.draw_inputs(num_problems * n, model.noise_shape, rng)
         lab = labels.repeat_interleave(n) if labels is not None else None
         alp = alpha.repeat_interleave(n) if alpha is not None else None
         x = model(z, lab, alp)
         return x.view(num_problems, n, *self.data_shape), (z, lab, alp)
 
+    def draw_inputs(self, n: int, noise_shape: tuple[int, ...], rng: torch.Generator) -> Tensor:
+        """Generator inputs [n, *noise_shape]: Gaussian noise, or the source distribution's samples."""
+        if self.source is None:
+            return torch.randn(n, *noise_shape, generator=rng, device=self.device)
+        cpu = torch.Generator().manual_seed(rng.initial_seed())  # samplers draw on the CPU
+        return self.source(n, cpu).reshape(n, *noise_shape).to(self.device)
+
     @torch.no_grad()
     def sample(self, n: int, labels: Tensor | None = None, alpha: float | Tensor | None = None, seed: int = 0,
-               use_ema: bool = True) -> Tensor:
-        """n samples [n, *shape] for per-sample ``labels`` [n] (or None) and guidance alpha (float or [n])."""
+               use_ema: bool = True, return_inputs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """n samples [n, *shape] for per-sample ``labels`` [n] (or None) and guidance alpha (float or [n]); with
+        ``return_inputs`` also the generator inputs z [n, *noise_shape]."""
         model = self.ema.model if use_ema else self.generator
-        g = make_generator(self.device, "sample", seed)
-        z = torch.randn(n, *model.noise_shape, generator=g, device=self.device)
+        z = self.draw_inputs(n, model.noise_shape, make_generator(self.device, "sample", seed))
         if alpha is not None and not torch.is_tensor(alpha):
             alpha = torch.full((n,), float(alpha), device=self.device)
-        return model(z, labels, alpha)
+        x = model(z, labels, alpha)
+        return (x, z) if return_inputs else x
 
     # ----------------------------------------------------------------------------------------------- training
     def configure_optimizers(self):

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gwf.callbacks import EvalCallback
 from gwf.conditioning import ConditioningSampler
+from gwf.data.toy2d import make_sampler
 from gwf.jko import JKOSchedule
 from gwf.loggers import make_loggers
 from gwf.models import build_model
@@ -96,6 +97,7 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int) -> GWFModule:
         critic_optim=OptimConfig(**critic_optim) if critic_optim else None,
         ema_decay=cfg.ema_decay,
         seed=cfg.seed,
+        source=make_sampler(cfg.source) if cfg.get("source") else None,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 

@@ -70,3 +70,22 @@ def save_metric_curves(rows: list[dict], path: str | Path, x_key: str = "update"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_trajectories(path_points: list[Tensor], x_real: Tensor, path: str | Path, title: str = "") -> Path:
+    """Paths of fixed particles across evaluations: ``path_points`` is a list (one per evaluation) of [K, 2]."""
+    path = Path(path)
+    traj = torch.stack([p.detach().float().cpu() for p in path_points], 1).numpy()  # [K, T, 2]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(*x_real.cpu().numpy().T, s=2, alpha=0.25, c="tab:blue", label="target")
+    for k in range(len(traj)):
+        ax.plot(traj[k, :, 0], traj[k, :, 1], lw=0.7, c="tab:gray", alpha=0.8)
+    ax.scatter(traj[:, 0, 0], traj[:, 0, 1], s=8, c="k", label="start")
+    ax.scatter(traj[:, -1, 0], traj[:, -1, 1], s=8, c="tab:orange", label="end")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", markerscale=2)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -50,3 +50,25 @@ def test_sinkhorn_divergence_separates_target_from_shifted_copy():
     assert set(same) == {"sinkhorn_div", "mmd2", "hq_rate", "mode_recall"} and same["mode_recall"] == 1.0
     # unbiased MMD^2 of two samples of the same law is ~0 (either sign); far below the shifted copy's
     assert abs(same["mmd2"]) < 0.02 * shifted["mmd2"]
+
+
+def test_domain_transfer_oval_to_circle_is_near_optimal_transport(tmp_path):
+    """W-Flow + JKO from the source itself (T_0 = identity): the pushed oval matches the circle, and the generator
+    moves points on average no more than 15% beyond W1(oval, circle), the least possible mean displacement
+    (measured: 1.00 vs W1 0.95-0.99; the angle-preserving map moves every point by exactly 1)."""
+    import numpy as np
+    import ot
+
+    from gwf.train import train
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["experiment=transfer_2d", "jko.steps=3", "eval.every_n_updates=600", "logger=none",
+                          "trainer.enable_progress_bar=false"])
+    summary = train(cfg, tmp_path / "transfer")
+    first, last = summary["first"], summary["last"]
+    assert last["sinkhorn_div"] < first["sinkhorn_div"] / 50, (first, last)
+    n = 1500
+    x = make_sampler("oval")(n, _g(7)).double().numpy()
+    y = make_sampler("circle")(n, _g(8)).double().numpy()
+    w1 = ot.emd2(np.full(n, 1 / n), np.full(n, 1 / n), ot.dist(x, y, metric="euclidean"), numItermax=10**7)
+    assert last["mean_transport"] <= 1.15 * w1, (last["mean_transport"], w1)

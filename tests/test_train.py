@@ -50,6 +50,7 @@ def test_wflow_lowers_sinkhorn_divergence_on_2d_mixture(tmp_path):
     summary = train(cfg, tmp_path / "toy")
     first, last = summary["first"]["sinkhorn_div"], summary["last"]["sinkhorn_div"]
     assert last < first / 10, (first, last)
+    assert (tmp_path / "toy" / "trajectories.png").exists()  # particle paths across the 3 evaluations
 
 
 def _displacement(cfg, tau, updates):

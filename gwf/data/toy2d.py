@@ -97,7 +97,24 @@ def swiss_roll(noise: float = 0.05, scale: float = 0.25) -> Sampler:
     return sample
 
 
+def oval(a: float = 3.0, b: float = 1.0, noise: float = 0.05) -> Sampler:
+    """Ellipse with semi-axes (a, b), uniform in angle, with Gaussian noise (the domain-transfer source)."""
+
+    def sample(n: int, g: torch.Generator) -> Tensor:
+        t = torch.rand(n, generator=g) * 2 * math.pi
+        return torch.stack([a * t.cos(), b * t.sin()], 1) + noise * torch.randn(n, 2, generator=g)
+
+    return sample
+
+
+def circle(radius: float = 2.0, noise: float = 0.05) -> Sampler:
+    """Circle of the given radius with Gaussian noise (the domain-transfer target)."""
+    return rings(radii=(radius,), noise=noise)
+
+
 TARGETS: dict[str, Callable[..., Sampler]] = {
+    "oval": oval,
+    "circle": circle,
     "8gaussians": eight_gaussians,
     "25gaussians": twenty_five_gaussians,
     "imbalanced": imbalanced,
