@@ -37,19 +37,29 @@ def save_image_grid(x: Tensor, nrow: int, path: str | Path, upscale: int = 8) ->
     return path
 
 
-def save_scatter(x_gen: Tensor, x_real: Tensor, path: str | Path, title: str = "") -> Path:
+def _target_axes(x_real: Tensor):
+    """A square figure with the target samples drawn in blue."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(*x_real.cpu().numpy().T, s=2, alpha=0.3, c="tab:blue", label="target")
+    return fig, ax
+
+
+def _save_2d(fig, ax, path: str | Path, title: str, markerscale: float) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(*x_real.cpu().numpy().T, s=2, alpha=0.4, c="tab:blue", label="target")
-    ax.scatter(*x_gen.detach().cpu().numpy().T, s=2, alpha=0.4, c="tab:orange", label="generated")
     ax.set_aspect("equal")
-    ax.legend(loc="upper right", markerscale=4)
+    ax.legend(loc="upper right", markerscale=markerscale)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def save_scatter(x_gen: Tensor, x_real: Tensor, path: str | Path, title: str = "") -> Path:
+    fig, ax = _target_axes(x_real)
+    ax.scatter(*x_gen.detach().cpu().numpy().T, s=2, alpha=0.4, c="tab:orange", label="generated")
+    return _save_2d(fig, ax, path, title, markerscale=4)
 
 
 def save_metric_curves(rows: list[dict], path: str | Path, x_key: str = "update") -> Path:
@@ -74,18 +84,10 @@ def save_metric_curves(rows: list[dict], path: str | Path, x_key: str = "update"
 
 def save_trajectories(path_points: list[Tensor], x_real: Tensor, path: str | Path, title: str = "") -> Path:
     """Paths of fixed particles across evaluations: ``path_points`` is a list (one per evaluation) of [K, 2]."""
-    path = Path(path)
     traj = torch.stack([p.detach().float().cpu() for p in path_points], 1).numpy()  # [K, T, 2]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(*x_real.cpu().numpy().T, s=2, alpha=0.25, c="tab:blue", label="target")
+    fig, ax = _target_axes(x_real)
     for k in range(len(traj)):
         ax.plot(traj[k, :, 0], traj[k, :, 1], lw=0.7, c="tab:gray", alpha=0.8)
     ax.scatter(traj[:, 0, 0], traj[:, 0, 1], s=8, c="k", label="start")
     ax.scatter(traj[:, -1, 0], traj[:, -1, 1], s=8, c="tab:orange", label="end")
-    ax.set_aspect("equal")
-    ax.legend(loc="upper right", markerscale=2)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_2d(fig, ax, path, title, markerscale=2)
