@@ -34,7 +34,6 @@ class EvalCallback(L.Callback):
         self.rows: list[dict] = []
         self.particles: list = []  # 2D data: positions of the first num_trajectories samples at each evaluation
         self.num_trajectories = 64
-        self._last_update = -1
 
     def on_fit_start(self, trainer, module):
         if trainer.is_global_zero:
@@ -55,9 +54,8 @@ class EvalCallback(L.Callback):
     @rank_zero_only
     def evaluate(self, trainer, module) -> dict:
         update = int(module.update_count)
-        if update == self._last_update:
+        if self.rows and self.rows[-1]["update"] == update:  # already evaluated at this update
             return self.rows[-1]
-        self._last_update = update
         labels = self._labels(module)
         n = len(labels) if labels is not None else self.num_samples
         alpha = self.alpha if module.conditioning.guided else None

@@ -212,7 +212,7 @@ class GWFModule(L.LightningModule):
         self.log_dict(logs, on_step=True, prog_bar=False, sync_dist=False)
         shown = {k.split("/")[1]: logs[k] for k in PROGRESS_BAR_KEYS if k in logs}
         self.log_dict(shown, on_step=True, prog_bar=True, logger=False)
-        if int(self.update_count) >= self.schedule.total_updates:
+        if self.finished:
             self.trainer.should_stop = True
 
     @torch.no_grad()

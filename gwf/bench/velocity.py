@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from gwf.ot import relative_eps, sinkhorn_velocity
-from gwf.ot.geomloss_engine import DEFAULT_SCALING
+from gwf.constants import DEFAULT_GEOMLOSS_SCALING
 from gwf.ot.sinkhorn import _CHUNK_ENTRIES
 
 _QUICK = dict(sizes=[256, 1024], dims=[2, 64], memory=(2048, 64))
@@ -138,7 +138,7 @@ def bench_size(engines, n: int, d: int, n_iters: int, repeats: int, budget_s: fl
         else:
             g, g_runs = _timed({"geomloss": lambda: sinkhorn_velocity(x, pos, neg, engine="geomloss")}, repeats,
                                budget_s)
-            iters = _geomloss_iters(x, pos, float(relative_eps(x, [x, neg, pos])[0]), DEFAULT_SCALING)
+            iters = _geomloss_iters(x, pos, float(relative_eps(x, [x, neg, pos])[0]), DEFAULT_GEOMLOSS_SCALING)
             rows.append(dict(engine=engine, n=n, d=d, iters=iters, seconds=g["geomloss"], floor=floor, runs=g_runs))
     return rows
 
@@ -191,7 +191,7 @@ def format_table(rows: list[dict], n_iters: int) -> str:
     lines.append(
         f"Two-batch velocity (two OT problems), B = 1. Floor = 2 x (cost GEMM + projection GEMM + {2 * n_iters} "
         f"log-sum-exp passes) for the own engine's {n_iters} iterations, measured in the same run; geomloss "
-        f"(tensorized, scaling = {DEFAULT_SCALING}) runs its own eps-scaling schedule (iterations column) and is "
+        f"(tensorized, scaling = {DEFAULT_GEOMLOSS_SCALING}) runs its own eps-scaling schedule (iterations column) and is "
         "shown against the same floor."
     )
     return "\n".join(lines)

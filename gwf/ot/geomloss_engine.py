@@ -24,7 +24,6 @@ from gwf.ot.sinkhorn import as_eps, check_point_clouds
 # behind: the error of T shrinks like (1 - scaling). Measured against a converged Sinkhorn (N = 256, eps = 0.05 x
 # mean squared distance), relative RMS error of T: D = 2: 27% / 4-7% / 1-2% for scaling 0.5 / 0.95 / 0.99;
 # D = 64: 0.7% / 0.2% / 0.03%. geomloss's own default is 0.5.
-DEFAULT_SCALING = DEFAULT_GEOMLOSS_SCALING
 
 
 def _projection_one_eps(x: Tensor, y: Tensor, eps: float, scaling: float) -> Tensor:
@@ -56,7 +55,7 @@ def barycentric_projection_geomloss(
     n_iters: int | None = None,
     mask_diagonal: bool = False,
     *,
-    scaling: float = DEFAULT_SCALING,
+    scaling: float = DEFAULT_GEOMLOSS_SCALING,
     chunk_size: int | None = None,
 ) -> Tensor:
     """T_{x->y}(x_i) = x_i - N grad_{x_i} OT_eps(x, y), from geomloss (tensorized, debias=False, fp32).
@@ -83,7 +82,7 @@ def barycentric_projection_geomloss(
         x, y = x.detach().float(), y.detach().float()
         # One geomloss call per problem. Its batched tensorized mode takes [B, N, D] but shares one blur and one
         # annealing schedule, started from the diameter of the WHOLE batch: since the result depends on the
-        # schedule (see DEFAULT_SCALING), a problem's T would then depend on its batchmates.
+        # schedule (see DEFAULT_GEOMLOSS_SCALING), a problem's T would then depend on its batchmates.
         return torch.cat(
             [_projection_one_eps(x[b : b + 1], y[b : b + 1], float(eps[b]), scaling) for b in range(x.shape[0])]
         )
