@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 
 # Keys of the method config that belong to the training loop, not to the objective's constructor.
-LOOP_KEYS = ("name", "d_steps", "t_steps", "critic_optim")
+LOOP_KEYS = ("name", "d_steps", "t_steps", "critic_optim", "critic_out_dim")
 
 
 def _conf_dir() -> str:
@@ -63,6 +63,7 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int) -> GWFModule:
     kwargs = {k: v for k, v in method.items() if k not in LOOP_KEYS}
     if isinstance(kwargs.get("critic"), dict):  # critic-based objectives receive their network, built for the data
         spec = dict(kwargs["critic"])
+        spec.setdefault("out_dim", method.get("critic_out_dim", 1))  # > 1: an embedding (mmd_gan's phi)
         kwargs["critic"] = build_critic(spec.pop("name"), in_shape=list(data_shape), num_classes=num_classes, **spec)
     objective = build_objective(method["name"], **kwargs)
     model = OmegaConf.to_container(cfg.model, resolve=True)

@@ -7,11 +7,12 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from gwf.models import MODELS
+from gwf.models.critics import CRITICS
 from gwf.objectives import OBJECTIVES
 from gwf.train import run_name
 from tests.conftest import CONF_DIR, compose_config
 
-GROUPS = ["method", "data", "model", "trainer", "logger", "eval", "experiment"]
+GROUPS = ["method", "data", "model", "critic", "trainer", "logger", "eval", "experiment"]
 
 
 def _options(group):
@@ -31,6 +32,7 @@ def test_every_config_composes(group, option):
 def test_registries_mirror_config_groups():
     assert sorted(OBJECTIVES) == _options("method")
     assert sorted(MODELS) == _options("model")
+    assert sorted(CRITICS) == _options("critic")
     for option in _options("method"):
         assert compose_config([f"method={option}"]).method.name == option
 

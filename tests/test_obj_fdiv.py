@@ -187,8 +187,9 @@ def test_method_config_builds(name):
 
     from gwf.models.critics import build_critic
     from gwf.module import OptimConfig
+    from tests.conftest import compose_config
 
-    method = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    method = OmegaConf.to_container(compose_config([f"method={name}"]).method, resolve=True)
     assert method.pop("name") == name and method.pop("d_steps") == 1 and method.pop("t_steps") == 1
     assert OptimConfig(**method.pop("critic_optim")).lr == pytest.approx(1e-4)
     spec = method.pop("critic")
