@@ -1,13 +1,21 @@
-"""Generator registry: keys mirror the config group ``conf/model/`` one to one."""
+"""Generator registry: keys mirror the config group ``conf/model/`` one to one. Every entry is called as
+``MODELS[name](out_shape=[...], num_classes=..., **model_config)`` and returns an nn.Module with ``noise_shape`` and
+``forward(z, labels=None, alpha=None) -> x [B, *out_shape]``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
+from gwf.models.dit import DIT_SIZES
 from gwf.models.mlp import MLPGenerator
+from gwf.models.resnet import ResNetGenerator
 
-MODELS: dict[str, type[nn.Module]] = {
+MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLPGenerator,
+    "resnet": ResNetGenerator,
+    **DIT_SIZES,  # dit_tiny, dit_b2, dit_l2, dit_xl2
 }
 
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from gwf.models.resnet import ResNetCritic
+
 
 class MLPCritic(nn.Module):
     """MLP critic for 2D toys and small images. ``out_dim = 1`` returns a score per sample [B]; a larger
@@ -38,7 +40,9 @@ class MLPCritic(nn.Module):
         return out.squeeze(-1) if self.out_dim == 1 else out
 
 
-CRITICS: dict[str, type[nn.Module]] = {"mlp": MLPCritic}
+# Keys mirror the config group conf/critic/: critic=mlp for 2D toys and flat data, critic=resnet (ndf 256) for images
+# ([GWF] Small-Net critic, gwf/models/resnet.py).
+CRITICS: dict[str, type[nn.Module]] = {"mlp": MLPCritic, "resnet": ResNetCritic}
 
 
 def build_critic(name: str, **kwargs) -> nn.Module:

@@ -1,0 +1,219 @@
+"""The [GWF] CIFAR-10 "Small-Net": a ResNet generator from a flat latent and a ResNet critic.
+
+Matched against the official code, github.com/Paulcauch/GWF, ``networks/modelOTM/OTM.py`` (``Generator_otm``,
+``Discriminator_otm``, adapted there from Scalable-JKO, Choi et al. 2024), run with ``--model_name otm --nz 192
+--ngf 256`` (its README, Tables 1 and 4; the critic reuses ngf, so ndf = 256):
+
+- generator: z [B, 192] -> Linear -> [ngf, 4, 4] -> 3 up-blocks (BN, ReLU, nearest x2, conv3x3, BN, ReLU, conv3x3;
+  shortcut: nearest x2, identity channels) -> BN, ReLU, conv3x3 -> tanh. One up-block per doubling, so any
+  H = W = bottom * 2^k works (32x32 from 4x4: 3 blocks, as the official code).
+- critic: optimized first block (conv3x3, act, conv3x3, avg-pool; shortcut avg-pool then conv1x1), a down block
+  (act, conv, act, conv, avg-pool; shortcut conv1x1 then avg-pool), two blocks without resampling (identity
+  shortcut), ReLU, global SUM pool, Linear(ndf, out_dim). Activation LeakyReLU(0.2) inside the blocks (the official
+  ``D_activation = "lrelu"``), no spectral norm (``D_conv = "conv"``), no batch norm (gradient penalties need
+  per-sample gradients: the score of sample i must not depend on sample j).
+- initialization: PyTorch defaults. The official ``weights_init_xavier`` is called on ``nn.Sequential``
+  containers, not through ``.apply``, so it never reaches a layer there either.
+
+Differences, on purpose: the official generator uses ``ConvTranspose2d(k=3, s=1, p=1)`` where we use ``Conv2d``
+(the same function class: a stride-1 transposed convolution is a convolution with a flipped kernel). Two quirks of
+the official code are available with ``official_quirks=True`` for exact reproduction and off by default:
+(1) its generator block returns ``model(x) + model(x)`` (the main path twice, never the shortcut), and (2) its
+critic blocks apply an in-place activation to their input, so the identity/conv1x1 shortcut sees act(x).
+
+Class conditioning (optional, num_classes > 0) and guidance strength alpha (alpha_dim > 0): conditional batch norm
+in the generator (gain and bias predicted from the class embedding and alpha features, zero-initialized so the
+initial network is the plain one), projection in the critic (Miyato & Koyama 2018).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gwf.models.mlp import AlphaEmbedding
+
+
+def _num_doublings(size: int, bottom: int) -> int:
+    """k with size = bottom * 2^k, or a clear error."""
+    k = round(math.log2(size / bottom)) if size >= bottom else -1
+    if k < 0 or bottom * 2**k != size:
+        raise ValueError(f"the ResNet generator needs H = W = {bottom} * 2^k (model.bottom={bottom}); got {size}. "
+                         f"Resize the data or set model.bottom to a divisor of {size} of the form {size} / 2^k")
+    return k
+
+
+class CondBatchNorm2d(nn.Module):
+    """BN(x) * (gamma + dgamma(c)) + (beta + dbeta(c)); dgamma, dbeta are linear in the conditioning vector c and
+    start at zero, so the layer starts as a plain affine BatchNorm2d. x [B, C, H, W], c [B, cond_dim] or None."""
+
+    def __init__(self, channels: int, cond_dim: int = 0):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.cond = nn.Linear(cond_dim, 2 * channels) if cond_dim > 0 else None
+        if self.cond is not None:
+            nn.init.zeros_(self.cond.weight)
+            nn.init.zeros_(self.cond.bias)
+
+    def forward(self, x: Tensor, c: Tensor | None) -> Tensor:
+        h = self.bn(x)
+        if self.cond is None:
+            return h
+        dgain, dbias = self.cond(c)[:, :, None, None].chunk(2, dim=1)
+        return h * (1 + dgain) + dbias
+
+
+class GBlock(nn.Module):
+    """Up-block: [BN, ReLU, nearest x2, conv3x3, BN, ReLU, conv3x3] + shortcut (nearest x2, conv1x1 when the channel
+    count changes). x [B, C_in, H, W] -> [B, C_out, 2H, 2W]."""
+
+    def __init__(self, c_in: int, c_out: int, cond_dim: int = 0, official_quirks: bool = False):
+        super().__init__()
+        self.bn1, self.bn2 = CondBatchNorm2d(c_in, cond_dim), CondBatchNorm2d(c_out, cond_dim)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.official_quirks = official_quirks
+
+    def main(self, x: Tensor, c: Tensor | None) -> Tensor:
+        h = F.interpolate(F.relu(self.bn1(x, c)), scale_factor=2, mode="nearest")
+        return self.conv2(F.relu(self.bn2(self.conv1(h), c)))
+
+    def forward(self, x: Tensor, c: Tensor | None) -> Tensor:
+        if self.official_quirks:  # official Generator_otm block: model(x) + model(x), the shortcut is never used
+            return self.main(x, c) + self.main(x, c)
+        return self.main(x, c) + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class ResNetGenerator(nn.Module):
+    """[GWF] Small-Net generator. ``z`` [B, noise_dim] (flat), ``labels`` [B] int64 or None, ``alpha`` [B] >= 1 or
+    None -> x [B, *out_shape] in [-1, 1] (tanh). out_shape = [C, H, W] with H = W = bottom * 2^k.
+
+    Batch norm mixes the samples of one call (training mode): keep the whole batch in one call, as the trainer
+    does, and note that eval mode uses running statistics."""
+
+    def __init__(
+        self,
+        out_shape: list[int] | tuple[int, ...],
+        noise_dim: int = 192,
+        ngf: int = 256,
+        bottom: int = 4,
+        num_classes: int = 0,
+        class_dim: int = 128,
+        alpha_dim: int = 0,
+        official_quirks: bool = False,
+    ):
+        super().__init__()
+        if len(out_shape) != 3 or out_shape[1] != out_shape[2]:
+            raise ValueError(f"the ResNet generator makes square images [C, H, H]; got out_shape {list(out_shape)}")
+        self.out_shape = tuple(int(s) for s in out_shape)
+        n_up = _num_doublings(self.out_shape[1], bottom)
+        self.noise_dim, self.ngf, self.bottom, self.num_classes = noise_dim, ngf, bottom, num_classes
+        self.class_emb = nn.Embedding(num_classes, class_dim) if num_classes > 0 else None
+        self.alpha_emb = AlphaEmbedding(alpha_dim) if alpha_dim > 0 else None
+        cond_dim = (class_dim if num_classes > 0 else 0) + alpha_dim
+        self.fc = nn.Linear(noise_dim, ngf * bottom * bottom)
+        self.blocks = nn.ModuleList(GBlock(ngf, ngf, cond_dim, official_quirks) for _ in range(n_up))
+        self.bn_out = CondBatchNorm2d(ngf, cond_dim)
+        self.conv_out = nn.Conv2d(ngf, self.out_shape[0], 3, padding=1)
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return (self.noise_dim,)
+
+    def _cond(self, z: Tensor, labels: Tensor | None, alpha: Tensor | None) -> Tensor | None:
+        parts = []
+        if self.class_emb is not None:
+            if labels is None:
+                raise ValueError("this generator is class-conditional (num_classes > 0): pass labels")
+            parts.append(self.class_emb(labels))
+        if self.alpha_emb is not None:
+            parts.append(self.alpha_emb(alpha if alpha is not None else torch.ones(len(z), device=z.device)))
+        return torch.cat(parts, dim=-1).to(z.dtype) if parts else None
+
+    def forward(self, z: Tensor, labels: Tensor | None = None, alpha: Tensor | None = None) -> Tensor:
+        if z.ndim != 2 or z.shape[1] != self.noise_dim:
+            raise ValueError(f"ResNetGenerator expects z of shape [B, {self.noise_dim}], got {tuple(z.shape)}")
+        c = self._cond(z, labels, alpha)
+        h = self.fc(z).view(len(z), self.ngf, self.bottom, self.bottom)  # [B, ngf, 4, 4]
+        for block in self.blocks:
+            h = block(h, c)  # doubles H and W
+        return torch.tanh(self.conv_out(F.relu(self.bn_out(h, c))))
+
+
+class DBlock(nn.Module):
+    """Critic block. ``first``: the optimized first block [conv3x3, act, conv3x3, avg-pool] + [avg-pool, conv1x1]
+    (no activation on raw pixels). Otherwise [act, conv3x3, act, conv3x3, (avg-pool)] + [(conv1x1, avg-pool) or
+    identity]. x [B, C_in, H, W] -> [B, C_out, H/2, W/2] (down) or [B, C_out, H, W]."""
+
+    def __init__(self, c_in: int, c_out: int, down: bool, first: bool = False, slope: float = 0.2,
+                 official_quirks: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if (down or c_in != c_out) else nn.Identity()
+        self.down, self.first, self.slope = down, first, slope
+        self.official_quirks = official_quirks
+
+    def act(self, x: Tensor) -> Tensor:
+        return F.leaky_relu(x, self.slope)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pool = (lambda t: F.avg_pool2d(t, 2)) if self.down else (lambda t: t)
+        if self.first:
+            return pool(self.conv2(self.act(self.conv1(x)))) + self.skip(pool(x))
+        h = pool(self.conv2(self.act(self.conv1(self.act(x)))))
+        # official quirk: an in-place activation has already overwritten x when the shortcut reads it
+        return h + pool(self.skip(self.act(x) if self.official_quirks else x))
+
+
+class ResNetCritic(nn.Module):
+    """[GWF] Small-Net critic. x [B, *in_shape] (and labels [B] when num_classes > 0) -> [B] scores when
+    ``out_dim == 1``, else [B, out_dim] embeddings (learned MMD kernels). ``n_down`` blocks halve the resolution
+    (the first is the optimized block), ``n_same`` more keep it; H and W must be divisible by 2^n_down."""
+
+    def __init__(
+        self,
+        in_shape: list[int] | tuple[int, ...],
+        ndf: int = 256,
+        n_down: int = 2,
+        n_same: int = 2,
+        out_dim: int = 1,
+        num_classes: int = 0,
+        slope: float = 0.2,
+        official_quirks: bool = False,
+    ):
+        super().__init__()
+        if len(in_shape) != 3:
+            raise ValueError(f"the ResNet critic takes images [C, H, W]; got in_shape {list(in_shape)} "
+                             "(use method.critic.name=mlp for flat data)")
+        self.in_shape = tuple(int(s) for s in in_shape)
+        c, height, width = self.in_shape
+        if n_down < 1 or height % 2**n_down or width % 2**n_down:
+            raise ValueError(f"ResNetCritic: H and W ({height}, {width}) must be divisible by 2^n_down = "
+                             f"2^{n_down} with n_down >= 1; lower method.critic.n_down")
+        blocks = [DBlock(c, ndf, down=True, first=True, slope=slope)]
+        blocks += [DBlock(ndf, ndf, down=True, slope=slope, official_quirks=official_quirks)
+                   for _ in range(n_down - 1)]
+        blocks += [DBlock(ndf, ndf, down=False, slope=slope, official_quirks=official_quirks) for _ in range(n_same)]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(ndf, out_dim)
+        # projection discriminator: + <embed(y), h> (per output dimension when out_dim > 1). Named class_emb like
+        # MLPCritic's: the MMD GAN kernel looks for it to decide whether to pass labels.
+        self.class_emb = nn.Embedding(num_classes, out_dim * ndf) if num_classes > 0 else None
+        self.ndf, self.out_dim = ndf, out_dim
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        if tuple(x.shape[1:]) != self.in_shape:
+            raise ValueError(f"ResNetCritic expects x of shape [B, {', '.join(map(str, self.in_shape))}], "
+                             f"got {tuple(x.shape)}")
+        h = F.relu(self.blocks(x)).sum(dim=(2, 3))  # global sum pool: [B, ndf]
+        out = self.head(h)  # [B, out_dim]
+        if self.class_emb is not None:
+            if labels is None:
+                raise ValueError("this critic is class-conditional (num_classes > 0): pass labels")
+            out = out + torch.einsum("bkc,bc->bk", self.class_emb(labels).view(len(x), self.out_dim, self.ndf), h)
+        return out.squeeze(-1) if self.out_dim == 1 else out
