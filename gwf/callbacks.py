@@ -9,8 +9,6 @@ from typing import Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
-
 from gwf.viz import save_image_grid, save_metric_curves, save_scatter, save_trajectories
 
 
@@ -20,7 +18,10 @@ class EvalCallback(L.Callback):
     with the evaluator (``evaluate(x, labels) -> dict``), logs the metrics to every logger, and writes under the run
     directory: ``samples/update_XXXXXXX.png`` (grid with one row per class, or a 2D scatter plot), ``eval.csv``,
     ``eval_curves.png``, ``eval_summary.json`` (first and last evaluation) and, for 2D data, ``trajectories.png``
-    (paths of 64 fixed particles through the evaluations)."""
+    (paths of 64 fixed particles through the evaluations). Loggers that take images (``log_image``: wandb) get the
+    pictures; at the end, loggers with ``log_table`` get a one-row summary table (objective, tau, seed, final
+    metrics) and wandb run summary keys ``final/*``, so runs of a sweep line up in one table.
+    Only global rank 0 evaluates and writes; the other ranks return at once."""
 
     def __init__(self, evaluator: Callable[[], object], every_n_updates: int = 1000, num_samples: int = 1000,
                  alpha: float | None = None, grid_per_class: int = 10, seed: int = 12345):
@@ -51,8 +52,9 @@ class EvalCallback(L.Callback):
         per_class = max(self.num_samples // num_classes, 1)
         return torch.arange(num_classes, device=module.device).repeat_interleave(per_class)
 
-    @rank_zero_only
-    def evaluate(self, trainer, module) -> dict:
+    def evaluate(self, trainer, module) -> dict | None:
+        if not trainer.is_global_zero:
+            return None
         update = int(module.update_count)
         if self.rows and self.rows[-1]["update"] == update:  # already evaluated at this update
             return self.rows[-1]
@@ -68,13 +70,46 @@ class EvalCallback(L.Callback):
         out = Path(trainer.default_root_dir)
         if x.ndim == 2 and module.source is not None and not self.particles:  # transfer: paths start at the inputs
             self.particles.append(z.reshape(x.shape)[: self.num_trajectories].cpu())
-        self._picture(trainer, x, labels, out / "samples" / f"update_{update:07d}.png", update)
+        picture = out / "samples" / f"update_{update:07d}.png"
+        self._picture(trainer, x, labels, picture, update)
         row = {"update": update, **metrics}
         self.rows.append(row)
         for logger in trainer.loggers:
-            logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+            logger.log_metrics({"eval/update": update, **{f"eval/{k}": v for k, v in metrics.items()}},
+                               step=trainer.global_step)
+        self._log_images(trainer, picture, update)
         self._write(out)
         return row
+
+    def _log_images(self, trainer, picture: Path, update: int) -> None:
+        """The evaluation's pictures to every logger that takes images (wandb media)."""
+        trajectories = picture.parent.parent / "trajectories.png"
+        images = {"eval/samples": picture} if picture.exists() else {}
+        if trajectories.exists() and len(self.particles) > 1:
+            images["eval/trajectories"] = trajectories
+        for logger in trainer.loggers:
+            if callable(getattr(logger, "log_image", None)):
+                for key, path in images.items():
+                    logger.log_image(key=key, images=[str(path)], step=trainer.global_step,
+                                     caption=[f"update {update}"])
+
+    def _log_summary(self, trainer, module) -> None:
+        """A one-row table (run, objective, tau, seed, final metrics) for loggers with ``log_table``; wandb also
+        gets ``final/*`` summary keys (what gwf-report --wandb-project reads)."""
+        config = (getattr(module, "hparams", {}) or {}).get("config") or {}
+        last = self.rows[-1]
+        meta = {"run": Path(trainer.default_root_dir).name, "objective": (config.get("method") or {}).get("name"),
+                "tau": (config.get("jko") or {}).get("tau"), "seed": config.get("seed"),
+                "total_updates": int(module.schedule.total_updates)}
+        row = {**meta, **last}
+        for logger in trainer.loggers:
+            if callable(getattr(logger, "log_table", None)):
+                tau = "none" if row["tau"] is None else f"{float(row['tau']):g}"  # one column type across runs
+                table_row = {**row, "tau": tau}
+                logger.log_table(key="summary", columns=list(table_row), data=[list(table_row.values())])
+            summary = getattr(getattr(logger, "experiment", None), "summary", None)
+            if summary is not None and hasattr(summary, "update"):
+                summary.update({f"final/{k}": v for k, v in row.items() if k != "run"})
 
     def _picture(self, trainer, x, labels, path: Path, update: int):
         if x.ndim == 2 and x.shape[1] == 2:
@@ -85,11 +120,16 @@ class EvalCallback(L.Callback):
             if len(self.particles) > 1:
                 save_trajectories(self.particles, real, path.parent.parent / "trajectories.png",
                                   title=f"particles, updates 0-{update}")
-        elif labels is not None:
+            return
+        to_images = getattr(self.evaluator, "to_images", None)  # e.g. latents decoded by a VAE
+        x = to_images(x) if callable(to_images) else x
+        if x is None or x.ndim != 4 or x.shape[1] not in (1, 3):
+            return  # not drawable (latents without a decoder)
+        if labels is not None:
             k = self.grid_per_class
             per_class = len(labels) // int(labels.max() + 1)
             idx = torch.cat([torch.arange(c * per_class, c * per_class + min(k, per_class))
-                             for c in range(int(labels.max()) + 1)])
+                             for c in range(min(int(labels.max()) + 1, k))])  # at most k rows (1000 classes)
             save_image_grid(x[idx.to(x.device)], nrow=min(k, per_class), path=path)
         else:
             save_image_grid(x[: self.grid_per_class**2], nrow=self.grid_per_class, path=path)
@@ -100,7 +140,7 @@ class EvalCallback(L.Callback):
             writer.writeheader()
             writer.writerows(self.rows)
         (out / "eval_summary.json").write_text(json.dumps({"first": self.rows[0], "last": self.rows[-1]}, indent=2))
-        if len(self.rows) > 1:
+        if len(self.rows) > 1 and len(self.rows[0]) > 1:  # some metric besides the update
             save_metric_curves(self.rows, out / "eval_curves.png")
 
     def on_train_start(self, trainer, module):
@@ -112,8 +152,10 @@ class EvalCallback(L.Callback):
             self.evaluate(trainer, module)
 
     def on_train_end(self, trainer, module):
+        if not trainer.is_global_zero:
+            return
         self.evaluate(trainer, module)
-        if trainer.is_global_zero:
-            final = Path(trainer.default_root_dir) / "samples" / f"update_{int(module.update_count):07d}.png"
-            if final.exists():
-                (final.parent / "final.png").write_bytes(final.read_bytes())
+        final = Path(trainer.default_root_dir) / "samples" / f"update_{int(module.update_count):07d}.png"
+        if final.exists():
+            (final.parent / "final.png").write_bytes(final.read_bytes())
+        self._log_summary(trainer, module)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 
 from gwf.seeding import derive_seed
 
@@ -48,20 +49,78 @@ def wandb_run_id(run_dir: Path) -> str:
     return f"{derive_seed('wandb', Path(run_dir).resolve()):016x}"
 
 
-def make_loggers(spec: dict, run_dir: Path, group: str, name: str) -> list[Logger]:
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """{"jko": {"tau": 1.0}} -> {"jko.tau": 1.0}: wandb's run table and filters read flat keys."""
+    flat = {}
+    for k, v in (config or {}).items():
+        key = f"{prefix}{k}"
+        flat.update(flatten_config(v, f"{key}.") if isinstance(v, dict) else {key: v})
+    return flat
+
+
+def run_tags(config: dict) -> list[str]:
+    """Tags that the wandb UI filters and groups by: objective, JKO step size and seed."""
+    method = (config.get("method") or {}).get("name")
+    tau = (config.get("jko") or {}).get("tau")
+    return [f"method={method}", f"tau={'none' if tau is None else f'{float(tau):g}'}", f"seed={config.get('seed')}"]
+
+
+def wandb_group(experiment: str, run_dir: Path) -> str:
+    """The experiment name; runs of a Hydra sweep (runs/<name>/multirun/<overrides>) get "<name>-sweep"."""
+    return f"{experiment}-sweep" if Path(run_dir).parent.name == "multirun" else experiment
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """The composed config gwf-train writes to <run_dir>/config.yaml before it builds the loggers ({} if absent)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+class GWFWandbLogger(WandbLogger):
+    """WandbLogger whose hyperparameters are the flattened composed config ("jko.tau", "method.name", ...) rather
+    than one nested "config" entry, and which finishes its wandb run when training ends: Lightning leaves it open,
+    so the next job of a Hydra sweep in the same process would otherwise log into this run."""
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._experiment is not None and getattr(self._experiment, "finish", None) is not None:
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+
+    def log_hyperparams(self, params) -> None:
+        params = dict(params) if not isinstance(params, dict) else params
+        if isinstance(params.get("config"), dict):
+            params = {**{k: v for k, v in params.items() if k != "config"}, **flatten_config(params["config"])}
+        super().log_hyperparams(params)
+
+
+def make_wandb_logger(kwargs: dict, run_dir: Path, group: str, name: str, config: dict) -> WandbLogger:
+    # Never hang without credentials: offline unless a key is configured (sync later with `wandb sync`).
+    if os.environ.get("WANDB_MODE") is None and not wandb_has_credentials():
+        kwargs["offline"] = True
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    os.environ.setdefault("WANDB_CACHE_DIR", str(Path(run_dir) / ".wandb_cache"))
+    kwargs.setdefault("group", wandb_group(group, run_dir))
+    kwargs.setdefault("tags", run_tags(config) if config else None)
+    return GWFWandbLogger(save_dir=str(run_dir), id=wandb_run_id(run_dir), name=f"{group}/{name}",
+                          resume="allow", config=flatten_config(config), **kwargs)
+
+
+def make_loggers(spec: dict, run_dir: Path, group: str, name: str, config: dict | None = None) -> list[Logger]:
+    """Loggers of the config group ``logger``; ``config`` (default: <run_dir>/config.yaml) feeds wandb's config
+    and tags."""
     loggers: list[Logger] = []
     for kind, kwargs in spec.items():
         kwargs = dict(kwargs or {})
         if kind == "csv":
             loggers.append(ResumableCSVLogger(save_dir=str(run_dir), name="", version="", **kwargs))
         elif kind == "wandb":
-            # Never hang without credentials: offline unless a key is configured (sync later with `wandb sync`).
-            if os.environ.get("WANDB_MODE") is None and not wandb_has_credentials():
-                kwargs["offline"] = True
-            os.environ.setdefault("WANDB_DIR", str(run_dir))
-            os.environ.setdefault("WANDB_CACHE_DIR", str(Path(run_dir) / ".wandb_cache"))
-            loggers.append(WandbLogger(save_dir=str(run_dir), id=wandb_run_id(run_dir), name=f"{group}/{name}",
-                                       group=group, resume="allow", **kwargs))
+            cfg = config if config is not None else read_run_config(run_dir)
+            loggers.append(make_wandb_logger(kwargs, run_dir, group, name, cfg))
         else:
             raise ValueError(f"unknown logger '{kind}'; choose among csv, wandb (config group logger=...)")
     return loggers

@@ -1,0 +1,349 @@
+"""``gwf-report``: a Hydra sweep (objective x tau x seed) as the table and figures of a paper.
+
+    gwf-report runs/gwf_2d/multirun --metric sinkhorn_div          # -> runs/gwf_2d/multirun/report/
+    gwf-report runs/gwf_2d/multirun --wandb-project me/gwf          # the same from wandb run summaries
+
+Reads every run directory under the sweep (``config.yaml``, ``eval.csv``, ``eval_summary.json``) and writes, for
+the final value of ``--metric`` (default: sinkhorn_div for 2D runs, fd for digits):
+- ``table_<metric>.md`` / ``.csv``: objectives as rows, columns "no JKO" (jko.tau null) then tau ascending, cells
+  "mean ± std" over seeds (sample std, ddof = 1; a lone seed shows its value), the best mean of each column in
+  bold ([GWF]'s CIFAR-10 table layout);
+- ``curves_<metric>.png``: the metric against the update, one panel per objective, one line per tau (mean over
+  seeds); ``heatmap_<metric>.png``: objective x tau of the final mean.
+A run whose ``eval_summary.json`` is missing, or whose last evaluated update is short of the schedule's total
+(jko.inner_first + (jko.steps - 1) * jko.inner), is listed under "Incomplete or crashed runs" and averaged nowhere.
+Override keys other than method / jko.tau / seed that vary across the sweep become part of the row label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+# [GWF]'s row order; other objectives follow alphabetically
+OBJECTIVE_ORDER = ("kl", "kl_dv", "chi2", "js", "mmd", "w1", "mmd_gan", "wflow", "drifting")
+HIGHER_IS_BETTER = frozenset({"hq_rate", "mode_recall", "class_acc", "isc_mean", "precision", "recall"})
+DEFAULT_METRICS = ("sinkhorn_div", "fd")  # the first present in eval.csv is the default
+ROW_KEYS = frozenset({"method", "jko.tau", "seed"})
+NO_JKO = "no JKO"
+
+
+@dataclass
+class Run:
+    path: str
+    method: str
+    tau: float | None
+    seed: int
+    total_updates: int
+    overrides: dict = field(default_factory=dict)
+    last_update: int | None = None
+    final: dict = field(default_factory=dict)  # the last evaluation row
+    curve: list[dict] = field(default_factory=list)  # every evaluation row
+
+    @property
+    def complete(self) -> bool:
+        return self.last_update is not None and self.last_update >= self.total_updates
+
+    @property
+    def status(self) -> str:
+        if self.last_update is None:
+            return "no eval_summary.json"
+        return "complete" if self.complete else f"stopped at update {self.last_update} of {self.total_updates}"
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def total_updates(jko: dict) -> int:
+    """Generator updates of the schedule: inner_first + (steps - 1) * inner."""
+    return int(jko["inner_first"]) + (int(jko["steps"]) - 1) * int(jko["inner"])
+
+
+def _number(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def read_run(run_dir: Path, root: Path) -> Run:
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = {}
+    if overrides_file.exists():
+        for item in yaml.safe_load(overrides_file.read_text()) or []:
+            key, _, value = str(item).lstrip("+~").partition("=")
+            overrides[key] = value
+    tau = cfg["jko"].get("tau")
+    run = Run(str(run_dir.relative_to(root)), cfg["method"]["name"], None if tau is None else float(tau),
+              int(cfg.get("seed", 0)), total_updates(cfg["jko"]), overrides)
+    summary = run_dir / "eval_summary.json"
+    if summary.exists():
+        run.final = json.loads(summary.read_text())["last"]
+        run.last_update = int(run.final["update"])
+    if (run_dir / "eval.csv").exists():
+        with open(run_dir / "eval.csv") as f:
+            run.curve = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    return run
+
+
+def find_runs(root: Path) -> list[Run]:
+    """Every run directory (holding gwf-train's config.yaml, not Hydra's .hydra/config.yaml) under ``root``."""
+    dirs = sorted(p.parent for p in root.rglob("config.yaml") if p.parent.name != ".hydra")
+    if not dirs:
+        raise FileNotFoundError(f"no run directory (with config.yaml) under {root}; pass the sweep directory, "
+                                "e.g. runs/<name>/multirun")
+    return [read_run(d, root) for d in dirs]
+
+
+def run_from_wandb(name: str, config: dict, summary: dict) -> Run:
+    """A Run from a wandb run's config (flattened "a.b" keys or nested) and summary (the EvalCallback's
+    ``final/*`` keys); completeness from final/update vs final/total_updates."""
+    def get(key):
+        if key in config:
+            return config[key]
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    tau = get("jko.tau")
+    final = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith("final/")}
+    last = final.get("update")
+    return Run(name, get("method.name"), None if tau in (None, "None") else float(tau), int(get("seed")),
+               int(final.get("total_updates", total_updates(get("jko")))), {},
+               None if last is None else int(last), final)
+
+
+def read_wandb(project: str, group: str | None = None) -> list[Run]:
+    """Runs of a wandb project (needs network and credentials)."""
+    import wandb
+
+    filters = {"group": group} if group else {}
+    return [run_from_wandb(r.name, dict(r.config), dict(r.summary)) for r in wandb.Api().runs(project, filters)]
+
+
+# ---------------------------------------------------------------------------------------------- table
+def row_label(run: Run, varying: list[str]) -> str:
+    extra = ", ".join(f"{k}={run.overrides[k]}" for k in varying if k in run.overrides)
+    return f"{run.method} ({extra})" if extra else run.method
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Override keys besides method / jko.tau / seed whose values differ across runs."""
+    keys = sorted({k for r in runs for k in r.overrides} - ROW_KEYS)
+    return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+
+
+def row_order(labels) -> list[str]:
+    def key(label):
+        method = label.split(" (")[0]
+        rank = OBJECTIVE_ORDER.index(method) if method in OBJECTIVE_ORDER else len(OBJECTIVE_ORDER)
+        return rank, label
+
+    return sorted(set(labels), key=key)
+
+
+def column_name(tau: float | None) -> str:
+    return NO_JKO if tau is None else f"tau={tau:g}"
+
+
+def aggregate(runs: list[Run], metric: str) -> dict:
+    """{(row label, tau): values over seeds} of the complete runs' final ``metric``."""
+    varying = varying_keys(runs)
+    cells: dict = {}
+    for r in runs:
+        if r.complete and metric in r.final:
+            cells.setdefault((row_label(r, varying), r.tau), []).append(float(r.final[metric]))
+    return cells
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def make_table(runs: list[Run], metric: str) -> tuple[list[str], list[str], dict]:
+    """(rows, columns, {(row, column): (mean, std, n)})."""
+    cells = aggregate(runs, metric)
+    taus = {tau for _, tau in cells}
+    columns = ([NO_JKO] if None in taus else []) + [column_name(t) for t in sorted(t for t in taus if t is not None)]
+    rows = row_order(label for label, _ in cells)
+    table = {(label, column_name(tau)): (*mean_std(v), len(v)) for (label, tau), v in cells.items()}
+    return rows, columns, table
+
+
+def to_markdown(rows, columns, table, metric: str, runs: list[Run]) -> str:
+    better = max if metric in HIGHER_IS_BETTER else min
+    best = {c: better((table[(r, c)][0] for r in rows if (r, c) in table), default=None) for c in columns}
+    counts = [n for (_, _, n) in table.values()]
+    usual_n = max(set(counts), key=counts.count) if counts else 0
+    lines = [f"Final `{metric}` ({'higher' if metric in HIGHER_IS_BETTER else 'lower'} is better), mean ± std over "
+             f"{usual_n} seed(s) per cell; best of each column in bold.", "",
+             "| objective | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for r in rows:
+        out = []
+        for c in columns:
+            if (r, c) not in table:
+                out.append("–")
+                continue
+            mean, std, n = table[(r, c)]
+            text = f"{fmt(mean)} ± {fmt(std)}" if n > 1 else fmt(mean)
+            text += f" (n={n})" if n != usual_n else ""
+            out.append(f"**{text}**" if mean == best[c] else text)
+        lines.append(f"| {r} | " + " | ".join(out) + " |")
+    bad = [run for run in runs if not run.complete]
+    if bad:
+        lines += ["", "Incomplete or crashed runs (not averaged):", ""]
+        lines += [f"- `{run.path}`: {run.method}, {column_name(run.tau)}, seed {run.seed}: {run.status}" for run in bad]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows, columns, table, path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["objective", "tau", "mean", "std", "n"])
+        for r in rows:
+            for c in columns:
+                if (r, c) in table:
+                    mean, std, n = table[(r, c)]
+                    w.writerow([r, c, repr(mean), repr(std), n])
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def mean_curves(runs: list[Run], metric: str) -> dict:
+    """{row label: {tau: (updates, mean over seeds)}} over the updates every complete seed evaluated."""
+    varying = varying_keys(runs)
+    groups: dict = {}
+    for r in runs:
+        if r.complete and r.curve and metric in r.curve[0]:
+            groups.setdefault(row_label(r, varying), {}).setdefault(r.tau, []).append(
+                {int(row["update"]): float(row[metric]) for row in r.curve})
+    out: dict = {}
+    for label, by_tau in groups.items():
+        for tau, curves in by_tau.items():
+            updates = sorted(set.intersection(*(set(c) for c in curves)))
+            out.setdefault(label, {})[tau] = (updates, [float(np.mean([c[u] for c in curves])) for u in updates])
+    return out
+
+
+def plot_curves(runs: list[Run], metric: str, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = mean_curves(runs, metric)
+    if not curves:
+        return None
+    labels = row_order(curves)
+    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.3), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        taus = sorted(curves[label], key=lambda t: (t is not None, t or 0.0))
+        for tau in taus:
+            updates, values = curves[label][tau]
+            ax.plot(updates, values, marker="o", ms=3, label=column_name(tau))
+        values = [v for t in taus for v in curves[label][t][1]]
+        if min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")
+        ax.set_title(label)
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(rows, columns, table, metric: str, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return None
+    grid = np.array([[table[(r, c)][0] if (r, c) in table else np.nan for c in columns] for r in rows])
+    fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 2.5, 0.55 * len(rows) + 1.6))
+    finite = grid[np.isfinite(grid)]
+    log = finite.size and finite.min() > 0 and finite.max() / finite.min() > 20
+    shown = np.log10(grid) if log else grid
+    im = ax.imshow(shown, cmap="viridis_r" if metric not in HIGHER_IS_BETTER else "viridis", aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            if math.isfinite(grid[i, j]):
+                ax.text(j, i, fmt(grid[i, j]), ha="center", va="center", fontsize=8, color="w")
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(rows)), rows)
+    fig.colorbar(im, ax=ax, label=f"log10 {metric}" if log else metric)
+    ax.set_title(f"final {metric}, mean over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def choose_metric(runs: list[Run], metric: str | None) -> str:
+    available = {k for r in runs for k in r.final} - {"update", "total_updates"}
+    if metric is None:
+        metric = next((m for m in DEFAULT_METRICS if m in available), None)
+    if metric is None or metric not in available:
+        raise ValueError(f"metric {metric!r} not in the runs' evaluations; available: {sorted(available)}")
+    return metric
+
+
+def report(runs: list[Run], out: Path, metric: str | None = None) -> dict:
+    """Write the table (Markdown, CSV) and the figures; returns {"metric", "markdown", "files"}."""
+    metric = choose_metric(runs, metric)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, columns, table = make_table(runs, metric)
+    markdown = to_markdown(rows, columns, table, metric, runs)
+    files = [out / f"table_{metric}.md", write_csv(rows, columns, table, out / f"table_{metric}.csv")]
+    files[0].write_text(markdown)
+    files += [p for p in (plot_curves(runs, metric, out / f"curves_{metric}.png"),
+                          plot_heatmap(rows, columns, table, metric, out / f"heatmap_{metric}.png")) if p]
+    return {"metric": metric, "markdown": markdown, "files": files}
+
+
+def run(argv=None) -> dict:
+    """The command with its result returned (tests, scripts); ``main`` is the console entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_dir", nargs="?", help="Hydra multirun directory, e.g. runs/<name>/multirun")
+    p.add_argument("--metric", help="evaluation metric (default: sinkhorn_div, else fd)")
+    p.add_argument("--out", help="output directory (default: <sweep_dir>/report)")
+    p.add_argument("--wandb-project", help="read runs from this wandb project (entity/project) instead")
+    p.add_argument("--wandb-group", help="only this group of the wandb project (e.g. the experiment name)")
+    args = p.parse_args(argv)
+    if args.wandb_project:
+        runs = read_wandb(args.wandb_project, args.wandb_group)
+    elif args.sweep_dir:
+        runs = find_runs(Path(args.sweep_dir))
+    else:
+        p.error("give a sweep directory or --wandb-project")
+    out = Path(args.out) if args.out else Path(args.sweep_dir or ".") / "report"
+    result = report(runs, out, args.metric)
+    print(result["markdown"])
+    print("wrote " + ", ".join(str(f) for f in result["files"]))
+    return result
+
+
+def main(argv=None) -> None:
+    run(argv)  # console scripts exit with main()'s return value: keep it None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""gwf-report on a synthetic Hydra multirun directory (one crashed run, one without a summary) against a table
+computed by hand."""
+
+import csv
+import json
+import math
+
+import pytest
+import yaml
+
+import gwf  # noqa: F401
+from gwf.report import run as main, run_from_wandb
+
+TOTAL = 60 + (2 - 1) * 40  # jko.inner_first + (steps - 1) * inner
+
+
+def _write_run(root, method, tau, seed, final, last_update=TOTAL, summary=True, extra=()):
+    overrides = [f"method={method}", f"jko.tau={'null' if tau is None else tau}", f"seed={seed}", *extra]
+    run = root / ",".join(overrides)
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    cfg = {"name": "toy", "seed": seed, "method": {"name": method},
+           "jko": {"tau": tau, "steps": 2, "inner_first": 60, "inner": 40}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))  # Hydra's own copy: must not count twice
+    rows = [{"update": u, "sinkhorn_div": final * (1 + (last_update - u) / 10), "hq_rate": 0.5}
+            for u in range(0, last_update + 1, 50)]
+    with open(run / "eval.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    if summary:
+        (run / "eval_summary.json").write_text(json.dumps({"first": rows[0], "last": rows[-1]}))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "multirun"
+    finals = {("kl", None): [1.0, 3.0], ("kl", 0.01): [0.5, 0.7], ("kl", 1.0): [0.2, 0.4],
+              ("mmd", None): [4.0, 6.0], ("mmd", 0.01): [0.1, 0.3], ("mmd", 1.0): [0.25]}
+    for (method, tau), values in finals.items():
+        for seed, v in enumerate(values):
+            _write_run(root, method, tau, seed, v)
+    _write_run(root, "kl", 1.0, 2, 9.0, last_update=50)  # crashed half-way: its 9.0 must not be averaged
+    _write_run(root, "mmd", None, 2, 100.0, summary=False)  # died before its first summary
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def test_report_table_matches_hand_computation(sweep, tmp_path):
+    result = main([str(sweep), "--metric", "sinkhorn_div", "--out", str(tmp_path / "report")])
+    s2 = math.sqrt(2)  # sample std of {a, a + 2}
+    s = math.sqrt(0.02)  # sample std of {a, a + 0.2}
+    expected = [
+        "| objective | no JKO | tau=0.01 | tau=1 |",
+        "|---|---:|---:|---:|",
+        f"| kl | **2 ± {s2:.4g}** | 0.6 ± {s:.4g} | 0.3 ± {s:.4g} |",
+        f"| mmd | 5 ± {s2:.4g} | **0.2 ± {s:.4g}** | **0.25 (n=1)** |",
+    ]
+    lines = result["markdown"].splitlines()
+    start = lines.index(expected[0])
+    assert lines[start: start + 4] == expected
+    assert "2 seed(s) per cell" in lines[0]
+    crashed = [line for line in lines if line.startswith("- ")]
+    assert len(crashed) == 2
+    assert any("seed=2" in line and "stopped at update 50 of 100" in line for line in crashed)
+    assert any("mmd" in line and "no eval_summary.json" in line for line in crashed)
+
+    with open(tmp_path / "report" / "table_sinkhorn_div.csv") as f:
+        rows = {(r["objective"], r["tau"]): r for r in csv.DictReader(f)}
+    assert len(rows) == 6
+    kl1 = rows[("kl", "tau=1")]
+    assert float(kl1["mean"]) == pytest.approx(0.3) and float(kl1["std"]) == pytest.approx(s) and kl1["n"] == "2"
+    assert float(rows[("mmd", "no JKO")]["mean"]) == pytest.approx(5.0)  # the summary-less 100.0 is left out
+    for name in ("curves_sinkhorn_div.png", "heatmap_sinkhorn_div.png", "table_sinkhorn_div.md"):
+        assert (tmp_path / "report" / name).stat().st_size > 1000 or name.endswith(".md")
+
+
+def test_default_metric_and_higher_is_better(sweep, tmp_path):
+    assert main([str(sweep), "--out", str(tmp_path / "r1")])["metric"] == "sinkhorn_div"
+    md = main([str(sweep), "--metric", "hq_rate", "--out", str(tmp_path / "r2")])["markdown"]
+    assert "higher is better" in md and "| kl | **0.5 ± 0** |" in md
+
+
+def test_varying_extra_override_splits_rows(tmp_path):
+    root = tmp_path / "multirun"
+    for rev, v in (("false", 1.0), ("true", 3.0)):
+        _write_run(root, "kl", None, 0, v, extra=[f"method.reverse={rev}"])
+    md = main([str(root), "--out", str(tmp_path / "r")])["markdown"]
+    assert "| kl (method.reverse=false) | **1** |" in md and "| kl (method.reverse=true) | 3 |" in md
+
+
+def test_unknown_metric_and_empty_directory_are_clear(sweep, tmp_path):
+    with pytest.raises(ValueError, match="available: .*sinkhorn_div"):
+        main([str(sweep), "--metric", "fid"])
+    with pytest.raises(FileNotFoundError, match="no run directory"):
+        main([str(tmp_path / "empty_dir_that_is_missing")])
+
+
+def test_run_from_wandb_summary():
+    run = run_from_wandb("r", {"method.name": "kl", "jko.tau": 1.0, "seed": 3,
+                               "jko": {"steps": 2, "inner_first": 60, "inner": 40}},
+                         {"final/update": 100, "final/total_updates": 100, "final/sinkhorn_div": 0.1})
+    assert (run.method, run.tau, run.seed, run.complete, run.final["sinkhorn_div"]) == ("kl", 1.0, 3, True, 0.1)
+    nested = run_from_wandb("r", {"method": {"name": "mmd"}, "jko": {"tau": None, "steps": 1, "inner_first": 10,
+                                                                     "inner": 10}, "seed": 0}, {"final/update": 5})
+    assert nested.tau is None and not nested.complete and nested.total_updates == 10
