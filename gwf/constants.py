@@ -21,3 +21,20 @@ DIGITS_SHAPE = (1, 8, 8)
 DIGITS_NUM_CLASSES = 10
 DIGITS_MAX_INTENSITY = 16.0
 DIGITS_DTYPE = "float16"  # x / 8 - 1 takes the values k/8 - 1, k = 0..16: exact in fp16
+
+# Image folders (gwf-prepare images / latents): the files scanned, and how pixel shards store x in [-1, 1].
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"})
+PIXEL_DTYPE = "float16"  # x = pixel / 127.5 - 1; error < 2.5e-4, far below half a gray level: uint8 round-trips
+# SD-VAE latent shards store, per sample, the posterior moments of the image and of its horizontal flip, unscaled:
+# x.npy float16 [2 (view: original, flipped), 2 (moment: mean, std), *latent shape]. The loader draws
+# z = SD_VAE_LATENT_SCALE * (mean + std * eps) from a view picked at random (gwf.data.latents.LatentMoments).
+LATENT_MOMENTS_DTYPE = "float16"
+SD_VAE_RESOLUTION = 256  # ImageNet 256x256 -> SD_VAE_LATENT_SHAPE (the VAE downsamples by 8)
+# Default shard sizes of gwf-prepare: ~60 MB of 32x32 fp16 pixels, ~64 MB of 4x32x32 latent moments (32 KiB each).
+IMAGES_SAMPLES_PER_SHARD = 10_000
+LATENTS_SAMPLES_PER_SHARD = 2048
+
+# Feature-space drift (gwf/features): std features are sqrt(var + FEATURE_STD_EPS), finite gradient at var = 0
+# (the official MAE feature code's safe_std); MAE checkpoints written by gwf-train-encoder carry this format tag.
+FEATURE_STD_EPS = 1e-6
+MAE_CHECKPOINT_FORMAT = "gwf-mae-v1"

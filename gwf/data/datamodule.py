@@ -5,6 +5,11 @@ buffer, samples batched inside the worker, and virtual epochs of ``epoch_size //
 Each (rank, worker, epoch) draws from its own seeded stream, so DDP ranks need no shard splitting, runs are
 reproducible, and a run resumed at an epoch boundary reads what an uninterrupted run reads.
 
+A per-sample ``transform`` (a name in ``gwf.data.TRANSFORMS``) maps each stored tensor to the tensor the model sees,
+inside the worker, before batching, with its own numpy generator seeded like the stream: ``latent_moments`` stores
+SD-VAE posterior moments [2, 2, *shape] and draws z = scale * (mean + std * eps) of the original or flipped view.
+Without a transform a stored sample is the model's tensor (digits, pixel shards).
+
 Why not ``wds.WebDataset(urls, resampled=True)`` (webdataset 1.0.2): its shard resampler ignores ``seed`` (it
 seeds from time and os.urandom) and its default ``nodesplitter`` raises under DDP; the stream below is the same
 pipeline (resampled shards -> tar samples -> shuffle -> batched) with the seed under our control.
@@ -32,19 +37,22 @@ Batch = tuple[Tensor, Tensor]  # x float32 [B, *shape], y int64 [B]
 
 
 class SampleChecker:
-    """Decode a raw tar sample and check it against the configured shape/dtype/classes (cheap, every sample)."""
+    """Decode a raw tar sample and check it against the configured shape/dtype/classes (cheap, every sample).
+    ``shape`` is the stored shape (that of the model's tensor unless a transform maps one to the other)."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, num_classes: int, tensor_key: str, label_key: str):
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, num_classes: int, tensor_key: str, label_key: str,
+                 hint: str = ""):  # fmt: skip
         self.shape, self.dtype, self.num_classes = shape, dtype, num_classes
-        self.tensor_key, self.label_key = tensor_key, label_key
+        self.tensor_key, self.label_key, self.hint = tensor_key, label_key, hint
 
     def __call__(self, raw: dict) -> Sample:
         key, x, label = decode_sample(raw, self.tensor_key, self.label_key)
         if x.shape != self.shape or x.dtype != self.dtype:
             raise ValueError(
                 f"sample {key!r} in shard {raw.get('__url__', '?')} has shape {list(x.shape)} dtype {x.dtype}, "
-                f"expected shape {list(self.shape)} dtype {self.dtype}. Set data.shape / data.dtype in the config "
-                "to what the shards hold, or point data.train_shards / data.val_shards at the right shards."
+                f"expected shape {list(self.shape)} dtype {self.dtype}{self.hint}. Set data.shape / data.dtype in the "
+                "config to what the shards hold (their manifest.json says), or point data.train_shards / "
+                "data.val_shards at the right shards."
             )
         if not 0 <= label < self.num_classes:
             raise ValueError(
@@ -61,6 +69,14 @@ def collate(samples: list[Sample]) -> Batch:
     return x, y
 
 
+def _transformed(samples: Iterator[Sample], transform, *seed_parts) -> Iterator[Sample]:
+    """Apply a per-sample transform (stored x -> model x) with a numpy generator seeded by ``seed_parts``."""
+    if transform is None:
+        return samples
+    rng = np.random.default_rng(derive_seed("transform", *seed_parts))
+    return ((key, transform(x, rng), label) for key, x, label in samples)
+
+
 def _to_float32(batches: Iterator[Batch]) -> Iterator[Batch]:
     for x, y in batches:
         yield x.float(), y
@@ -74,37 +90,44 @@ class ResampledStream(IterableDataset):
     """
 
     def __init__(
-        self, urls: list[str], check: SampleChecker, batch_size: int, shuffle_buffer: int, seed: int, rank: int
+        self, urls: list[str], check: SampleChecker, batch_size: int, shuffle_buffer: int, seed: int, rank: int,
+        transform=None,
     ):
-        self.urls, self.check, self.batch_size = urls, check, batch_size
+        self.urls, self.check, self.batch_size, self.transform = urls, check, batch_size, transform
         self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
         self.epoch, self.epoch_was_set = 0, False
+        self.skip = 0  # batches of this pass consumed before a resume: replayed and dropped (EpochLoader.seek)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.epoch_was_set = int(epoch), True
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        worker = 0 if info is None else info.id
+        num_workers = 1 if info is None else info.num_workers  # the loader takes batches round-robin from workers
+        # Batch i of a pass comes from stream i % num_workers. After dropping ``skip`` batches the loader asks worker
+        # 0 first, so worker w plays stream (w + skip) % num_workers.
+        worker = (0 if info is None else info.id + self.skip) % num_workers
         rng = random.Random(derive_seed("shards", self.seed, self.rank, worker, self.epoch))
         shards = (rng.choice(self.urls) for _ in itertools.count())
         samples = iter_raw_samples(shards)
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        samples = map(self.check, samples)
-        return wds.batched(self.batch_size, collation_fn=collate, partial=False)(samples)
+        samples = _transformed(map(self.check, samples), self.transform, self.seed, self.rank, worker, self.epoch)
+        batches = wds.batched(self.batch_size, collation_fn=collate, partial=False)(samples)
+        return itertools.islice(batches, len(range(worker, self.skip, num_workers)), None)
 
 
 class OrderedStream(IterableDataset):
     """One deterministic pass over ``urls``: shards in order (dealt round-robin to workers), file order inside."""
 
-    def __init__(self, urls: list[str], check: SampleChecker, batch_size: int):
-        self.urls, self.check, self.batch_size = urls, check, batch_size
+    def __init__(self, urls: list[str], check: SampleChecker, batch_size: int, transform=None, seed: int = 0):
+        self.urls, self.check, self.batch_size, self.transform, self.seed = urls, check, batch_size, transform, seed
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        urls = self.urls if info is None else self.urls[info.id :: info.num_workers]
-        samples = map(self.check, iter_raw_samples(urls))
+        worker = 0 if info is None else info.id
+        urls = self.urls if info is None else self.urls[worker :: info.num_workers]
+        samples = _transformed(map(self.check, iter_raw_samples(urls)), self.transform, "val", self.seed, worker)
         return wds.batched(self.batch_size, collation_fn=collate, partial=True)(samples)
 
 
@@ -120,15 +143,31 @@ class EpochLoader(wds.WebLoader):
     def __init__(self, stream: ResampledStream, num_batches: int, **kwargs):
         super().__init__(stream, batch_size=None, persistent_workers=False, **kwargs)
         self.stream = self.sampler = stream
-        self.num_batches, self.passes = num_batches, 0
+        self.num_batches, self.passes, self.pending_skip = num_batches, 0, 0
         self.append(_to_float32)  # runs in the main process, after the workers
         self.with_epoch(num_batches)
+
+    def seek(self, position: int) -> None:
+        """Resume exactly after ``position`` batches: the next pass replays epoch ``position // num_batches`` and
+        drops the batches already consumed (costs reading them again, at most one virtual epoch)."""
+        epoch, self.pending_skip = divmod(int(position), self.num_batches)
+        self.stream.set_epoch(epoch)
 
     def __iter__(self):
         if not self.stream.epoch_was_set:
             self.stream.epoch = self.passes
         self.passes += 1
-        return super().__iter__()
+        self.stream.skip = self.pending_skip
+        self.nsamples = self.num_batches - self.pending_skip  # the pass ends at the virtual epoch's end
+        return self._skip_done_on_first_batch(super().__iter__())
+
+    def _skip_done_on_first_batch(self, batches):
+        """The skip belongs to the first pass that yields a batch (Lightning may call iter() without iterating);
+        workers have their copy of the stream by then."""
+        for i, batch in enumerate(batches):
+            if i == 0:
+                self.pending_skip = 0
+            yield batch
 
     def __len__(self) -> int:
         return self.num_batches
@@ -147,6 +186,9 @@ class ShardDataModule(L.LightningDataModule):
         prepare: a name in ``gwf.data.PREPARERS`` run by ``prepare_data`` when shards are missing (or None);
             root: the directory given to it.
         seed: seeds every (rank, worker, epoch) stream.
+        transform: None (stored x is the model's x), or a name in ``gwf.data.TRANSFORMS`` applied per sample in the
+            workers (``latent_moments``: SD-VAE moments [2, 2, *shape] -> z [*shape]); transform_args: its keyword
+            arguments. ``shape`` is the model's shape; ``dtype`` the stored dtype.
     """
 
     def __init__(
@@ -165,6 +207,8 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         tensor_key: str = TENSOR_KEY,
         label_key: str = LABEL_KEY,
+        transform: str | None = None,
+        transform_args: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -185,7 +229,11 @@ class ShardDataModule(L.LightningDataModule):
                 raise ValueError(f"data.prepare={prepare!r} is not one of {sorted(PREPARERS)} (or null)")
             if root is None:
                 raise ValueError(f"data.prepare={prepare!r} needs data.root, the directory it writes to")
-        self.checker = SampleChecker(self._shape, self.dtype, self._num_classes, tensor_key, label_key)
+        self.transform = _build_transform(transform, transform_args)
+        stored = self._shape if self.transform is None else tuple(self.transform.stored_shape(self._shape))
+        hint = "" if self.transform is None else f" (data.transform={transform} for data.shape {list(self._shape)})"
+        self.checker = SampleChecker(stored, self.dtype, self._num_classes, tensor_key, label_key, hint)
+        self.position = 0  # batches consumed before this fit (seek)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -213,9 +261,9 @@ class ShardDataModule(L.LightningDataModule):
         patterns, urls = missing[0]
         raise FileNotFoundError(
             f"{len(urls)} shard(s) of {patterns!r} missing, first: {Path(urls[0]).absolute()}. "
-            "Create them with a preparer (data.prepare=digits and data.root=<dir>, or "
-            "`python -m gwf.data.digits --root <dir>`), or write your own with gwf.data.shards.write_shards "
-            "(see data/README.md), or point data.train_shards / data.val_shards at existing shards."
+            "Create them with gwf-prepare (`gwf-prepare images|latents --src IMAGES --out DIR`, or "
+            "data.prepare=digits and data.root=<dir> for the digits), or write your own with "
+            "gwf.data.shards.write_shards (see data/README.md), or point data.train_shards / data.val_shards at existing shards."
         )
 
     def prepare_data(self) -> None:
@@ -247,15 +295,23 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> EpochLoader:
         stream = ResampledStream(
-            self.urls("train"), self.checker, self.batch_size, self.shuffle_buffer, self.seed, self._rank()
+            self.urls("train"), self.checker, self.batch_size, self.shuffle_buffer, self.seed, self._rank(),
+            self.transform,
         )
-        return EpochLoader(stream, self.epoch_size // self.batch_size, num_workers=self.num_workers)
+        loader = EpochLoader(stream, self.epoch_size // self.batch_size, num_workers=self.num_workers)
+        if self.position:
+            loader.seek(self.position)
+        return loader
+
+    def seek(self, position: int) -> None:
+        """Resume: the next train_dataloader() starts after ``position`` batches (those a checkpoint consumed)."""
+        self.position = int(position)
 
     def val_dataloader(self):
         if self.val_shards is None:
             return []
         urls = self.urls("val")
-        stream = OrderedStream(urls, self.checker, self.batch_size)
+        stream = OrderedStream(urls, self.checker, self.batch_size, self.transform, self.seed)
         loader = wds.WebLoader(stream, batch_size=None, num_workers=min(self.num_workers, len(urls)))
         loader.append(_to_float32)
         return loader
@@ -264,11 +320,22 @@ class ShardDataModule(L.LightningDataModule):
         """The whole split (or its first ``max_samples``) in memory, in shard then file order:
         x float32 [N, *shape], y int64 [N]."""
         samples = map(self.checker, iter_raw_samples(self.urls(split)))
+        samples = _transformed(samples, self.transform, split, self.seed, 0)
         batch = list(itertools.islice(samples, max_samples))
         if not batch:
             raise ValueError(f"the {split} shards {self.urls(split)[:3]}... hold no samples")
         x, y = collate(batch)
         return x.float(), y
+
+
+def _build_transform(name: str | None, args: dict | None):
+    if name is None:
+        return None
+    from gwf.data import TRANSFORMS
+
+    if name not in TRANSFORMS:
+        raise ValueError(f"data.transform={name!r} is not one of {sorted(TRANSFORMS)} (or null)")
+    return TRANSFORMS[name](**(args or {}))
 
 
 def _plain(patterns):
