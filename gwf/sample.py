@@ -51,6 +51,8 @@ def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
     if config is None:
         raise ValueError(f"{ckpt} has no hyper_parameters.config: it was not written by gwf-train")
     cfg = OmegaConf.create(config)
+    if cfg.method.get("features") is not None:  # a frozen feature encoder shapes the training loss only: sampling
+        cfg.method.features = None               # needs no encoder file (it is not in the checkpoint either)
     data = instantiate(cfg.data, _convert_="all")  # only for shape / num_classes; reads no files
     module = build_module(cfg, data.shape, data.num_classes)
     module.load_state_dict(state["state_dict"])

@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from gwf.features import FeatureSpec
+from gwf.features.drift import attach_features, drift_loss, encode_problems, feature_scale
 from gwf.objectives.base import GenBatch, Objective, RealBatch
 from gwf.objectives.kernels import squared_distances
 from gwf.ot.sinkhorn import check_point_clouds, fp32_island
@@ -91,18 +93,37 @@ def drifting_field(x: Tensor, pos: Tensor, neg: Tensor | None = None,
 
 class Drifting(Objective):
     """Drifting baseline: generator loss mean_{i,d} || x - stopgrad(x + eta V(x)) ||^2 with the multi-temperature
-    Drifting field V (negatives = the generated batch, self-pair masked), per problem; same loss form as W-Flow."""
+    Drifting field V (negatives = the generated batch, self-pair masked), per problem; same loss form as W-Flow.
+
+    ``features``: None or "identity" (the field in data space), or an encoder spec for
+    ``gwf.features.build_features``: the field per feature set and token of a frozen encoder, the loss averaged
+    over feature sets ([DRIFT] Sec. 3.5; gwf/features/drift.py), each set rescaled when ``feature_normalize``."""
 
     def __init__(self, eta: float = 1.0, temperatures: Sequence[float] = DRIFT_TEMPERATURES,
-                 rms_normalize: bool = True):
+                 rms_normalize: bool = True, features: FeatureSpec = None, feature_normalize: bool = True):
         super().__init__()
         if not temperatures or min(temperatures) <= 0:
             raise ValueError(f"method.temperatures must be positive numbers, got {temperatures}")
         self.eta, self.temperatures, self.rms_normalize = eta, tuple(float(t) for t in temperatures), rms_normalize
+        attach_features(self, features)  # self.features: the frozen encoder or None (data space)
+        self.feature_normalize = feature_normalize
 
     def generator_loss(self, gen: GenBatch, real: RealBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.features is not None:
+            return self.feature_loss(gen, real)
         x = gen.x.flatten(2)  # [L, N, D]
         velocity = drifting_field(x, real.pos.flatten(2), None, self.temperatures, self.rms_normalize)
         target = (x + self.eta * velocity.to(x.dtype)).detach()
         loss = (x - target).pow(2).mean()
         return loss, {"v_rms": velocity.square().mean().sqrt()}
+
+    def feature_loss(self, gen: GenBatch, real: RealBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The Drifting field per feature set k and token, loss = mean over k (gwf/features/drift.py)."""
+        f_gen, refs = encode_problems(self.features, gen.x, {"pos": real.pos}, {})
+        losses, v_rms = [], []
+        for k, f in f_gen.items():
+            velocity = drifting_field(f, refs["pos"][k], None, self.temperatures, self.rms_normalize)
+            scale = feature_scale(f, [f, refs["pos"][k]]) if self.feature_normalize else None
+            losses.append(drift_loss(f, velocity, self.eta, scale))
+            v_rms.append(velocity.square().mean().sqrt())
+        return torch.stack(losses).mean(), {"v_rms": torch.stack(v_rms).mean()}
