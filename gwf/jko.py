@@ -99,9 +99,10 @@ class JKOProximal(nn.Module):
         for b_prev, b in zip(self.previous.buffers(), generator.buffers()):
             b_prev.copy_(b)
 
-    def forward(self, x: Tensor, *gen_inputs) -> Tensor:
+    def forward(self, x: Tensor, *gen_inputs, train_mode: bool = True) -> Tensor:
         """Proximal term for samples ``x = G_theta(*gen_inputs)``; the SAME inputs (noise z, labels, alpha) go
-        through the frozen copy. Returns a scalar (0 when tau is None)."""
+        through the frozen copy, in the generator's mode ``train_mode`` (batch-norm generators: batch statistics in
+        both, so equal weights give a zero term, as in the official code). Returns a scalar (0 when tau is None)."""
         if self.previous is None:
             return x.new_zeros(())
         with torch.no_grad():
@@ -114,6 +115,6 @@ class JKOProximal(nn.Module):
                     )
                 x_prev = z.reshape(x.shape)
             else:
-                x_prev = self.previous(*gen_inputs)
+                x_prev = self.previous.train(train_mode)(*gen_inputs)
         sq = (x.float() - x_prev.float()).pow(2).flatten(1).sum(1)  # [B] squared distances over all dims
         return sq.mean() / (2.0 * self.tau)

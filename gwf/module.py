@@ -95,6 +95,9 @@ class GWFModule(L.LightningModule):
         self.source = source
         self.bank = ClassBank(conditioning.num_classes, sizes.bank_capacity, self.data_shape, sizes.uncond_per_step)
         self.register_buffer("update_count", torch.zeros((), dtype=torch.long))
+        # Batches consumed from this rank's data stream: a resumed run replays the stream to this position
+        # (gwf/checkpointing.py), so it reads what the uninterrupted run reads.
+        self.register_buffer("data_position", torch.zeros((), dtype=torch.long))
 
     # ----------------------------------------------------------------------------------------------- sampling
     def rng(self, *stream) -> torch.Generator:
@@ -125,10 +128,13 @@ class GWFModule(L.LightningModule):
         """n samples [n, *shape] for per-sample ``labels`` [n] (or None) and guidance alpha (float or [n]); with
         ``return_inputs`` also the generator inputs z [n, *noise_shape]."""
         model = self.ema.model if use_ema else self.generator
+        was_training = model.training
+        model.eval()  # batch-norm generators sample with their running statistics
         z = self.draw_inputs(n, model.noise_shape, make_generator(self.device, "sample", seed))
         if alpha is not None and not torch.is_tensor(alpha):
             alpha = torch.full((n,), float(alpha), device=self.device)
         x = model(z, labels, alpha)
+        model.train(was_training)
         return (x, z) if return_inputs else x
 
     # ----------------------------------------------------------------------------------------------- training
@@ -166,6 +172,7 @@ class GWFModule(L.LightningModule):
             self.trainer.should_stop = True
             return None
         x_data, y_data = batch
+        self.data_position += 1
         self.bank.push(x_data, y_data if self.conditioning.conditional else None)
         ready = self.bank.ready(self.sizes.pos_per_label, self.sizes.uncond_per_step)
         if not self.trainer.strategy.reduce_boolean_decision(ready, all=True):
@@ -196,7 +203,7 @@ class GWFModule(L.LightningModule):
             second_rng = self.rng("second", j)
             gen = GenBatch(x, labels, alpha, sample=lambda: self._second_batch(labels, alpha, second_rng))
             loss, logs_g = self.objective.generator_loss(gen, real)
-            prox = self.jko(x.flatten(0, 1), *inputs)
+            prox = self.jko(x.flatten(0, 1), *inputs, train_mode=self.generator.training)
             self._check_finite("generator loss", gen_loss=loss, prox=prox)
             logs["train/grad_norm_gen"] = self._optimizer_step(
                 optimizers[0], schedulers[0], loss + prox, self.generator.parameters(), self.optim.grad_clip)
@@ -210,6 +217,7 @@ class GWFModule(L.LightningModule):
         outer, _ = self.schedule.locate(update)
         if self._logs_due():
             logs.update({"jko/outer_step": float(outer), "train/lr": schedulers[0].get_last_lr()[0]})
+            logs = self._mean_over_ranks(logs)
             self.log_dict(logs, on_step=True, prog_bar=False, sync_dist=False)
             shown = {k.split("/")[1]: logs[k] for k in PROGRESS_BAR_KEYS if k in logs}
             self.log_dict(shown, on_step=True, prog_bar=True, logger=False)
@@ -222,6 +230,17 @@ class GWFModule(L.LightningModule):
         connector = getattr(self.trainer, "_logger_connector", None)  # private, stable in Lightning 2.x
         return bool(getattr(connector, "should_update_logs", True))
 
+    def _mean_over_ranks(self, logs: dict) -> dict:
+        """Step metrics averaged over DDP ranks with one all-reduce (every rank logs the same keys at the same
+        update: ``_logs_due`` depends on the step only)."""
+        if self.trainer.world_size <= 1:
+            return logs
+        keys = sorted(logs)
+        values = torch.stack([torch.as_tensor(logs[k], dtype=torch.float32, device=self.device).detach().reshape(())
+                              for k in keys])
+        values = self.trainer.strategy.reduce(values, reduce_op="mean")
+        return dict(zip(keys, values.unbind()))
+
     @torch.no_grad()
     def _second_batch(self, labels, alpha, rng) -> Tensor:
         return self.generate(self.generator, labels, alpha, self.sizes.gen_per_label, rng)[0]
@@ -229,3 +248,29 @@ class GWFModule(L.LightningModule):
     @property
     def finished(self) -> bool:
         return int(self.update_count) >= self.schedule.total_updates
+
+    # ----------------------------------------------------------------------------------------------- checkpoint hooks
+    def rank_local_state(self) -> dict[str, Tensor]:
+        """The state that may differ across DDP ranks: every persistent buffer (DDP runs with broadcast_buffers
+        false), i.e. the class bank filled from this rank's data stream, the stream position, and batch-norm running
+        statistics of the generator and of its EMA and frozen copies. Parameters and optimizer states are replicated
+        (gradients are averaged) and live in the main checkpoint written by rank 0; this goes in a per-rank side file
+        (gwf/checkpointing.py). CPU copies."""
+        keys = self._rank_local_keys()
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k in keys}
+
+    def _rank_local_keys(self) -> set[str]:
+        buffers = {name for name, _ in self.named_buffers()}
+        return {k for k in self.state_dict(keep_vars=True) if k in buffers}  # persistent buffers only
+
+    def load_rank_local_state(self, state: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`rank_local_state` (same keys and shapes, or a clear error)."""
+        expected = self._rank_local_keys()
+        if set(state) != expected:
+            raise KeyError(f"rank-local state does not match this model: missing {sorted(expected - set(state))}, "
+                           f"unexpected {sorted(set(state) - expected)}; it was written by a different configuration")
+        self.load_state_dict(state, strict=False)
+
+    def refill_bank(self) -> None:
+        """Empty the class bank: it refills from this rank's stream before the next update, on every rank alike."""
+        self.bank.reset()

@@ -24,7 +24,7 @@ def test_every_config_composes(group, option):
     # an evaluator belongs to its data set (the default list picks eval=${data})
     cfg = compose_config([f"data={option}"] if group == "eval" else [f"{group}={option}"])
     if group == "eval":
-        assert cfg.eval.evaluator._target_.split(".")[-2] in {"digits", "toy2d"}
+        assert cfg.eval.evaluator._target_.split(".")[-2] in {"digits", "toy2d", "fidelity"}
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert cfg.method.name in OBJECTIVES and cfg.model.name in MODELS
 

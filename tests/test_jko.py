@@ -104,3 +104,14 @@ def test_start_from_noise_measures_transport_from_mu0_until_the_first_refresh():
         JKOProximal(gen, 1.0, start="noise")(torch.zeros(4, 2), torch.zeros(4, 3))
     with pytest.raises(ValueError, match="jko.start"):
         JKOProximal(gen, 1.0, start="zeros")
+
+
+def test_batchnorm_generator_has_zero_proximal_term_at_equal_weights():
+    """The frozen copy runs in the generator's mode: with batch norm in train mode, equal weights give exactly 0
+    (a copy left in eval mode would compare batch statistics with running ones)."""
+    gen = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    prox = JKOProximal(gen, tau=1.0)
+    z = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    gen.train()
+    assert float(prox(gen(z), z, train_mode=True)) == 0.0
+    assert float(prox(gen(z), z, train_mode=False)) > 0.01  # what the eval-mode copy would have measured

@@ -133,18 +133,22 @@ def make_sampler(target: str, **kwargs) -> Sampler:
 
 class _SamplerStream(IterableDataset):
     """Sampled in the main process (microseconds per batch); each pass over the stream is a new virtual epoch
-    with its own seed, so epochs never repeat data."""
+    with its own seed, so epochs never repeat data. ``start`` (batches already consumed, from a checkpoint) resumes
+    the stream exactly: the first pass replays its epoch and drops the ``start % num_batches`` batches consumed."""
 
-    def __init__(self, target: str, batch_size: int, seed: int, rank: int, num_batches: int):
+    def __init__(self, target: str, batch_size: int, seed: int, rank: int, num_batches: int, start: int = 0):
         self.target, self.batch_size, self.seed, self.rank, self.num_batches = target, batch_size, seed, rank, num_batches
-        self.epoch = 0
+        self.epoch, self.skip = divmod(int(start), num_batches)
 
     def __iter__(self):
         sampler = make_sampler(self.target)
         g = make_generator("cpu", "toy2d", self.seed, self.rank, self.epoch)
+        skip, self.skip = self.skip, 0
         self.epoch += 1
-        for _ in range(self.num_batches):
-            yield sampler(self.batch_size, g), torch.zeros(self.batch_size, dtype=torch.long)
+        for i in range(self.num_batches):
+            x = sampler(self.batch_size, g)  # drawn even when skipped: the generator advances as it did before
+            if i >= skip:
+                yield x, torch.zeros(self.batch_size, dtype=torch.long)
 
     def __len__(self):
         return self.num_batches
@@ -158,10 +162,16 @@ class Toy2DDataModule(L.LightningDataModule):
         make_sampler(target)  # fail early on an unknown name
         self.target, self.batch_size, self.epoch_size, self.seed = target, batch_size, epoch_size, seed
         self.shape, self.num_classes = (2,), 0
+        self.position = 0
+
+    def seek(self, position: int) -> None:
+        """Resume: the next train_dataloader() starts after ``position`` batches (those a checkpoint consumed)."""
+        self.position = int(position)
 
     def train_dataloader(self):
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        stream = _SamplerStream(self.target, self.batch_size, self.seed, rank, max(self.epoch_size // self.batch_size, 1))
+        num_batches = max(self.epoch_size // self.batch_size, 1)
+        stream = _SamplerStream(self.target, self.batch_size, self.seed, rank, num_batches, self.position)
         return DataLoader(stream, batch_size=None, num_workers=0)
 
     def load_split(self, split: str = "val", max_samples: int | None = None) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,68 @@
+"""A training process for the tests that need a real one (DDP ranks started from outside, SIGKILL, signals):
+
+    python -m tests.driver RUN_DIR [--pause-at U] [--record] [OVERRIDES...]
+
+``--pause-at U`` blocks after update U (checkpoint callbacks have run) until RUN_DIR/go exists, after writing
+RUN_DIR/paused-rank<r>: the test then kills or signals the process at a known point. ``--record`` writes
+RUN_DIR/rank<r>.pt at the end of training: the module state and 8 draws of the rank's generator noise stream.
+``--ignore-rank-state`` resumes without the per-rank side files (every rank keeps rank 0's buffers from the main
+checkpoint, the behaviour before side files existed): the negative control of tests/test_ddp_resume.py."""
+
+import gwf  # noqa: F401  (first: torchvision shim)
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from gwf.train import train
+from tests.conftest import compose_config
+
+
+class PauseAt(L.Callback):
+    def __init__(self, update: int, run_dir: Path):
+        self.update, self.run_dir = update, run_dir
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if int(module.update_count) != self.update:
+            return
+        (self.run_dir / f"paused-rank{trainer.global_rank}").write_text(str(self.update))
+        while not (self.run_dir / "go").exists():
+            time.sleep(0.05)
+
+
+class Record(L.Callback):
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def on_train_end(self, trainer, module):
+        noise = torch.randn(8, generator=module.rng("gen", 0))  # this rank's stream at the final update
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        torch.save({"noise": noise, "state": state, "world_size": trainer.world_size,
+                    "rank": trainer.global_rank}, self.run_dir / f"rank{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--pause-at", type=int)
+    p.add_argument("--record", action="store_true")
+    p.add_argument("--ignore-rank-state", action="store_true")
+    args, overrides = p.parse_known_args()
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [PauseAt(args.pause_at, args.run_dir)] if args.pause_at is not None else []
+    if args.ignore_rank_state:
+        from gwf.checkpointing import PreemptibleCheckpoint
+
+        PreemptibleCheckpoint.load_rank_state = lambda self, trainer, module, checkpoint: None
+    if args.record:
+        callbacks.append(Record(args.run_dir))
+    summary = train(compose_config(overrides), args.run_dir, extra_callbacks=tuple(callbacks))
+    print("SUMMARY " + json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

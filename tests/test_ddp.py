@@ -1,0 +1,115 @@
+"""2-process DDP on CPU (gloo), ranks started from outside as srun or torchrun start them (each test in its own
+processes: Lightning's own launcher would re-run the pytest command line). Critic-based methods with several
+backward passes per step train without unused-parameter errors; ranks draw different noise and data but hold
+identical parameters; only rank 0 writes; per-rank sizes derive from batch.global_size."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gwf.train import per_rank_batch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_2D = ["experiment=gwf_2d", "jko.steps=2", "jko.inner_first=10", "jko.inner=10", "ema_decay=0.9",
+           "batch.global_size=128", "batch.bank_capacity=128", "data.batch_size=64", "eval.num_samples=200",
+           "eval.every_n_updates=1000", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5", "threads=1",
+           "checkpoint.every_n_steps=10", "checkpoint.keep=-1"]
+REPLICATED = ("generator.", "objective.critic.", "ema.model.", "jko.previous.")  # identical on every rank
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+
+
+def slurm_env(rank: int, world: int, port: int) -> dict:
+    """What srun sets for task ``rank`` of a 1-node job with ``world`` tasks (Lightning's SLURMEnvironment reads it)."""
+    return {"SLURM_NTASKS": str(world), "SLURM_NTASKS_PER_NODE": str(world), "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "gwf", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def torchrun_env(rank: int, world: int, port: int) -> dict:
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "NODE_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def run_ranks(run_dir: Path, overrides: list[str], env_of, world: int = 2, timeout_s: float = 300) -> list[str]:
+    """Start ``world`` driver processes as the ranks of one job; returns their outputs (asserts they succeeded)."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.driver", str(run_dir), "--record", *overrides],
+                              cwd=REPO, env={**_clean_env(), **env_of(r, world, port)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout_s)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{out[-4000:]}"
+        assert "were not used in producing the loss" not in out and "SUMMARY" in out, out[-4000:]
+    return outs
+
+
+def _check_ranks(run_dir: Path) -> list[dict]:
+    recs = [torch.load(run_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["world_size"] for r in recs] == [2, 2]
+    s0, s1 = recs[0]["state"], recs[1]["state"]
+    assert int(s0["update_count"]) == int(s1["update_count"]) == 20
+    compared = [k for k in s0 if k.startswith(REPLICATED)]
+    assert any(k.startswith("objective.critic.") for k in compared) and any(k.startswith("jko.") for k in compared)
+    for k in compared:  # gradients averaged over ranks: the replicas never drift apart
+        assert torch.allclose(s0[k], s1[k], atol=1e-6, rtol=0), k
+    assert not torch.allclose(recs[0]["noise"], recs[1]["noise"])  # per-rank noise streams
+    assert not torch.allclose(s0["bank.data"], s1["bank.data"])  # per-rank data streams, rank-local class banks
+    return recs
+
+
+@pytest.mark.parametrize("method,launcher", [("kl", "slurm"), ("w1", "torchrun")])
+def test_two_process_ddp_critic_method(tmp_path, method, launcher):
+    """kl (R1 penalty) under srun-style variables, w1 (WGAN-GP, a double backward) under torchrun-style ones."""
+    run = tmp_path / "run"
+    env_of = slurm_env if launcher == "slurm" else torchrun_env
+    outs = run_ranks(run, [f"method={method}", *TINY_2D], env_of)
+    recs = _check_ranks(run)
+    # batch.global_size=128 over 2 ranks: 64 generated samples per rank and update
+    assert recs[0]["state"]["bank.data"].shape[1] == 128
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outs[1]
+    # only rank 0 wrote files: one set of checkpoints (every 10 updates, and last), one metrics file, no
+    # Lightning hpc checkpoint (its SLURM auto-requeue is off)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "update0000010.ckpt", "update0000020.ckpt"]
+    assert not list(run.glob("hpc_ckpt*")) and (run / "metrics.csv").exists()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    for k, v in ckpt["state_dict"].items():
+        if k.startswith(REPLICATED):
+            assert torch.equal(v, recs[0]["state"][k]), k
+    assert torch.equal(ckpt["state_dict"]["bank.data"], recs[0]["state"]["bank.data"])  # rank 0's bank
+
+
+def test_global_batch_is_divided_over_ranks():
+    b = {"global_size": 1024, "labels_per_step": 10, "gen_per_label": 64, "pos_per_label": 32}
+    assert per_rank_batch(b, 8, conditional=True)["labels_per_step"] == 2  # 1024 / (8 ranks x 64 per label)
+    unc = per_rank_batch(b, 4, conditional=False)
+    assert unc["gen_per_label"] == unc["pos_per_label"] == 256 and "global_size" not in unc
+    assert per_rank_batch({**b, "global_size": None}, 8, conditional=True)["labels_per_step"] == 10
+    with pytest.raises(ValueError, match="global_size=1000 is not divisible by the 3 ranks"):
+        per_rank_batch({**b, "global_size": 1000}, 3, conditional=False)
+    with pytest.raises(ValueError, match="not a multiple of batch.gen_per_label=64"):
+        per_rank_batch({**b, "global_size": 96 * 2}, 2, conditional=True)
