@@ -1,0 +1,136 @@
+"""The ImageNet recipes: each composes with the official settings it cites and the cluster command in its header,
+builds a module through gwf.train.build_module on a small latent shape with a frozen MAE encoder, and one recipe
+trains a few updates through Lightning with the encoder untouched."""
+
+import re
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from gwf.constants import MAE_CHECKPOINT_FORMAT
+from gwf.data.datamodule import ShardDataModule
+from gwf.data.shards import write_shards
+from gwf.features.mae import MAEFeatures, MaskedAutoencoder, save_checkpoint
+from gwf.models import MODELS
+from gwf.objectives.drifting import Drifting
+from gwf.objectives.wflow import WFlow
+from gwf.train import build_module
+from tests.conftest import CONF_DIR, compose_config
+
+SHAPE = (4, 8, 8)
+NUM_CLASSES = 10
+
+# Values read in the official configs each recipe cites (hanjq17/W-Flow configs/gen/*_ot_*node.yaml, lambertae/drifting
+# configs/gen/latent_sota_L.yaml): model, global labels per step, positives per label, lr, weight decay, warm-up,
+# updates, eps R / temperatures, Sinkhorn iterations, alpha power (neg_cfg_pw), forced alpha = 1 fraction.
+OFFICIAL = {
+    "imagenet_wflow_ablation": dict(model="dit_b2", labels=64, pos=64, lr=2e-4, wd=0.01, warmup=5000, updates=30000,
+                                    eps_rel=0.05, n_iters=10, power=3.0, one=0.0),
+    "imagenet_b2": dict(model="dit_b2", labels=128, pos=64, lr=4e-4, wd=0.0, warmup=10000, updates=200000,
+                        eps_rel=0.05, n_iters=10, power=5.0, one=0.0),
+    "imagenet_l2": dict(model="dit_l2", labels=128, pos=64, lr=4e-4, wd=0.01, warmup=10000, updates=200000,
+                        eps_rel=0.05, n_iters=1, power=3.0, one=0.5),
+    "imagenet_xl2": dict(model="dit_xl2", labels=128, pos=128, lr=3e-4, wd=0.01, warmup=10000, updates=180000,
+                         eps_rel=0.01, n_iters=1, power=4.0, one=0.2),
+    "imagenet_drifting": dict(model="dit_l2", labels=128, pos=64, lr=4e-4, wd=0.01, warmup=10000, updates=200000,
+                              temperatures=[0.2, 0.05, 0.02]),
+}
+
+
+def _cluster_ranks(recipe: str) -> int:
+    """Ranks of the header's `sbatch --nodes N --gpus-per-node G --ntasks-per-node G slurm/train.sbatch \\
+    experiment=<recipe>` command (one task per GPU, as slurm/train.sbatch requires): N x G."""
+    text = (CONF_DIR / "experiment" / f"{recipe}.yaml").read_text()
+    pattern = (r"sbatch --nodes (\d+) --gpus-per-node (\d+) --ntasks-per-node (\d+) slurm/train\.sbatch \\\n"
+               rf"#\s+experiment={recipe} ")
+    m = re.search(pattern, text)
+    assert m, f"{recipe}.yaml: no cluster command in its header"
+    nodes, gpus, tasks = map(int, m.groups())
+    assert gpus == tasks
+    return nodes * gpus
+
+
+@pytest.mark.parametrize("recipe", sorted(OFFICIAL))
+def test_recipe_composes_with_the_official_settings(recipe):
+    cfg = compose_config([f"experiment={recipe}", "trainer=slurm"])  # as slurm/train.sbatch composes it
+    c = OmegaConf.to_container(cfg, resolve=True)
+    want = OFFICIAL[recipe]
+    assert c["name"] == recipe and c["model"]["name"] == want["model"]
+    assert c["data"]["shape"] == [4, 32, 32] and c["data"]["num_classes"] == 1000
+    assert c["batch"]["labels_per_step"] * _cluster_ranks(recipe) == want["labels"]  # per rank x ranks = global
+    assert c["batch"]["gen_per_label"] == 64 and c["batch"]["pos_per_label"] == want["pos"]
+    assert c["batch"]["bank_capacity"] == 128
+    assert c["optim"] == dict(name="adamw", lr=want["lr"], betas=[0.9, 0.95], weight_decay=want["wd"],
+                              warmup_steps=want["warmup"], grad_clip=2.0)
+    assert c["ema_decay"] == 0.999 and c["jko"]["tau"] is None
+    assert c["jko"]["inner_first"] + (c["jko"]["steps"] - 1) * c["jko"]["inner"] == want["updates"]
+    assert c["method"]["features"]["name"] == "mae" and c["trainer"]["precision"] == "bf16-mixed"
+    if c["method"]["name"] == "wflow":
+        assert c["method"]["estimator"] == "two_batch" and c["method"]["eps_rel"] == want["eps_rel"]
+        assert c["method"]["n_iters"] == want["n_iters"] and c["batch"]["alpha_max"] == 4.0
+        assert c["batch"]["alpha_power"] == want["power"] and c["batch"]["alpha_one_fraction"] == want["one"]
+    else:
+        assert c["method"]["name"] == "drifting" and c["method"]["temperatures"] == want["temperatures"]
+
+
+def _tiny_mae(path):
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(SHAPE[0], 8, (1, 1))
+    sd = model.state_dict()
+    save_checkpoint(path, {"format": MAE_CHECKPOINT_FORMAT, "config": model.config, "data_shape": list(SHAPE),
+                           "step": 0, "model": sd, "ema": sd})
+    return path
+
+
+def _small(recipe, *extra):
+    """The recipe with sizes shrunk for a CPU test (the evaluator is not used by build_module)."""
+    model = "dit_tiny" if "dit_tiny" in MODELS else "mlp"
+    return compose_config([f"experiment={recipe}", f"model={model}", "eval=digits", "batch.labels_per_step=2",
+                           "batch.gen_per_label=4", "batch.pos_per_label=4", "batch.uncond_per_step=4",
+                           "batch.bank_capacity=8", *extra])
+
+
+@pytest.mark.parametrize("recipe", sorted(OFFICIAL))
+def test_recipe_builds_a_module_on_a_small_latent_shape(recipe, tmp_path):
+    path = _tiny_mae(tmp_path / "mae.pt")
+    module = build_module(_small(recipe, f"method.features.path={path}"), SHAPE, NUM_CLASSES)
+    objective = module.objective
+    assert isinstance(objective, Drifting if recipe == "imagenet_drifting" else WFlow)
+    assert isinstance(objective.features, MAEFeatures)
+    assert not any(p.requires_grad for p in objective.features.parameters())
+    assert not any(k.startswith("objective.") for k in module.state_dict())  # never in checkpoints, unseen by DDP
+    assert module.optim.lr == OFFICIAL[recipe]["lr"] and tuple(module.optim.betas) == (0.9, 0.95)
+    x = module.sample(6, labels=torch.arange(6), alpha=1.5 if module.conditioning.guided else None)
+    assert x.shape == (6, *SHAPE) and torch.isfinite(x).all()
+    # data space instead of features: the same recipe with method.features=null
+    plain = build_module(_small(recipe, "method.features=null"), SHAPE, NUM_CLASSES)
+    assert plain.objective.features is None
+    plain.load_state_dict(module.state_dict())  # strict: a checkpoint loads without the encoder (e.g. to sample)
+
+
+def test_recipe_without_an_encoder_path_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"method.features.path is not set.*gwf-train-encoder"):
+        build_module(_small("imagenet_b2"), SHAPE, NUM_CLASSES)
+
+
+def test_ablation_recipe_trains_through_lightning_with_the_encoder_frozen(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, *SHAPE)).astype(np.float32)
+    write_shards(((f"s{i:04d}", x[i], i % NUM_CLASSES) for i in range(len(x))), tmp_path, "train", 128)
+    dm = ShardDataModule(f"{tmp_path}/train-{{000000..000001}}.tar", None, SHAPE, NUM_CLASSES, batch_size=64,
+                         num_workers=0, shuffle_buffer=0, epoch_size=256)
+    path = _tiny_mae(tmp_path / "mae.pt")
+    cfg = _small("imagenet_wflow_ablation", f"method.features.path={path}", "jko.inner_first=3", "jko.inner=3",
+                 "optim.warmup_steps=0")
+    module = build_module(cfg, SHAPE, NUM_CLASSES)
+    encoder_before = {k: v.clone() for k, v in module.objective.features.state_dict().items()}
+    generator_before = {k: v.clone() for k, v in module.generator.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, max_steps=-1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    assert int(module.update_count) == 3 and not module.objective.features.training
+    assert all(torch.equal(encoder_before[k], v) for k, v in module.objective.features.state_dict().items())
+    assert any(not torch.equal(generator_before[k], v) for k, v in module.generator.state_dict().items())
