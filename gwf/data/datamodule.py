@@ -189,6 +189,8 @@ class ShardDataModule(L.LightningDataModule):
         transform: None (stored x is the model's x), or a name in ``gwf.data.TRANSFORMS`` applied per sample in the
             workers (``latent_moments``: SD-VAE moments [2, 2, *shape] -> z [*shape]); transform_args: its keyword
             arguments. ``shape`` is the model's shape; ``dtype`` the stored dtype.
+        conditional: False trains unconditionally on labelled shards (e.g. the [GWF] CIFAR-10 table): labels are
+            still checked against ``num_classes``, but the data module reports 0 classes to the model.
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class ShardDataModule(L.LightningDataModule):
         label_key: str = LABEL_KEY,
         transform: str | None = None,
         transform_args: dict | None = None,
+        conditional: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -216,6 +219,7 @@ class ShardDataModule(L.LightningDataModule):
         self.val_shards = None if val_shards is None else _plain(val_shards)
         self._shape = tuple(int(s) for s in shape)
         self._num_classes = int(num_classes)
+        self.conditional = bool(conditional)
         self.dtype = np.dtype(dtype)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.shuffle_buffer, self.epoch_size, self.seed = int(shuffle_buffer), int(epoch_size), int(seed)
@@ -241,7 +245,8 @@ class ShardDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        return self._num_classes
+        """Classes the model is conditioned on: 0 when ``conditional`` is False."""
+        return self._num_classes if self.conditional else 0
 
     def urls(self, split: str) -> list[str]:
         patterns = {"train": self.train_shards, "val": self.val_shards}[split]

@@ -1,0 +1,57 @@
+"""The [GWF] CIFAR-10 Small-Net recipe: its values are the paper's, and it trains end to end on shards that
+`gwf-prepare images` makes from a few generated images (CIFAR-10 itself cannot be downloaded here)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gwf.jko import tau_from_official_lambda2
+from gwf.prepare import prepare_images
+from gwf.train import train
+from tests.conftest import compose_config
+
+
+def test_recipe_values_are_the_papers():
+    cfg = compose_config(["experiment=cifar10_gwf"])
+    assert (cfg.model.name, cfg.model.noise_dim, cfg.model.ngf) == ("resnet", 192, 256)
+    assert (cfg.method.critic.name, cfg.method.critic.ndf) == ("resnet", 256)
+    assert (cfg.jko.steps, cfg.jko.inner_first, cfg.jko.inner) == (100, 2000, 1000)
+    assert cfg.jko.inner_first + (cfg.jko.steps - 1) * cfg.jko.inner == 101_000  # [GWF]: 101k generator updates
+    assert cfg.jko.tau == pytest.approx(tau_from_official_lambda2(1.0, 3 * 32 * 32))
+    assert (cfg.optim.lr, list(cfg.optim.betas)) == (2e-4, [0.5, 0.9])
+    assert (cfg.method.critic_optim.lr, list(cfg.method.critic_optim.betas)) == (1e-4, [0.5, 0.9])
+    assert cfg.ema_decay == 0.9999 and cfg.batch.gen_per_label == 256 and cfg.data.batch_size == 256
+    assert list(cfg.data.shape) == [3, 32, 32] and cfg.data.conditional is False
+
+
+def test_recipe_trains_on_prepared_image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("airplane", "cat"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(12):  # 40x36 images: the ADM crop brings them to 32x32
+            pixels = rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "src" / c / f"{i}.png")
+    manifest = prepare_images(tmp_path / "src", tmp_path / "shards", size=32, samples_per_shard=8)
+    assert manifest["splits"]["train"]["count"] == 24 and manifest["num_classes"] == 2
+    pattern = str(tmp_path / "shards" / manifest["splits"]["train"]["pattern"])
+    cfg = compose_config([
+        "experiment=cifar10_gwf", f"data.train_shards='{pattern}'", "data.num_classes=2", "data.batch_size=8",
+        "data.epoch_size=64", "data.num_workers=0", "data.prepare=null", "model.ngf=16", "critic.ndf=16",
+        "batch.gen_per_label=8", "batch.pos_per_label=8", "batch.bank_capacity=16", "jko.steps=2",
+        "jko.inner_first=3", "jko.inner=3", "eval.every_n_updates=3", "eval.num_samples=16", "eval.grid_per_class=4",
+        "logger=none", "trainer.enable_progress_bar=false",
+    ], runs_dir=tmp_path / "runs")
+    run_dir = tmp_path / "run"
+    summary = train(cfg, run_dir)
+    assert summary["last"]["update"] == 6
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "samples" / "final.png").is_file()
+    import torch
+
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert int(state["state_dict"]["update_count"]) == 6
+    # unconditional: the generator has no class embedding, the critic no projection (labels were only checked)
+    assert not any("class" in k or "embed" in k for k in state["state_dict"] if k.startswith("generator."))
+    # the JKO copy is refreshed at the end of every outer step, the last one included: it equals the final generator
+    prev = {k.removeprefix("jko.previous."): v for k, v in state["state_dict"].items() if k.startswith("jko.previous.")}
+    gen = {k.removeprefix("generator."): v for k, v in state["state_dict"].items() if k.startswith("generator.")}
+    assert prev.keys() == gen.keys() and all(torch.equal(prev[k], gen[k]) for k in gen)
