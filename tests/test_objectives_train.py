@@ -1,7 +1,7 @@
 """Each objective, trained briefly through the shared GWFModule on the GWF 2D recipe (8 Gaussians, JKO with
 tau = 1 from mu0), lowers the Sinkhorn divergence to the target by a stated factor. Seeded, so deterministic.
-Measured at 200 updates: wflow 12x, kl 7x, kl_dv 12x, chi2 9.7x, js 7.8x, mmd 5.4x, mmd_gan 11.7x, drifting 14.6x;
-W1 (WGAN-GP) starts slowly: 2.7x at 400 updates."""
+Every objective but W1 must drop it 4x in 2 x 100 updates; W1 (WGAN-GP, one critic update per generator update,
+the official 3 x 128 MLP critic) starts slowly and must drop it 2x in 2 x 400 (measured: 3.1x)."""
 
 import pytest
 
@@ -9,7 +9,7 @@ from gwf.objectives import OBJECTIVES
 from gwf.train import train
 from tests.conftest import compose_config
 
-BUDGET = {"w1": (200, 2.0)}  # method -> (updates per JKO step, factor); default below
+BUDGET = {"w1": (400, 2.0)}  # method -> (updates per JKO step, factor); default below
 
 
 @pytest.mark.parametrize("method", sorted(OBJECTIVES))
