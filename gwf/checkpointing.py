@@ -214,12 +214,16 @@ class PreemptibleCheckpoint(L.Callback):
             module.refill_bank()
             return
         update = int(checkpoint["state_dict"]["update_count"])
-        path = rank_state_path(ckpt_path.parent, trainer.global_rank, update)
-        if not path.is_file():
+        # every rank checks every rank's file, so all ranks fail together (no rank left waiting in a collective)
+        missing = [rank_state_path(ckpt_path.parent, r, update) for r in range(world)]
+        missing = [str(m) for m in missing if not m.is_file()]
+        if missing:
             raise FileNotFoundError(
-                f"{path} is missing: {ckpt_path} was written by {world} ranks and each rank resumes from its own side "
-                f"file in {ckpt_path.parent / RANK_STATE_DIR}/. Copy that folder along with the checkpoint, or resume "
-                "from a checkpoint whose side files exist (ckpt_path=<run_dir>/checkpoints/updateXXXXXXX.ckpt)")
+                f"{', '.join(missing)} missing: {ckpt_path} was written by {world} ranks and each rank resumes from "
+                f"its own side file in {ckpt_path.parent / RANK_STATE_DIR}/. Copy that folder along with the "
+                "checkpoint, or resume from a checkpoint whose side files exist "
+                "(ckpt_path=<run_dir>/checkpoints/updateXXXXXXX.ckpt)")
+        path = rank_state_path(ckpt_path.parent, trainer.global_rank, update)
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if (blob["rank"], blob["update"]) != (trainer.global_rank, update):
             raise ValueError(f"{path} holds rank {blob['rank']} at update {blob['update']}, expected rank "

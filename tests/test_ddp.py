@@ -91,16 +91,20 @@ def test_two_process_ddp_critic_method(tmp_path, method, launcher):
     # batch.global_size=128 over 2 ranks: 64 generated samples per rank and update
     assert recs[0]["state"]["bank.data"].shape[1] == 128
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outs[1]
-    # only rank 0 wrote files: one set of checkpoints (every 10 updates, and last), one metrics file, no
-    # Lightning hpc checkpoint (its SLURM auto-requeue is off)
+    # only rank 0 wrote the main files: one set of checkpoints (every 10 updates, and last), one metrics file, no
+    # Lightning hpc checkpoint (its SLURM auto-requeue is off); each rank wrote its side file per checkpoint
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == ["last.ckpt", "update0000010.ckpt", "update0000020.ckpt"]
+    assert names == ["last.ckpt", "rank_state", "update0000010.ckpt", "update0000020.ckpt"]
+    sides = sorted(p.name for p in (run / "checkpoints" / "rank_state").iterdir())
+    assert sides == [f"rank0000{r}-update00000{u}.pt" for r in (0, 1) for u in (10, 20)]
     assert not list(run.glob("hpc_ckpt*")) and (run / "metrics.csv").exists()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     for k, v in ckpt["state_dict"].items():
         if k.startswith(REPLICATED):
             assert torch.equal(v, recs[0]["state"][k]), k
     assert torch.equal(ckpt["state_dict"]["bank.data"], recs[0]["state"]["bank.data"])  # rank 0's bank
+    side = torch.load(run / "checkpoints" / "rank_state" / "rank00001-update0000020.pt", weights_only=True)
+    assert torch.equal(side["state"]["bank.data"], recs[1]["state"]["bank.data"])  # rank 1's bank, beside it
 
 
 def test_global_batch_is_divided_over_ranks():

@@ -43,6 +43,12 @@ class ClassBank(nn.Module):
             self.uncond[slots] = xu
             self.uncond_count += len(xu)
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty every ring buffer: the bank refills from the data stream before the next update (``ready``)."""
+        for buf in (self.data, self.count, self.uncond, self.uncond_count):
+            buf.zero_()
+
     def filled(self, labels: Tensor | None = None) -> Tensor:
         """Number of valid samples per class (of ``labels`` if given)."""
         n = self.count.clamp(max=self.capacity)
