@@ -249,4 +249,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m gwf.train`: call the function of the importable module gwf.train, not of __main__. Process-pool
+    # launchers (hydra/launcher=joblib) pickle the task function; one defined in __main__ travels by value and its
+    # worker imports lightning before gwf (see gwf/_compat.py), which fails next to a CPU torch.
+    from gwf.train import main as _main
+
+    _main()
