@@ -82,14 +82,13 @@ def test_bad_penalty_name():
 
 
 def test_method_config_builds():
-    from pathlib import Path
-
     from omegaconf import OmegaConf
 
     from gwf.models.critics import build_critic
     from gwf.module import OptimConfig
+    from tests.conftest import compose_config
 
-    method = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/method/w1.yaml"))
+    method = OmegaConf.to_container(compose_config(["method=w1"]).method, resolve=True)
     assert (method.pop("name"), method.pop("d_steps"), method.pop("t_steps")) == ("w1", 1, 1)
     assert OptimConfig(**method.pop("critic_optim")).betas == [0.5, 0.9]
     spec = method.pop("critic")
