@@ -36,7 +36,7 @@ from tqdm import tqdm
 from gwf.constants import (IMAGES_SAMPLES_PER_SHARD, LABEL_KEY, LATENTS_SAMPLES_PER_SHARD, SD_VAE_RESOLUTION,
                            TENSOR_KEY)  # fmt: skip
 from gwf.data.images import Item, PixelShards, sample_key, scan_image_folder
-from gwf.data.shards import encode_sample, shard_name, shard_pattern, temporary_path
+from gwf.data.shards import encode_sample, sha256_file, shard_name, shard_pattern, temporary_path
 
 MANIFEST_FILE = "manifest.json"
 RECORDS_DIR = ".records"
@@ -80,14 +80,6 @@ def fingerprint(job: ShardJob, src: Path, settings: dict) -> str:
     """sha256 of what determines a shard's bytes: its source files (relative to src), labels, keys and the settings."""
     items = [(os.path.relpath(path, src), label) for path, label in job.items]
     return hashlib.sha256(json.dumps([job.name, items, job.keys, settings], sort_keys=True).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict | None:

@@ -9,7 +9,6 @@ writes under root: train-{000000..000003}.tar (1437 samples), val-000000.tar (36
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from gwf.constants import DIGITS_DTYPE, DIGITS_MAX_INTENSITY, DIGITS_NUM_CLASSES, DIGITS_SHAPE, LABEL_KEY, TENSOR_KEY
-from gwf.data.shards import read_samples, shard_pattern, temporary_path, write_shards
+from gwf.data.shards import read_samples, sha256_file, shard_pattern, temporary_path, write_shards
 
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -119,14 +118,6 @@ def _train_classifier(x_train, y_train, x_val, y_val, epochs, batch_size, lr, se
     return model, acc
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = temporary_path(path)
     tmp.write_bytes(data)
@@ -145,7 +136,7 @@ def _is_complete(root: Path) -> bool:
     manifest = read_manifest(root)
     if manifest is None:
         return False
-    return all((root / name).is_file() and _sha256(root / name) == sha for name, sha in manifest["sha256"].items())
+    return all((root / name).is_file() and sha256_file(root / name) == sha for name, sha in manifest["sha256"].items())
 
 
 def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -199,7 +190,7 @@ def prepare_digits(root: str | Path) -> None:
         splits=splits,
         classifier=dict(file=CLASSIFIER_FILE, val_accuracy=val_acc, **model.config),
         seconds=round(time.perf_counter() - t0, 2),
-        sha256={name: _sha256(root / name) for name in files},
+        sha256={name: sha256_file(root / name) for name in files},
     )  # fmt: skip
     _atomic_write_bytes(root / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
 

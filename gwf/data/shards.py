@@ -10,6 +10,7 @@ i.e. a sample is two tar members sharing a basename: ``<key>.x.npy`` and ``<key>
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -235,3 +236,12 @@ def read_samples(
     """(key, x, label) of every sample of ``urls`` (pattern or list), in shard order then file order."""
     for sample in iter_raw_samples(expand_urls(urls)):
         yield decode_sample(sample, tensor_key, label_key)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (manifests and shard records)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

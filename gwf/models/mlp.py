@@ -22,6 +22,27 @@ class AlphaEmbedding(nn.Module):
         return torch.cat([a.sin(), a.cos()], dim=-1)
 
 
+def conditioning_layers(num_classes: int, class_dim: int, alpha_dim: int) -> tuple[nn.Module | None, nn.Module | None, int]:
+    """(class embedding or None, alpha features or None, size of their concatenation) for a generator."""
+    class_emb = nn.Embedding(num_classes, class_dim) if num_classes > 0 else None
+    alpha_emb = AlphaEmbedding(alpha_dim) if alpha_dim > 0 else None
+    return class_emb, alpha_emb, (class_dim if num_classes > 0 else 0) + alpha_dim
+
+
+def conditioning_vector(class_emb: nn.Module | None, alpha_emb: nn.Module | None, z: Tensor, labels: Tensor | None,
+                        alpha: Tensor | None) -> Tensor | None:
+    """[B, cond_dim]: the class embedding of ``labels`` and the features of ``alpha`` (1 when None), concatenated;
+    None when the generator has neither."""
+    parts = []
+    if class_emb is not None:
+        if labels is None:
+            raise ValueError("this generator is class-conditional (num_classes > 0): pass labels")
+        parts.append(class_emb(labels))
+    if alpha_emb is not None:
+        parts.append(alpha_emb(alpha if alpha is not None else torch.ones(len(z), device=z.device)))
+    return torch.cat(parts, dim=-1).to(z.dtype) if parts else None
+
+
 class MLPGenerator(nn.Module):
     """Conditional MLP generator.
 
@@ -44,9 +65,7 @@ class MLPGenerator(nn.Module):
         self.out_shape = tuple(int(s) for s in out_shape)
         self.noise_dim = noise_dim
         self.num_classes = num_classes
-        self.class_emb = nn.Embedding(num_classes, class_dim) if num_classes > 0 else None
-        self.alpha_emb = AlphaEmbedding(alpha_dim) if alpha_dim > 0 else None
-        cond_dim = (class_dim if num_classes > 0 else 0) + alpha_dim
+        self.class_emb, self.alpha_emb, cond_dim = conditioning_layers(num_classes, class_dim, alpha_dim)
         self.cond_dim = cond_dim
         dims = [noise_dim] + [hidden] * depth
         self.layers = nn.ModuleList(nn.Linear(d + cond_dim, hidden) for d in dims[:-1])
@@ -58,14 +77,8 @@ class MLPGenerator(nn.Module):
         return (self.noise_dim,)
 
     def _cond(self, z: Tensor, labels: Tensor | None, alpha: Tensor | None) -> Tensor:
-        parts = []
-        if self.class_emb is not None:
-            if labels is None:
-                raise ValueError("this generator is class-conditional (num_classes > 0): pass labels")
-            parts.append(self.class_emb(labels))
-        if self.alpha_emb is not None:
-            parts.append(self.alpha_emb(alpha if alpha is not None else torch.ones(len(z), device=z.device)))
-        return torch.cat(parts, dim=-1) if parts else z.new_zeros(len(z), 0)
+        c = conditioning_vector(self.class_emb, self.alpha_emb, z, labels, alpha)
+        return c if c is not None else z.new_zeros(len(z), 0)
 
     def forward(self, z: Tensor, labels: Tensor | None = None, alpha: Tensor | None = None) -> Tensor:
         if z.ndim != 2 or z.shape[1] != self.noise_dim:

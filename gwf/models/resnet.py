@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gwf.models.mlp import AlphaEmbedding
+from gwf.models.mlp import conditioning_layers, conditioning_vector
 
 
 def _num_doublings(size: int, bottom: int) -> int:
@@ -112,9 +112,7 @@ class ResNetGenerator(nn.Module):
         self.out_shape = tuple(int(s) for s in out_shape)
         n_up = _num_doublings(self.out_shape[1], bottom)
         self.noise_dim, self.ngf, self.bottom, self.num_classes = noise_dim, ngf, bottom, num_classes
-        self.class_emb = nn.Embedding(num_classes, class_dim) if num_classes > 0 else None
-        self.alpha_emb = AlphaEmbedding(alpha_dim) if alpha_dim > 0 else None
-        cond_dim = (class_dim if num_classes > 0 else 0) + alpha_dim
+        self.class_emb, self.alpha_emb, cond_dim = conditioning_layers(num_classes, class_dim, alpha_dim)
         self.fc = nn.Linear(noise_dim, ngf * bottom * bottom)
         self.blocks = nn.ModuleList(GBlock(ngf, ngf, cond_dim, official_quirks) for _ in range(n_up))
         self.bn_out = CondBatchNorm2d(ngf, cond_dim)
@@ -125,14 +123,7 @@ class ResNetGenerator(nn.Module):
         return (self.noise_dim,)
 
     def _cond(self, z: Tensor, labels: Tensor | None, alpha: Tensor | None) -> Tensor | None:
-        parts = []
-        if self.class_emb is not None:
-            if labels is None:
-                raise ValueError("this generator is class-conditional (num_classes > 0): pass labels")
-            parts.append(self.class_emb(labels))
-        if self.alpha_emb is not None:
-            parts.append(self.alpha_emb(alpha if alpha is not None else torch.ones(len(z), device=z.device)))
-        return torch.cat(parts, dim=-1).to(z.dtype) if parts else None
+        return conditioning_vector(self.class_emb, self.alpha_emb, z, labels, alpha)
 
     def forward(self, z: Tensor, labels: Tensor | None = None, alpha: Tensor | None = None) -> Tensor:
         if z.ndim != 2 or z.shape[1] != self.noise_dim:
