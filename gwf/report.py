@@ -248,8 +248,12 @@ def plot_curves(runs: list[Run], metric: str, path: Path) -> Path | None:
     if not curves:
         return None
     labels = row_order(curves)
-    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3.3), squeeze=False)
-    for ax, label in zip(axes[0], labels):
+    ncols = min(len(labels), 3)  # panels in rows of 3: a 9-objective sweep stays readable
+    nrows = math.ceil(len(labels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.3 * nrows), squeeze=False)
+    for ax in axes.flat[len(labels):]:
+        ax.set_visible(False)
+    for ax, label in zip(axes.flat, labels):
         taus = sorted(curves[label], key=lambda t: (t is not None, t or 0.0))
         for tau in taus:
             updates, values = curves[label][tau]
@@ -261,7 +265,8 @@ def plot_curves(runs: list[Run], metric: str, path: Path) -> Path | None:
         ax.set_xlabel("update")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel(metric)
+    for row in axes:
+        row[0].set_ylabel(metric)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
