@@ -33,17 +33,17 @@ DRIFT_TEMPERATURES = (0.2, 0.05, 0.02)  # [DRIFT] App. A.6
 _RMS_FLOOR_REL = 1e-4  # relative to the per-coordinate distance scale s / sqrt(D)
 
 
-def drifting_field_single(x: Tensor, pos: Tensor, neg: Tensor, temperature: float, scale: Tensor,
+def drifting_field_single(dist: Tensor, pos: Tensor, neg: Tensor, temperature: float, scale: Tensor,
                           mask_self: bool) -> Tensor:
     """One temperature of the Drifting field, unnormalized: V_T [B, N, D] (see the module docstring).
 
-    x: [B, N, D] queries; pos: [B, M, D]; neg: [B, K, D] (K = N and neg = x when ``mask_self``); scale: [B].
+    dist: [B, N, M + K] distances ||x_i - y_j|| from the queries x to [pos, neg] (shared by every temperature);
+    pos: [B, M, D]; neg: [B, K, D] (K = N and neg = x when ``mask_self``); scale: [B].
     """
-    n, m = x.shape[1], pos.shape[1]
-    dist = squared_distances(x, torch.cat([pos, neg], dim=1)).sqrt()  # [B, N, M + K]
+    n, m = dist.shape[1], pos.shape[1]
     logits = -dist / (temperature * scale[:, None, None])
     if mask_self:
-        idx = torch.arange(n, device=x.device)
+        idx = torch.arange(n, device=dist.device)
         logits[:, idx, m + idx] = float("-inf")
     # geometric mean of the row and column softmaxes, in the log domain (masked entries -> exactly 0)
     a = (0.5 * (logits.log_softmax(dim=2) + logits.log_softmax(dim=1))).exp()
@@ -83,7 +83,7 @@ def drifting_field(x: Tensor, pos: Tensor, neg: Tensor | None = None,
         floor = _RMS_FLOOR_REL * scale / x.shape[2] ** 0.5
         velocity = torch.zeros_like(x)
         for t in temperatures:
-            v = drifting_field_single(x, pos, neg, float(t), scale, mask_self)
+            v = drifting_field_single(dist, pos, neg, float(t), scale, mask_self)
             if rms_normalize:
                 rms = v.square().mean((1, 2)).sqrt()
                 v = v / torch.maximum(rms, floor)[:, None, None]
