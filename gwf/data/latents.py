@@ -8,7 +8,6 @@ Shards store unscaled moments, so a different scale never needs new shards.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from gwf.constants import LATENT_MOMENTS_DTYPE, SD_VAE_LATENT_SCALE, SD_VAE_RESOLUTION
 from gwf.data.images import Item, load_image
+from gwf.data.shards import sha256_files
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")  # "stabilityai/sd-vae-ft-ema"
 
@@ -103,12 +103,7 @@ def weights_sha256(vae: str | Path, subfolder: str | None) -> str | None:
     files = sorted(p for p in folder.glob("*") if p.suffix in weights) if folder.is_dir() else []
     if not files:
         return None
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return sha256_files(files)
 
 
 @torch.no_grad()

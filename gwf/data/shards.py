@@ -238,10 +238,16 @@ def read_samples(
         yield decode_sample(sample, tensor_key, label_key)
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (manifests and shard records)."""
+def sha256_files(paths: Iterable[str | Path]) -> str:
+    """Hex sha256 of the files' bytes, one after another, read in 1 MiB chunks (manifests, records, encoder ids)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of one file."""
+    return sha256_files([path])

@@ -42,8 +42,10 @@ CHECKPOINT_NAME = "mae.pt"
 
 
 def conf_dir() -> Path:
-    packaged = Path(__file__).resolve().parents[1] / "conf"  # wheels carry conf/ inside the package
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+    """The training configs (packaged in wheels, else the repository's conf/): the same as gwf-train's."""
+    from gwf.train import _conf_dir
+
+    return Path(_conf_dir())
 
 
 def data_config(name: str, overrides: Sequence[str] = (), seed: int = 0) -> DictConfig:
