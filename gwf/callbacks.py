@@ -9,6 +9,7 @@ from typing import Callable
 
 import lightning as L
 import torch
+from gwf.loggers import run_meta, tau_label
 from gwf.viz import save_image_grid, save_metric_curves, save_scatter, save_trajectories
 
 
@@ -98,14 +99,12 @@ class EvalCallback(L.Callback):
         gets ``final/*`` summary keys (what gwf-report --wandb-project reads)."""
         config = (getattr(module, "hparams", {}) or {}).get("config") or {}
         last = self.rows[-1]
-        meta = {"run": Path(trainer.default_root_dir).name, "objective": (config.get("method") or {}).get("name"),
-                "tau": (config.get("jko") or {}).get("tau"), "seed": config.get("seed"),
+        meta = {"run": Path(trainer.default_root_dir).name, **run_meta(config),
                 "total_updates": int(module.schedule.total_updates)}
         row = {**meta, **last}
         for logger in trainer.loggers:
             if callable(getattr(logger, "log_table", None)):
-                tau = "none" if row["tau"] is None else f"{float(row['tau']):g}"  # one column type across runs
-                table_row = {**row, "tau": tau}
+                table_row = {**row, "tau": tau_label(row["tau"])}  # one column type across runs
                 logger.log_table(key="summary", columns=list(table_row), data=[list(table_row.values())])
             summary = getattr(getattr(logger, "experiment", None), "summary", None)
             if summary is not None and hasattr(summary, "update"):
@@ -121,18 +120,19 @@ class EvalCallback(L.Callback):
                 save_trajectories(self.particles, real, path.parent.parent / "trajectories.png",
                                   title=f"particles, updates 0-{update}")
             return
-        to_images = getattr(self.evaluator, "to_images", None)  # e.g. latents decoded by a VAE
+        k = self.grid_per_class
+        if labels is not None:  # one row per class, at most k rows (1000 classes) and k columns
+            per_class = len(labels) // int(labels.max() + 1)
+            idx = torch.cat([torch.arange(c * per_class, c * per_class + min(k, per_class))
+                             for c in range(min(int(labels.max()) + 1, k))])
+            x, nrow = x[idx.to(x.device)], min(k, per_class)
+        else:
+            x, nrow = x[: k**2], k
+        to_images = getattr(self.evaluator, "to_images", None)  # e.g. latents decoded by a VAE: only the grid's
         x = to_images(x) if callable(to_images) else x
         if x is None or x.ndim != 4 or x.shape[1] not in (1, 3):
             return  # not drawable (latents without a decoder)
-        if labels is not None:
-            k = self.grid_per_class
-            per_class = len(labels) // int(labels.max() + 1)
-            idx = torch.cat([torch.arange(c * per_class, c * per_class + min(k, per_class))
-                             for c in range(min(int(labels.max()) + 1, k))])  # at most k rows (1000 classes)
-            save_image_grid(x[idx.to(x.device)], nrow=min(k, per_class), path=path)
-        else:
-            save_image_grid(x[: self.grid_per_class**2], nrow=self.grid_per_class, path=path)
+        save_image_grid(x, nrow=nrow, path=path)
 
     def _write(self, out: Path):
         with open(out / "eval.csv", "w", newline="") as f:

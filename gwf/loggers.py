@@ -58,26 +58,26 @@ def flatten_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def run_meta(config: dict) -> dict:
+    """What a comparison groups runs by: objective, JKO step size (tau, None = no JKO term) and seed."""
+    return {"objective": (config.get("method") or {}).get("name"), "tau": (config.get("jko") or {}).get("tau"),
+            "seed": config.get("seed")}
+
+
+def tau_label(tau) -> str:
+    """tau as one string type across runs: "none" (no JKO term) or the number."""
+    return "none" if tau is None else f"{float(tau):g}"
+
+
 def run_tags(config: dict) -> list[str]:
     """Tags that the wandb UI filters and groups by: objective, JKO step size and seed."""
-    method = (config.get("method") or {}).get("name")
-    tau = (config.get("jko") or {}).get("tau")
-    return [f"method={method}", f"tau={'none' if tau is None else f'{float(tau):g}'}", f"seed={config.get('seed')}"]
+    meta = run_meta(config)
+    return [f"method={meta['objective']}", f"tau={tau_label(meta['tau'])}", f"seed={meta['seed']}"]
 
 
 def wandb_group(experiment: str, run_dir: Path) -> str:
     """The experiment name; runs of a Hydra sweep (runs/<name>/multirun/<overrides>) get "<name>-sweep"."""
     return f"{experiment}-sweep" if Path(run_dir).parent.name == "multirun" else experiment
-
-
-def read_run_config(run_dir: Path) -> dict:
-    """The composed config gwf-train writes to <run_dir>/config.yaml before it builds the loggers ({} if absent)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        return {}
-    import yaml
-
-    return yaml.safe_load(path.read_text()) or {}
 
 
 class GWFWandbLogger(WandbLogger):
@@ -110,8 +110,8 @@ def make_wandb_logger(kwargs: dict, run_dir: Path, group: str, name: str, config
                           resume="allow", config=flatten_config(config), **kwargs)
 
 
-def make_loggers(spec: dict, run_dir: Path, group: str, name: str, config: dict | None = None) -> list[Logger]:
-    """Loggers of the config group ``logger``; ``config`` (default: <run_dir>/config.yaml) feeds wandb's config
+def make_loggers(spec: dict, run_dir: Path, group: str, name: str, config: dict) -> list[Logger]:
+    """Loggers of the config group ``logger``; ``config`` (the resolved composed config) feeds wandb's config
     and tags."""
     loggers: list[Logger] = []
     for kind, kwargs in spec.items():
@@ -119,8 +119,7 @@ def make_loggers(spec: dict, run_dir: Path, group: str, name: str, config: dict 
         if kind == "csv":
             loggers.append(ResumableCSVLogger(save_dir=str(run_dir), name="", version="", **kwargs))
         elif kind == "wandb":
-            cfg = config if config is not None else read_run_config(run_dir)
-            loggers.append(make_wandb_logger(kwargs, run_dir, group, name, cfg))
+            loggers.append(make_wandb_logger(kwargs, run_dir, group, name, config))
         else:
             raise ValueError(f"unknown logger '{kind}'; choose among csv, wandb (config group logger=...)")
     return loggers
