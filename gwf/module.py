@@ -214,9 +214,8 @@ class GWFModule(L.LightningModule):
         if self.schedule.ends_outer_step(update):
             self.jko.refresh(self.generator)  # G_{theta_k} <- G_theta at the end of outer step k
         self.update_count += 1
-        outer, _ = self.schedule.locate(update)
         if self._logs_due():
-            logs.update({"jko/outer_step": float(outer), "train/lr": schedulers[0].get_last_lr()[0]})
+            logs.update({"jko/outer_step": float(self.schedule.locate(update)[0]), "train/lr": schedulers[0].get_last_lr()[0]})
             logs = self._mean_over_ranks(logs)
             self.log_dict(logs, on_step=True, prog_bar=False, sync_dist=False)
             shown = {k.split("/")[1]: logs[k] for k in PROGRESS_BAR_KEYS if k in logs}

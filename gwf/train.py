@@ -108,7 +108,7 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int, world_size: int 
                          "lower batch.global_size (or batch.labels_per_step)")
     conditioning = ConditioningSampler(
         num_classes=num_classes,
-        labels_per_step=min(b["labels_per_step"], num_classes) if num_classes else 1,
+        labels_per_step=b["labels_per_step"] if num_classes else 1,  # > num_classes was refused above
         alpha_max=b["alpha_max"] if num_classes else 1.0,
         alpha_power=b["alpha_power"],
         alpha_one_fraction=b["alpha_one_fraction"],
