@@ -43,6 +43,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from gwf.data.shards import atomic_write  # noqa: F401  (also gwf.checkpointing.atomic_write)
+
 log = logging.getLogger("gwf")
 
 LAST = "last.ckpt"
@@ -61,23 +63,6 @@ def rank_state_path(ckpt_dir: Path, rank: int, update: int) -> Path:
 def _update_of(path: Path) -> int:
     """The update number in ``update0000040.ckpt`` or ``rank00001-update0000040.pt``."""
     return int(path.stem.rsplit("update", 1)[1])
-
-
-def atomic_write(write, path: Path) -> None:
-    """``write(file)`` into a temporary file next to ``path``, fsync, then rename over ``path``: a reader (or a
-    resumed run after a SIGKILL) sees the old file or the new one, never a partial one (os.replace is atomic on
-    POSIX within one file system)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(ckpt_dir: Path) -> list[Path]:

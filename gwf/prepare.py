@@ -36,7 +36,7 @@ from tqdm import tqdm
 from gwf.constants import (IMAGES_SAMPLES_PER_SHARD, LABEL_KEY, LATENTS_SAMPLES_PER_SHARD, SD_VAE_RESOLUTION,
                            TENSOR_KEY)  # fmt: skip
 from gwf.data.images import Item, PixelShards, sample_key, scan_image_folder
-from gwf.data.shards import encode_sample, sha256_file, shard_name, shard_pattern, temporary_path
+from gwf.data.shards import atomic_write, encode_sample, read_json, sha256_file, shard_name, shard_pattern, temporary_path
 
 MANIFEST_FILE = "manifest.json"
 RECORDS_DIR = ".records"
@@ -82,23 +82,14 @@ def fingerprint(job: ShardJob, src: Path, settings: dict) -> str:
     return hashlib.sha256(json.dumps([job.name, items, job.keys, settings], sort_keys=True).encode()).hexdigest()
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def _write_json(path: Path, data: dict) -> None:
-    tmp = temporary_path(path)
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()), path)
 
 
 def is_complete(out: Path, job: ShardJob, fp: str, overwrite: bool = False) -> bool:
     """True when the shard exists and matches its record; False when it must be (re)written; raises rather than let a
     complete shard be overwritten (unless ``overwrite``)."""
-    path, record = out / job.name, _read_json(out / RECORDS_DIR / f"{job.name}.json")
+    path, record = out / job.name, read_json(out / RECORDS_DIR / f"{job.name}.json")
     if not path.exists():
         return False
     if record is not None and record["fingerprint"] == fp and record["sha256"] == sha256_file(path):
@@ -197,7 +188,7 @@ def run_jobs(out: Path, todo: list[ShardJob], maker, fps: dict, devices: list[st
 
 
 def write_manifest(out: Path, src: Path, classes: list[str], jobs: list[ShardJob], maker, options: dict) -> dict:
-    records = [_read_json(out / RECORDS_DIR / f"{job.name}.json") for job in jobs]
+    records = [read_json(out / RECORDS_DIR / f"{job.name}.json") for job in jobs]
     splits = {}
     for split in dict.fromkeys(job.split for job in jobs):
         recs = [r for r in records if r["split"] == split]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from gwf.constants import DIGITS_DTYPE, DIGITS_MAX_INTENSITY, DIGITS_NUM_CLASSES, DIGITS_SHAPE, LABEL_KEY, TENSOR_KEY
-from gwf.data.shards import read_samples, sha256_file, shard_pattern, temporary_path, write_shards
+from gwf.data.shards import atomic_write, read_json, read_samples, sha256_file, shard_pattern, write_shards
 
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -118,17 +117,8 @@ def _train_classifier(x_train, y_train, x_val, y_val, epochs, batch_size, lr, se
     return model, acc
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = temporary_path(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def read_manifest(root: str | Path) -> dict | None:
-    try:
-        return json.loads((Path(root) / MANIFEST_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return read_json(Path(root) / MANIFEST_FILE)
 
 
 def _is_complete(root: Path) -> bool:
@@ -179,7 +169,7 @@ def prepare_digits(root: str | Path) -> None:
     model, val_acc = train_classifier(x_train, y_train, x_val, y_val)
     buf = io.BytesIO()
     torch.save({"config": model.config, "state_dict": model.state_dict(), "val_accuracy": val_acc}, buf)
-    _atomic_write_bytes(root / CLASSIFIER_FILE, buf.getvalue())
+    atomic_write(lambda f: f.write(buf.getvalue()), root / CLASSIFIER_FILE)
 
     files = [name for s in splits.values() for name in s["shards"]] + [CLASSIFIER_FILE]
     manifest = dict(
@@ -192,7 +182,7 @@ def prepare_digits(root: str | Path) -> None:
         seconds=round(time.perf_counter() - t0, 2),
         sha256={name: sha256_file(root / name) for name in files},
     )  # fmt: skip
-    _atomic_write_bytes(root / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write(lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode()), root / MANIFEST_FILE)
 
 
 def load_digits_split(root: str | Path, split: str) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import os
 import secrets
@@ -187,6 +188,31 @@ def write_shards(
 def temporary_path(path: Path) -> Path:
     """A hidden sibling name, unique across processes and hosts (several nodes may prepare one shared folder)."""
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def atomic_write(write, path: str | Path) -> None:
+    """``write(file)`` into a temporary sibling (:func:`temporary_path`), fsync, then rename over ``path``: a reader
+    (or a run resumed after a SIGKILL) sees the old file or the new one, never a partial one (os.replace is atomic on
+    POSIX within one file system). The temporary file is removed if ``write`` fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: str | Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or unreadable (e.g. a manifest not written yet)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def _finish(writer: wds.TarWriter, tmp: Path, path: Path) -> Path:

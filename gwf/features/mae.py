@@ -15,7 +15,6 @@ std over locations, and the mean and std over 2x2 and 4x4 patches (gwf/features/
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gwf.constants import MAE_CHECKPOINT_FORMAT
+from gwf.data.shards import atomic_write
 from gwf.features.base import FeatureEncoder, map_feature_sets
 
 _GN_MAX_GROUPS = 32
@@ -185,11 +185,7 @@ class MAEFeatures(FeatureEncoder):
 # --------------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save to a temporary sibling, then an atomic rename: a killed job never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(lambda f: torch.save(state, f), path)
 
 
 def load_checkpoint(path: str | Path) -> dict:
