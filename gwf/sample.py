@@ -90,7 +90,9 @@ def generate(module, indices: Tensor, classes: Tensor | None, alpha: float | Non
 
 def to_uint8_nhwc(images: Tensor) -> np.ndarray:
     """float [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] (C = 1 or 3)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    from gwf.viz import to_uint8
+
+    return to_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
 # ---------------------------------------------------------------------------------------------- distributed

@@ -14,9 +14,15 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 
+def to_uint8(x: Tensor) -> Tensor:
+    """float images in [-1, 1] -> uint8 in [0, 255], rounded as a PNG writer would (grids, gwf-sample's arr_0 and
+    the images gwf-eval scores must agree to the gray level)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def image_grid(x: Tensor, nrow: int, pad: int = 1) -> np.ndarray:
     """x [N, C, H, W] in [-1, 1] -> uint8 [rows*(H+pad)+pad, nrow*(W+pad)+pad, 3]; N is padded to full rows."""
-    x = x.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(dtype=torch.uint8)
+    x = to_uint8(x.cpu())
     n, c, h, w = x.shape
     if c not in (1, 3):
         raise ValueError(f"image_grid shows 1- or 3-channel images, got {c} channels (decode latents first)")

@@ -30,6 +30,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id, glob_samples_paths
 
 from gwf.data.digits import load_classifier
+from gwf.viz import to_uint8
 
 DIGITS_EXTRACTOR = "gwf-digits"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -158,7 +159,7 @@ def to_uint8_rgb(x: Tensor) -> Tensor:
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"images must be [N, 1 or 3, H, W], got {list(x.shape)}; SD-VAE latents must be decoded "
                          "first (gwf-sample --vae PATH)")
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = to_uint8(x)
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 
