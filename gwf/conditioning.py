@@ -27,19 +27,19 @@ def sample_alpha(
 
 @dataclass(frozen=True)
 class ConditioningSampler:
-    """``num_classes = 0``: one unconditional problem per step. Otherwise ``labels_per_step`` distinct labels
+    """``num_classes = 0``: one unconditional problem per step. Otherwise ``labels_per_update`` distinct labels
     (all classes when it equals num_classes), each with its own alpha when ``alpha_max > 1``."""
 
     num_classes: int
-    labels_per_step: int = 1
+    labels_per_update: int = 1
     alpha_max: float = 1.0
     alpha_power: float = 3.0
     alpha_one_fraction: float = 0.1
 
     def __post_init__(self):
-        if self.num_classes > 0 and not 1 <= self.labels_per_step <= self.num_classes:
+        if self.num_classes > 0 and not 1 <= self.labels_per_update <= self.num_classes:
             raise ValueError(
-                f"batch.labels_per_step must be in [1, num_classes={self.num_classes}], got {self.labels_per_step}"
+                f"batch.labels_per_update must be in [1, num_classes={self.num_classes}], got {self.labels_per_update}"
             )
 
     @property
@@ -53,7 +53,7 @@ class ConditioningSampler:
     def sample(self, generator: torch.Generator, device=None) -> tuple[Tensor | None, Tensor | None]:
         if not self.conditional:
             return None, None
-        labels = torch.randperm(self.num_classes, generator=generator, device=device)[: self.labels_per_step]
+        labels = torch.randperm(self.num_classes, generator=generator, device=device)[: self.labels_per_update]
         alpha = None
         if self.guided:
             alpha = sample_alpha(

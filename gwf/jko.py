@@ -1,19 +1,12 @@
-"""The parametric JKO step, written once for every objective ([GWF] Eq. 25).
+"""The parametric JKO step, written once for every objective ([GWF] Eq. 25; conventions in docs/conventions.md).
 
     theta_{k+1} = argmin_theta  F(G_theta # mu0) + 1/(2 tau) E_z || G_theta(z) - G_{theta_k}(z) ||^2
 
-Convention (ours): ||.||^2 is the squared Euclidean norm summed over data dimensions and averaged over the batch,
-so the proximal term is W2^2(G_theta # mu0, G_theta_k # mu0) / (2 tau) for the coupling z -> z, exactly as in the
-JKO scheme. The official GWF code averages the squared difference over data dimensions too and weights it by
-1/lambda2 (its README says lambda2 = 2 tau); with D data dimensions, their ``--lambda2 L`` equals our
-``tau = L * D / 2`` (see :func:`tau_from_official_lambda2`). ``tau = None`` is the "no JKO" baseline: the same
-loop and number of generator updates without the transport term (a GAN for critic-based objectives).
-
-Schedule: K outer steps; the first has ``inner_first`` updates, the others ``inner`` updates. The frozen copy
-G_{theta_k} is the raw (not EMA) generator, refreshed at the end of each outer step; critic, optimizers, EMA and
-LR schedule are not reset, and G_theta is warm-started. For the first outer step, G_{theta_0} is either a frozen
-copy of the initial generator (``start="generator"``) or the identity on the noise (``start="noise"``: the flow
-starts from mu0 itself, as in the official code's 2D recipe).
+||.||^2 is summed over data dimensions and averaged over the batch, so the term is W2^2 / (2 tau) for the coupling
+z -> z; the official code's ``--lambda2 L`` is ``tau = L * D / 2`` (:func:`tau_from_official_lambda2`). tau None is
+the "no JKO" baseline. G_{theta_k} is the raw (not EMA) generator, refreshed at the end of each JKO step; critic,
+optimizers, EMA and LR schedule are not reset. G_{theta_0} is a frozen copy of the initial generator
+(``start="generator"``) or the identity on the noise (``start="noise"``: the flow starts from mu0 itself).
 """
 
 from __future__ import annotations
@@ -35,34 +28,37 @@ def tau_from_official_lambda2(lambda2: float, data_dim: int) -> float:
 
 @dataclass(frozen=True)
 class JKOSchedule:
-    """Outer/inner schedule: ``steps`` outer JKO steps, ``inner_first`` then ``inner`` updates each."""
+    """``steps`` JKO steps of ``updates_per_step`` updates each, the first of ``updates_first_step`` (None: the
+    same); an update is one generator update of the training loop."""
 
     steps: int
-    inner_first: int
-    inner: int
+    updates_per_step: int
+    updates_first_step: int | None = None
 
     def __post_init__(self):
-        if self.steps < 1 or self.inner_first < 1 or (self.steps > 1 and self.inner < 1):
-            raise ValueError(
-                f"JKO schedule needs jko.steps >= 1 and positive inner counts, got steps={self.steps}, "
-                f"inner_first={self.inner_first}, inner={self.inner}"
-            )
+        if self.steps < 1 or self.first < 1 or (self.steps > 1 and self.updates_per_step < 1):
+            raise ValueError(f"the JKO schedule needs jko.steps >= 1 and positive update counts, got steps={self.steps}, "
+                             f"updates_first_step={self.updates_first_step}, updates_per_step={self.updates_per_step}")
+
+    @property
+    def first(self) -> int:
+        return self.updates_per_step if self.updates_first_step is None else self.updates_first_step
 
     @property
     def total_updates(self) -> int:
-        return self.inner_first + (self.steps - 1) * self.inner
+        return self.first + (self.steps - 1) * self.updates_per_step
 
     def locate(self, update: int) -> tuple[int, int]:
-        """(outer step k, inner index) of the 0-based update number ``update``."""
-        if update < self.inner_first:
+        """(JKO step k, update within it) of the 0-based update number ``update``."""
+        if update < self.first:
             return 0, update
-        rest = update - self.inner_first
-        return 1 + rest // self.inner, rest % self.inner
+        rest = update - self.first
+        return 1 + rest // self.updates_per_step, rest % self.updates_per_step
 
     def ends_outer_step(self, update: int) -> bool:
-        """True when ``update`` is the last inner update of its outer step."""
+        """True when ``update`` is the last update of its JKO step."""
         k, i = self.locate(update)
-        return i == (self.inner_first if k == 0 else self.inner) - 1
+        return i == (self.first if k == 0 else self.updates_per_step) - 1
 
 
 class JKOProximal(nn.Module):
@@ -77,9 +73,8 @@ class JKOProximal(nn.Module):
         self.tau = tau
         # No copy at all for tau = None: the baseline carries no extra state.
         self.previous = self._frozen_copy(generator) if tau is not None else None
-        # start="noise": the first outer step is measured from mu0 itself, T_0 = identity on z (as the official GWF
-        # code does for its 2D and UNet generators); needs noise of the data's shape. A buffer, so checkpoints
-        # taken before and after the first refresh have the same keys.
+        # start="noise": the first step is measured from mu0 itself, T_0 = identity on z; needs noise of the data's
+        # shape. A buffer, so checkpoints taken before and after the first refresh have the same keys.
         self.register_buffer("from_noise", torch.tensor(start == "noise"))
 
     @staticmethod
@@ -102,7 +97,8 @@ class JKOProximal(nn.Module):
     def forward(self, x: Tensor, *gen_inputs, train_mode: bool = True) -> Tensor:
         """Proximal term for samples ``x = G_theta(*gen_inputs)``; the SAME inputs (noise z, labels, alpha) go
         through the frozen copy, in the generator's mode ``train_mode`` (batch-norm generators: batch statistics in
-        both, so equal weights give a zero term, as in the official code). Returns a scalar (0 when tau is None)."""
+        both, so equal weights give a zero term; the official code runs it in eval mode, docs/differences.md).
+        Returns a scalar (0 when tau is None)."""
         if self.previous is None:
             return x.new_zeros(())
         with torch.no_grad():

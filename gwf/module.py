@@ -42,16 +42,15 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class StepSizes:
-    """Per-rank sizes of one update: ``gen_per_label`` samples for each of the step's labels (plus as many in the
-    second batch), ``pos_per_label`` real positives per label, ``uncond_per_step`` unconditional reals (guidance)."""
+class UpdateSizes:
+    """Per-rank sizes of one update: ``gen_per_label`` samples for each of the update's labels (plus as many in the
+    second batch), ``pos_per_label`` real positives per label, ``uncond_per_update`` unconditional reals (guidance),
+    drawn from class banks of ``bank_capacity`` samples per class."""
 
     gen_per_label: int = 64
     pos_per_label: int = 64
-    uncond_per_step: int = 0
+    uncond_per_update: int = 0
     bank_capacity: int = 128
-    d_steps: int = 1  # critic updates per update (critic-based objectives only)
-    t_steps: int = 1  # generator updates per update
 
 
 PROGRESS_BAR_KEYS = ("train/gen_loss", "train/v_rms", "train/critic_loss", "train/prox")
@@ -67,9 +66,11 @@ class GWFModule(L.LightningModule):
         schedule: JKOSchedule,
         tau: float | None = None,
         jko_start: str = "generator",
-        sizes: StepSizes = StepSizes(),
+        sizes: UpdateSizes = UpdateSizes(),
         optim: OptimConfig = OptimConfig(),
         critic_optim: OptimConfig | None = None,
+        critic_steps: int = 1,
+        generator_steps: int = 1,
         ema_decay: float = 0.999,
         seed: int = 0,
         source: Callable[[int, torch.Generator], Tensor] | None = None,
@@ -89,11 +90,12 @@ class GWFModule(L.LightningModule):
         self.sizes = sizes
         self.optim = optim
         self.critic_optim = critic_optim or optim
+        self.critic_steps, self.generator_steps = critic_steps, generator_steps  # optimizer steps per update
         self.seed = seed
         # Generator input: standard Gaussian noise, or samples of a source distribution (domain transfer, e.g. a 2D
         # sampler (n, torch.Generator) -> [n, *noise_shape], drawn on the CPU).
         self.source = source
-        self.bank = ClassBank(conditioning.num_classes, sizes.bank_capacity, self.data_shape, sizes.uncond_per_step)
+        self.bank = ClassBank(conditioning.num_classes, sizes.bank_capacity, self.data_shape, sizes.uncond_per_update)
         self.register_buffer("update_count", torch.zeros((), dtype=torch.long))
         # Batches consumed from this rank's data stream: a resumed run replays the stream to this position
         # (gwf/checkpointing.py), so it reads what the uninterrupted run reads.
@@ -146,7 +148,7 @@ class GWFModule(L.LightningModule):
         return [opt_g, opt_c], [sched_g, sched_c]
 
     def _real_batch(self, labels: Tensor | None, rng: torch.Generator) -> RealBatch:
-        uncond = self.bank.sample_uncond(self.sizes.uncond_per_step, rng) if self.sizes.uncond_per_step else None
+        uncond = self.bank.sample_uncond(self.sizes.uncond_per_update, rng) if self.sizes.uncond_per_update else None
         return RealBatch(self.bank.sample(labels, self.sizes.pos_per_label, rng), uncond, labels)
 
     def _optimizer_step(self, opt, sched, loss: Tensor, params, grad_clip: float | None) -> Tensor:
@@ -174,7 +176,7 @@ class GWFModule(L.LightningModule):
         x_data, y_data = batch
         self.data_position += 1
         self.bank.push(x_data, y_data if self.conditioning.conditional else None)
-        ready = self.bank.ready(self.sizes.pos_per_label, self.sizes.uncond_per_step)
+        ready = self.bank.ready(self.sizes.pos_per_label, self.sizes.uncond_per_update)
         if not self.trainer.strategy.reduce_boolean_decision(ready, all=True):
             return None  # filling the class bank: no update yet, on every rank alike
 
@@ -187,22 +189,22 @@ class GWFModule(L.LightningModule):
         logs = {}
 
         if self.objective.critic is not None:
-            for j in range(self.sizes.d_steps):
+            for j in range(self.critic_steps):
                 with torch.no_grad():
                     x_fake, _ = self.generate(self.generator, labels, alpha, self.sizes.gen_per_label,
                                               self.rng("critic", j))
-                loss_c, logs_c = self.objective.critic_loss(x_fake, real, generator=self.rng("penalty", j))
+                loss_c, logs_c = self.objective.critic_loss(x_fake, real, self.rng("penalty", j))
                 self._check_finite("critic loss", critic_loss=loss_c)
                 logs["train/grad_norm_critic"] = self._optimizer_step(
                     optimizers[1], schedulers[1], loss_c, self.objective.critic.parameters(),
                     self.critic_optim.grad_clip)
                 logs.update({"train/critic_loss": loss_c.detach(), **{f"train/{k}": v for k, v in logs_c.items()}})
 
-        for j in range(self.sizes.t_steps):
+        for j in range(self.generator_steps):
             x, inputs = self.generate(self.generator, labels, alpha, self.sizes.gen_per_label, self.rng("gen", j))
             second_rng = self.rng("second", j)
             gen = GenBatch(x, labels, alpha, sample=lambda: self._second_batch(labels, alpha, second_rng))
-            loss, logs_g = self.objective.generator_loss(gen, real)
+            loss, logs_g = self.objective.generator_loss(gen, real, self.rng("objective", j))
             prox = self.jko(x.flatten(0, 1), *inputs, train_mode=self.generator.training)
             self._check_finite("generator loss", gen_loss=loss, prox=prox)
             logs["train/grad_norm_gen"] = self._optimizer_step(

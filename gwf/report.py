@@ -11,7 +11,7 @@ the final value of ``--metric`` (default: sinkhorn_div for 2D runs, fd for digit
 - ``curves_<metric>.png``: the metric against the update, one panel per objective, one line per tau (mean over
   seeds); ``heatmap_<metric>.png``: objective x tau of the final mean.
 A run whose ``eval_summary.json`` is missing, or whose last evaluated update is short of the schedule's total
-(jko.inner_first + (jko.steps - 1) * jko.inner), is listed under "Incomplete or crashed runs" and averaged nowhere.
+(gwf.jko.JKOSchedule.total_updates), is listed under "Incomplete or crashed runs" and averaged nowhere.
 Override keys other than method / jko.tau / seed that vary across the sweep become part of the row label.
 """
 
@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from gwf.config import upgrade_config
+from gwf.jko import JKOSchedule
 
 # [GWF]'s row order; other objectives follow alphabetically
 OBJECTIVE_ORDER = ("kl", "kl_dv", "chi2", "js", "mmd", "w1", "mmd_gan", "wflow", "drifting")
@@ -60,8 +63,8 @@ class Run:
 
 # ---------------------------------------------------------------------------------------------- reading
 def total_updates(jko: dict) -> int:
-    """Generator updates of the schedule: inner_first + (steps - 1) * inner."""
-    return int(jko["inner_first"]) + (int(jko["steps"]) - 1) * int(jko["inner"])
+    jko = upgrade_config({"jko": dict(jko)})["jko"]  # runs of older versions too
+    return JKOSchedule(int(jko["steps"]), int(jko["updates_per_step"]), jko.get("updates_first_step")).total_updates
 
 
 def _number(v: str):
@@ -72,7 +75,7 @@ def _number(v: str):
 
 
 def read_run(run_dir: Path, root: Path) -> Run:
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = upgrade_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = {}
     if overrides_file.exists():

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from gwf.seeding import make_generator
@@ -38,25 +37,10 @@ def run_dir_of(ckpt: Path) -> Path:
 
 
 def load_module(ckpt: str | Path, device: str | torch.device = "cpu"):
-    """The GWFModule of a checkpoint, rebuilt from the composed config stored in it (hyper_parameters.config)."""
-    from hydra.utils import instantiate
+    """The GWFModule of a checkpoint and its composed config (gwf.build.module_from_checkpoint)."""
+    from gwf.build import module_from_checkpoint
 
-    from gwf.train import build_module
-
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} not found (runs keep theirs in <run_dir>/checkpoints/last.ckpt)")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    config = state.get("hyper_parameters", {}).get("config")
-    if config is None:
-        raise ValueError(f"{ckpt} has no hyper_parameters.config: it was not written by gwf-train")
-    cfg = OmegaConf.create(config)
-    if cfg.method.get("features") is not None:  # a frozen feature encoder shapes the training loss only: sampling
-        cfg.method.features = None               # needs no encoder file (it is not in the checkpoint either)
-    data = instantiate(cfg.data, _convert_="all")  # only for shape / num_classes; reads no files
-    module = build_module(cfg, data.shape, data.num_classes)
-    module.load_state_dict(state["state_dict"])
-    return module.to(device).eval(), cfg
+    return module_from_checkpoint(ckpt, device)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

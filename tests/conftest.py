@@ -7,6 +7,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from gwf.launch import register_resolvers
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -30,6 +32,7 @@ def compose_config(overrides=(), data_dir: Path | None = None, runs_dir: Path | 
         extra.append(f"paths.data_dir={data_dir}")
     if runs_dir is not None:
         extra.append(f"paths.root={runs_dir}")
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=[*overrides, *extra])
 

@@ -55,9 +55,9 @@ def main() -> None:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [PauseAt(args.pause_at, args.run_dir)] if args.pause_at is not None else []
     if args.ignore_rank_state:
-        from gwf.checkpointing import PreemptibleCheckpoint
+        from gwf.checkpointing import CheckpointCadence
 
-        PreemptibleCheckpoint.load_rank_state = lambda self, trainer, module, checkpoint: None
+        CheckpointCadence.load_rank_state = lambda self, trainer, module, checkpoint: None
     if args.record:
         callbacks.append(Record(args.run_dir))
     summary = train(compose_config(overrides), args.run_dir, extra_callbacks=tuple(callbacks))

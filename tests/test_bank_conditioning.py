@@ -66,9 +66,9 @@ def test_alpha_distribution_matches_power_law():
 
 
 def test_conditioning_sampler():
-    cond = ConditioningSampler(num_classes=10, labels_per_step=4, alpha_max=4.0)
+    cond = ConditioningSampler(num_classes=10, labels_per_update=4, alpha_max=4.0)
     labels, alpha = cond.sample(torch.Generator().manual_seed(0))
     assert len(set(labels.tolist())) == 4 and alpha.shape == (4,)
     assert ConditioningSampler(num_classes=0).sample(torch.Generator()) == (None, None)
-    with pytest.raises(ValueError, match="labels_per_step"):
-        ConditioningSampler(num_classes=3, labels_per_step=5)
+    with pytest.raises(ValueError, match="labels_per_update"):
+        ConditioningSampler(num_classes=3, labels_per_update=5)

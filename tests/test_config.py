@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from gwf.models import MODELS
 from gwf.models.critics import CRITICS
 from gwf.objectives import OBJECTIVES
-from gwf.train import run_name
+from gwf.launch import run_name
 from tests.conftest import CONF_DIR, compose_config
 
 GROUPS = ["method", "data", "model", "critic", "trainer", "logger", "eval", "experiment"]
@@ -63,3 +63,48 @@ def test_hydra_run_dir_has_no_timestamp():
     raw = (CONF_DIR / "config.yaml").read_text()
     assert "${now:" not in raw and "gwf_run_name" in raw
     assert Path(CONF_DIR / "experiment" / "digits_wflow.yaml").read_text().startswith("# @package _global_")
+
+
+def test_renamed_keys_are_refused_with_the_new_names(tmp_path):
+    """One word per unit: the keys renamed to say "update" are refused, naming the new key, on the command line
+    (before Hydra composes) and in a composed config (before train() writes anything)."""
+    import subprocess
+    import sys
+
+    from gwf.train import train
+
+    res = subprocess.run([sys.executable, "-m", "gwf.train", "jko.inner=5", "checkpoint.every_n_steps=2"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "checkpoint.every_n_steps -> checkpoint.every_n_updates, jko.inner -> jko.updates_per_step" in res.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory
+    with pytest.raises(ValueError, match=r"method.d_steps -> loop.critic_steps"):
+        train(compose_config(["+method.d_steps=2"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_stored_configs_of_older_runs_are_upgraded():
+    from gwf.config import RENAMED, set_keys, upgrade_config
+
+    old = {"jko": {"tau": 1.0, "inner_first": 30, "inner": 20}, "checkpoint": {"every_n_steps": 5},
+           "method": {"name": "kl", "d_steps": 2, "t_steps": 1, "critic_optim": {"lr": 1e-4}}}
+    new = upgrade_config(old)
+    assert new["jko"] == {"tau": 1.0, "updates_first_step": 30, "updates_per_step": 20}
+    assert new["loop"] == {"critic_steps": 2, "generator_steps": 1} and new["critic_optim"] == {"lr": 1e-4}
+    assert new["method"] == {"name": "kl"} and new["checkpoint"] == {"every_n_updates": 5}
+    assert set_keys(new) == [] and len(set_keys(old)) == 6 and old["jko"]["inner"] == 20  # a copy
+    assert sorted(RENAMED.values()) == sorted(set(RENAMED.values()))  # no two old keys map to one new key
+
+
+def test_no_module_imports_the_entry_point():
+    """Arrows point down: gwf.train (the Hydra entry point) is imported by nothing in the package."""
+    import ast
+
+    importers, package = [], CONF_DIR.parent / "gwf"
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if "gwf.train" in names and path != package / "train.py":
+                importers.append(str(path))
+    assert importers == []

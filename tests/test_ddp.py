@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from gwf.train import per_rank_batch
+from gwf.build import per_rank_batch
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_2D = ["experiment=gwf_2d", "jko.steps=2", "jko.inner_first=10", "jko.inner=10", "ema_decay=0.9",
+TINY_2D = ["experiment=gwf_2d", "jko.steps=2", "jko.updates_first_step=10", "jko.updates_per_step=10", "ema_decay=0.9",
            "batch.global_size=128", "batch.bank_capacity=128", "data.batch_size=64", "eval.num_samples=200",
            "eval.every_n_updates=1000", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5", "threads=1",
-           "checkpoint.every_n_steps=10", "checkpoint.keep=-1"]
+           "checkpoint.every_n_updates=10", "checkpoint.keep=-1"]
 REPLICATED = ("generator.", "objective.critic.", "ema.model.", "jko.previous.")  # identical on every rank
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                "MASTER_PORT", "TORCHELASTIC_RUN_ID")
@@ -108,11 +108,11 @@ def test_two_process_ddp_critic_method(tmp_path, method, launcher):
 
 
 def test_global_batch_is_divided_over_ranks():
-    b = {"global_size": 1024, "labels_per_step": 10, "gen_per_label": 64, "pos_per_label": 32}
-    assert per_rank_batch(b, 8, conditional=True)["labels_per_step"] == 2  # 1024 / (8 ranks x 64 per label)
+    b = {"global_size": 1024, "labels_per_update": 10, "gen_per_label": 64, "pos_per_label": 32}
+    assert per_rank_batch(b, 8, conditional=True)["labels_per_update"] == 2  # 1024 / (8 ranks x 64 per label)
     unc = per_rank_batch(b, 4, conditional=False)
     assert unc["gen_per_label"] == unc["pos_per_label"] == 256 and "global_size" not in unc
-    assert per_rank_batch({**b, "global_size": None}, 8, conditional=True)["labels_per_step"] == 10
+    assert per_rank_batch({**b, "global_size": None}, 8, conditional=True)["labels_per_update"] == 10
     with pytest.raises(ValueError, match="global_size=1000 is not divisible by the 3 ranks"):
         per_rank_batch({**b, "global_size": 1000}, 3, conditional=False)
     with pytest.raises(ValueError, match="not a multiple of batch.gen_per_label=64"):

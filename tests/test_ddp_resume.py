@@ -1,6 +1,6 @@
 """Exact DDP resume for every rank: each rank's class bank (and every other buffer) is saved in its own side file
 next to the checkpoint and reloaded by that rank. 2 processes (gloo, srun-style variables), KL on 8 Gaussians:
-12 updates straight vs 6 updates (stopped by checkpoint.steps_per_job, in the middle of outer step 1) then
+12 updates straight vs 6 updates (stopped by checkpoint.updates_per_job, in the middle of outer step 1) then
 resumed for 6 more; and a resume on a different number of ranks (the documented fallback)."""
 
 import logging
@@ -17,12 +17,12 @@ from tests.test_ddp import run_ranks, slurm_env
 # Per rank: 64 generated and 64 real samples per update, 16 data samples per batch into a bank of 256, so the bank
 # at the end still holds samples pushed before the stop (the comparison of banks is not vacuous). 2 outer JKO steps
 # of 4 + 8 updates; numbered checkpoints every 4 updates, one kept.
-TINY = ["experiment=gwf_2d", "method=kl", "jko.steps=2", "jko.inner_first=4", "jko.inner=8", "ema_decay=0.9",
+TINY = ["experiment=gwf_2d", "method=kl", "jko.steps=2", "jko.updates_first_step=4", "jko.updates_per_step=8", "ema_decay=0.9",
         "batch.global_size=128", "batch.bank_capacity=256", "data.batch_size=16", "eval.num_samples=200",
         "eval.evaluator.num_samples=200", "eval.every_n_updates=1000", "logger=none", "trainer=ddp",
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.enable_progress_bar=false", "threads=1",
-        "checkpoint.every_n_steps=4", "checkpoint.keep=1"]
-STOP = ["checkpoint.steps_per_job=6"]
+        "checkpoint.every_n_updates=4", "checkpoint.keep=1"]
+STOP = ["checkpoint.updates_per_job=6"]
 
 
 def _states(run_dir: Path) -> list[dict]:

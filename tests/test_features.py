@@ -11,7 +11,7 @@ from gwf.data.datamodule import ShardDataModule
 from gwf.data.shards import write_shards
 from gwf.features import FeatureEncoder, build_features
 from gwf.features.base import map_feature_sets
-from gwf.features.drift import attach_encoder
+from gwf.objectives.field import attach_encoder
 from gwf.features.mae import MAEFeatures, MaskedAutoencoder, load_mae, save_checkpoint
 from gwf.features.train import data_config, main as train_encoder_main, train_encoder
 from gwf.models.mlp import MLPGenerator
@@ -36,7 +36,7 @@ def _loss_and_grad(objective, x, neg, pos, unc, alpha):
     x = x.clone().requires_grad_(True)
     labels = torch.arange(L)
     gen = GenBatch(x, labels, alpha, sample=lambda: neg.clone())
-    loss, logs = objective.generator_loss(gen, RealBatch(pos, unc, labels))
+    loss, logs = objective.generator_loss(gen, RealBatch(pos, unc, labels), torch.Generator())
     loss.backward()
     return loss.detach(), x.grad, logs
 
@@ -224,7 +224,7 @@ def test_mae_feature_sets_and_encoder_stays_frozen_after_an_optimizer_step(tmp_p
     z = torch.randn(L * N, 8, generator=torch.Generator().manual_seed(1))
     g_before = [p.detach().clone() for p in generator.parameters()]
     x = generator(z, labels.repeat_interleave(N), alpha.repeat_interleave(N)).view(L, N, *SHAPE)
-    loss, _ = objective.generator_loss(GenBatch(x, labels, alpha, sample=lambda: neg), RealBatch(pos, unc, labels))
+    loss, _ = objective.generator_loss(GenBatch(x, labels, alpha, sample=lambda: neg), RealBatch(pos, unc, labels), torch.Generator())
     opt.zero_grad()
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())  # through the encoder

@@ -9,7 +9,7 @@ from gwf.jko import JKOProximal, JKOSchedule, tau_from_official_lambda2
 
 @pytest.mark.parametrize("steps,first,inner", [(1, 5, 5), (3, 4, 2), (4, 1, 3)])
 def test_schedule_matches_enumeration(steps, first, inner):
-    sched = JKOSchedule(steps, first, inner)
+    sched = JKOSchedule(steps, updates_per_step=inner, updates_first_step=first)
     enumerated = [(0, i) for i in range(first)] + [(k, i) for k in range(1, steps) for i in range(inner)]
     assert sched.total_updates == len(enumerated)
     assert [sched.locate(u) for u in range(len(enumerated))] == enumerated

@@ -169,7 +169,7 @@ def test_mmd_generator_gradient_is_finite_on_identical_points(name, degenerate):
     if degenerate == "one_point":
         pos = pos[:, :1].expand(-1, 8, -1, -1, -1).clone()
     x = pos.clone().requires_grad_(True)
-    loss, logs = MMD(name).generator_loss(GenBatch(x, None, None, lambda: pos), RealBatch(pos))
+    loss, logs = MMD(name).generator_loss(GenBatch(x, None, None, lambda: pos), RealBatch(pos), torch.Generator())
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
     assert set(logs) == {"mmd2"}
@@ -181,10 +181,10 @@ def test_mmd_objective_kernel_params_and_descent():
     pos, x0 = torch.randn(3, 32, 2, generator=g) + 2, torch.randn(3, 32, 2, generator=g)
     a, b = MMD("imq", kernel_params={"c": 2.0}), MMD("imq", c=2.0)
     x = x0.clone().requires_grad_(True)
-    loss_a, _ = a.generator_loss(GenBatch(x, None, None, None), RealBatch(pos))
-    loss_b, _ = b.generator_loss(GenBatch(x, None, None, None), RealBatch(pos))
+    loss_a, _ = a.generator_loss(GenBatch(x, None, None, None), RealBatch(pos), torch.Generator())
+    loss_b, _ = b.generator_loss(GenBatch(x, None, None, None), RealBatch(pos), torch.Generator())
     torch.testing.assert_close(loss_a, loss_b)
     torch.testing.assert_close(loss_a, mmd2_unbiased(x0, pos, make_kernel("imq", c=2.0)).mean())
     loss_a.backward()
-    loss_after, _ = a.generator_loss(GenBatch(x.detach() - 10.0 * x.grad, None, None, None), RealBatch(pos))
+    loss_after, _ = a.generator_loss(GenBatch(x.detach() - 10.0 * x.grad, None, None, None), RealBatch(pos), torch.Generator())
     assert loss_after < loss_a

@@ -21,8 +21,8 @@ def test_prepare_train_decode(tmp_path):
     cfg = compose_config([
         "data=latents", f"data.train_shards='{pattern}'", f"data.shape={list(LATENT)}", "data.num_classes=2",
         "data.batch_size=4", "data.epoch_size=16", "data.num_workers=0", "data.shuffle_buffer=0", "data.prepare=null",
-        "model=dit_tiny", "batch.labels_per_step=2", "batch.gen_per_label=4", "batch.pos_per_label=3",
-        "batch.uncond_per_step=3", "batch.bank_capacity=3", "jko.inner_first=4", "optim.warmup_steps=0",
+        "model=dit_tiny", "batch.labels_per_update=2", "batch.gen_per_label=4", "batch.pos_per_label=3",
+        "batch.uncond_per_update=3", "batch.bank_capacity=3", "jko.updates_first_step=4", "optim.warmup_steps=0",
         f"eval.evaluator.vae={vae}", "eval.every_n_updates=4", "eval.num_samples=4", "eval.grid_per_class=2",
         "logger=none", "trainer.enable_progress_bar=false",
     ], runs_dir=tmp_path / "runs")

@@ -211,9 +211,9 @@ def test_dit_tiny_trains_wflow_on_digits(digits_dir, tmp_path):
 
     cfg = compose_config([f"paths.data_dir={digits_dir.parent}", "data.num_workers=0", "logger=none",
                           "trainer.enable_progress_bar=false", "model=dit_tiny", "optim.warmup_steps=0",
-                          "jko.inner_first=20", "eval.every_n_updates=20", "eval.num_samples=200",
-                          "batch.labels_per_step=4", "batch.gen_per_label=16", "batch.pos_per_label=16",
-                          "batch.uncond_per_step=16"])
+                          "jko.updates_first_step=20", "eval.every_n_updates=20", "eval.num_samples=200",
+                          "batch.labels_per_update=4", "batch.gen_per_label=16", "batch.pos_per_label=16",
+                          "batch.uncond_per_update=16"])
     summary = train(cfg, tmp_path / "run")
     assert summary["last"]["update"] == 20
     assert summary["last"]["fd"] < 0.85 * summary["first"]["fd"], summary

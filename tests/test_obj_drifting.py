@@ -95,7 +95,7 @@ def test_objective_gradient_is_the_field():
     x = torch.randn(2, 16, 1, 2, 2, generator=g).requires_grad_(True)
     pos = torch.randn(2, 24, 1, 2, 2, generator=g) + 1
     obj = Drifting(eta=0.5)
-    loss, logs = obj.generator_loss(GenBatch(x, None, None, None), RealBatch(pos))
+    loss, logs = obj.generator_loss(GenBatch(x, None, None, None), RealBatch(pos), torch.Generator())
     loss.backward()
     v = drifting_field(x.detach().flatten(2), pos.flatten(2))
     torch.testing.assert_close(x.grad.flatten(2), -2 * 0.5 * v / x.numel())

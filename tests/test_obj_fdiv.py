@@ -1,7 +1,7 @@
 """f-divergence objectives against closed forms between 1-D Gaussians at the analytically optimal critic.
 
 p = N(MP, SP^2) is the data, q = N(MQ, SQ^2) the generated distribution; r = q/p is known in closed form, so the
-optimal critic d*(x) of each objective is a plain function of log r (gwf/objectives/fdiv.py module table).
+optimal critic d*(x) of each objective is a plain function of log r (docs/objectives.md table).
 SQ = 0.95 keeps chi2 finite in both directions and the Monte Carlo estimators at finite variance.
 """
 
@@ -16,13 +16,14 @@ from torch import nn
 
 from gwf.models.critics import MLPCritic
 from gwf.objectives.base import GenBatch, RealBatch
-from gwf.objectives.fdiv import DIVERGENCES, JS, KL, KLDV, Chi2, FDivergence
+from gwf.objectives import OBJECTIVES
+from gwf.objectives.critic import CriticDivergence
 
 MP, SP, MQ, SQ = 0.0, 1.0, 0.5, 0.95
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 B = 200_000  # Monte Carlo samples per distribution
-CLASSES = {"kl": KL, "kl_dv": KLDV, "chi2": Chi2, "js": JS}
-CASES = [(name, rev) for name in DIVERGENCES for rev in (False, True)]
+CLASSES = {name: OBJECTIVES[name] for name in ("kl", "kl_dv", "chi2", "js")}  # the f-divergence rows
+CASES = [(name, rev) for name in CLASSES for rev in (False, True)]
 
 
 def log_normal(x, m, s):
@@ -111,7 +112,7 @@ def expected_field(key, x):  # B * d(generator loss)/dx_i at d*, analytic (modul
 def test_bound_at_optimal_critic_equals_closed_form(name, reverse):
     x_real, x_fake = samples()
     obj = CLASSES[name](OptimalCritic((name, reverse)), penalty=None, reverse=reverse)
-    loss, logs = obj.critic_loss(x_fake, RealBatch(pos=x_real))
+    loss, logs = obj.critic_loss(x_fake, RealBatch(pos=x_real), torch.Generator())
     expected = VALUE[name, reverse]
     # Monte Carlo, B = 2e5: errors over seeds 0-2 were < 0.004, except chi2(p||q) (< 0.01) whose estimator
     # E_q[(p/q)^2] has a barely finite variance (int p^4/q^3 < inf needs SQ^2 > 3/4 SP^2)
@@ -126,7 +127,7 @@ def test_generator_gradient_is_wasserstein_gradient(name, reverse):
     x = x_fake.clone().requires_grad_(True)
     obj = CLASSES[name](OptimalCritic((name, reverse)), penalty=None, reverse=reverse)
     gen = GenBatch(x=x, labels=None, alpha=None, sample=lambda: None)
-    loss, _ = obj.generator_loss(gen, RealBatch(pos=x_real))
+    loss, _ = obj.generator_loss(gen, RealBatch(pos=x_real), torch.Generator())
     (grad,) = torch.autograd.grad(loss, x)
     field = grad[0, :, 0] * B
     # pointwise against the analytic field (exact up to float64 rounding)
@@ -138,7 +139,7 @@ def test_generator_gradient_is_wasserstein_gradient(name, reverse):
     assert field.mean().item() == pytest.approx(dE, rel=0.04), (name, reverse, field.mean().item(), dE)
 
 
-@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+@pytest.mark.parametrize("name", sorted(CLASSES))
 def test_critic_loss_decreases_with_adam(name):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -148,13 +149,13 @@ def test_critic_loss_decreases_with_adam(name):
     obj = CLASSES[name](critic)  # default R1, weight 0.2
     opt = torch.optim.Adam(critic.parameters(), lr=1e-2, betas=(0.5, 0.9))
     real = RealBatch(pos=x_real)
-    first, _ = obj.critic_loss(x_fake, real)
+    first, _ = obj.critic_loss(x_fake, real, torch.Generator())
     for _ in range(60):
-        loss, _ = obj.critic_loss(x_fake, real)
+        loss, _ = obj.critic_loss(x_fake, real, torch.Generator())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    last, logs = obj.critic_loss(x_fake, real)
+    last, logs = obj.critic_loss(x_fake, real, torch.Generator())
     assert last.item() < first.item() - 0.1, (name, first.item(), last.item())
     floor = -math.log(4) if name == "js" else 0.0  # the bound's value for identical distributions
     assert logs["fdiv"].item() > floor + 0.1  # the clouds are far apart: the bound is clearly above it
@@ -169,18 +170,18 @@ def test_finite_on_identical_points(name, reverse, penalty):
     obj = CLASSES[name](critic, penalty=penalty, penalty_weight=1.0, reverse=reverse)
     labels = torch.tensor([0, 2])
     x = torch.ones(2, 4, 2)  # L = 2 problems, every point identical
-    loss_c, logs = obj.critic_loss(x, RealBatch(pos=x.clone()[:, :3], labels=labels))  # M = 3, N = 4
+    loss_c, logs = obj.critic_loss(x, RealBatch(pos=x.clone()[:, :3], labels=labels), torch.Generator())  # M = 3, N = 4
     loss_c.backward()
     assert torch.isfinite(loss_c) and all(torch.isfinite(v) for v in logs.values())
     assert all(torch.isfinite(p.grad).all() for p in critic.parameters())
     xg = x.clone().requires_grad_(True)
     loss_g, _ = obj.generator_loss(GenBatch(x=xg, labels=labels, alpha=None, sample=lambda: None),
-                                   RealBatch(pos=x, labels=labels))
+                                   RealBatch(pos=x, labels=labels), torch.Generator())
     (grad,) = torch.autograd.grad(loss_g, xg)
     assert torch.isfinite(loss_g) and torch.isfinite(grad).all()
 
 
-@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+@pytest.mark.parametrize("name", sorted(CLASSES))
 def test_method_config_builds(name):
     """conf/method/<name>.yaml: loop keys as the trainer expects, the rest are this class's constructor arguments."""
     from omegaconf import OmegaConf
@@ -189,9 +190,10 @@ def test_method_config_builds(name):
     from gwf.module import OptimConfig
     from tests.conftest import compose_config
 
-    method = OmegaConf.to_container(compose_config([f"method={name}"]).method, resolve=True)
-    assert method.pop("name") == name and method.pop("d_steps") == 1 and method.pop("t_steps") == 1
-    assert OptimConfig(**method.pop("critic_optim")).lr == pytest.approx(1e-4)
+    cfg = compose_config([f"method={name}"])
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    assert method.pop("name") == name and cfg.loop.critic_steps == 1 and cfg.loop.generator_steps == 1
+    assert OptimConfig(**OmegaConf.to_container(cfg.critic_optim)).lr == pytest.approx(1e-4)
     spec = method.pop("critic")
     obj = CLASSES[name](critic=build_critic(spec.pop("name"), in_shape=[2], **spec), **method)
     assert (obj.divergence, obj.penalty, obj.penalty_weight, obj.reverse) == (name, "r1", 0.2, False)
@@ -200,6 +202,6 @@ def test_method_config_builds(name):
 def test_bad_names_raise():
     critic = MLPCritic([2], hidden=8, depth=1)
     with pytest.raises(ValueError, match="kl_dv"):
-        FDivergence("hellinger", critic)
+        CriticDivergence("hellinger", critic)
     with pytest.raises(ValueError, match="r1\\+r2"):
-        KL(critic, penalty="r3")
+        CLASSES["kl"](critic, penalty="r3")

@@ -50,8 +50,8 @@ def test_mixture_kernel_matches_double_loop():
 def test_losses_are_plus_and_minus_the_learned_kernel_mmd2():
     obj = make()
     x_gen, x_real = clouds()
-    gen_loss, logs = obj.generator_loss(GenBatch(x_gen, None, None, None), RealBatch(x_real))
-    critic_loss, _ = obj.critic_loss(x_gen, RealBatch(x_real))
+    gen_loss, logs = obj.generator_loss(GenBatch(x_gen, None, None, None), RealBatch(x_real), torch.Generator())
+    critic_loss, _ = obj.critic_loss(x_gen, RealBatch(x_real), torch.Generator())
     ref = mmd2_unbiased(obj.critic(x_real), obj.critic(x_gen), obj.critic.kernel).mean()
     torch.testing.assert_close(gen_loss, ref)
     torch.testing.assert_close(critic_loss, -ref)
@@ -66,7 +66,7 @@ def test_critic_loss_decreases_with_adam_between_two_clouds():
     opt = torch.optim.Adam(obj.critic.parameters(), lr=1e-3, betas=(0.5, 0.9))
     losses = []
     for _ in range(60):
-        loss, _ = obj.critic_loss(x_gen, RealBatch(x_real))
+        loss, _ = obj.critic_loss(x_gen, RealBatch(x_real), torch.Generator())
         opt.zero_grad()
         loss.backward()
         assert obj.critic.logits.grad is not None and torch.isfinite(obj.critic.logits.grad).all()
@@ -80,12 +80,12 @@ def test_generator_gradient_reaches_the_samples():
     obj = make()
     x_gen, x_real = clouds()
     x = x_gen.clone().requires_grad_(True)
-    loss, _ = obj.generator_loss(GenBatch(x, None, None, None), RealBatch(x_real))
+    loss, _ = obj.generator_loss(GenBatch(x, None, None, None), RealBatch(x_real), torch.Generator())
     loss.backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     # identical samples: finite gradient (MMD^2 ~ 0 there)
     x = x_real.clone().requires_grad_(True)
-    loss, _ = obj.generator_loss(GenBatch(x, None, None, None), RealBatch(x_real))
+    loss, _ = obj.generator_loss(GenBatch(x, None, None, None), RealBatch(x_real), torch.Generator())
     loss.backward()
     assert torch.isfinite(x.grad).all()
 
@@ -96,7 +96,7 @@ def test_witness_penalty_matches_brute_force_on_an_identity_embedding():
     phi.weight.data = torch.eye(2)
     obj = MMDGAN(phi, bandwidths=(1.0,), penalty_weight=10.0)
     x_gen, x_real = clouds(n=6, n_problems=1)
-    gp = obj.witness_penalty(x_gen, x_real, None, generator=torch.Generator().manual_seed(3))
+    gp = obj.witness_penalty(x_gen, x_real, None, rng=torch.Generator().manual_seed(3))
     t = torch.rand(1, 6, 1, generator=torch.Generator().manual_seed(3))
     z = t * x_real + (1 - t) * x_gen
     total = 0.0
@@ -107,7 +107,7 @@ def test_witness_penalty_matches_brute_force_on_an_identity_embedding():
                 grad += sign * -(z[0, i] - y) * math.exp(-float((z[0, i] - y).square().sum()) / 2) / 6
         total += float(grad.square().sum())
     assert float(gp.detach()) == pytest.approx(total / 6, rel=1e-4)
-    loss, logs = obj.critic_loss(x_gen, RealBatch(x_real), generator=torch.Generator().manual_seed(3))
+    loss, logs = obj.critic_loss(x_gen, RealBatch(x_real), rng=torch.Generator().manual_seed(3))
     assert "gp" in logs and float(logs["gp"]) == pytest.approx(total / 6, rel=1e-4)
     torch.testing.assert_close(loss, -obj.mmd2(x_gen, x_real, None).mean() + 10.0 * gp)
 
@@ -115,10 +115,10 @@ def test_witness_penalty_matches_brute_force_on_an_identity_embedding():
 def test_class_conditional_embedding_uses_labels():
     obj = make(num_classes=3)
     x_gen, x_real = clouds(n_problems=3, n=8)
-    loss, _ = obj.critic_loss(x_gen, RealBatch(x_real, labels=torch.tensor([0, 1, 2])))
+    loss, _ = obj.critic_loss(x_gen, RealBatch(x_real, labels=torch.tensor([0, 1, 2])), torch.Generator())
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="labels"):
-        obj.critic_loss(x_gen, RealBatch(x_real))
+        obj.critic_loss(x_gen, RealBatch(x_real), torch.Generator())
 
 
 def test_bad_bandwidths_raise():

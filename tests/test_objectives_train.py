@@ -15,8 +15,8 @@ BUDGET = {"w1": (400, 2.0)}  # method -> (updates per JKO step, factor); default
 @pytest.mark.parametrize("method", sorted(OBJECTIVES))
 def test_objective_improves_2d_target(method, tmp_path):
     inner, factor = BUDGET.get(method, (100, 4.0))
-    cfg = compose_config(["experiment=gwf_2d", f"method={method}", "jko.steps=2", f"jko.inner_first={inner}",
-                          f"jko.inner={inner}", f"eval.every_n_updates={2 * inner}", "eval.num_samples=1000",
+    cfg = compose_config(["experiment=gwf_2d", f"method={method}", "jko.steps=2", f"jko.updates_first_step={inner}",
+                          f"jko.updates_per_step={inner}", f"eval.every_n_updates={2 * inner}", "eval.num_samples=1000",
                           "trainer.enable_progress_bar=false", "logger=none"])
     summary = train(cfg, tmp_path / method)
     first, last = summary["first"]["sinkhorn_div"], summary["last"]["sinkhorn_div"]

@@ -32,7 +32,7 @@ def points(seed, n=16):
     return torch.randn(n, D, generator=g, dtype=torch.float64)
 
 
-def eps_like(seed, n):  # the documented draw: eps = torch.rand(B, generator=generator)
+def eps_like(seed, n):  # the documented draw: eps = torch.rand(B, generator=rng)
     return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)[:, None]
 
 
@@ -54,10 +54,10 @@ def test_interpolated_and_wgan_gp_hand_values():
     expected_sq = g_hat.pow(2).sum(1).mean()
     expected_gp = (g_hat.norm(dim=1) - 1).pow(2).mean()
     gen = torch.Generator().manual_seed(7)
-    torch.testing.assert_close(interpolated_penalty(critic, x_real, x_fake, generator=gen).double(), expected_sq,
+    torch.testing.assert_close(interpolated_penalty(critic, x_real, x_fake, rng=gen).double(), expected_sq,
                                rtol=1e-6, atol=0)
     gen = torch.Generator().manual_seed(7)
-    torch.testing.assert_close(wgan_gp_penalty(critic, x_real, x_fake, generator=gen).double(), expected_gp,
+    torch.testing.assert_close(wgan_gp_penalty(critic, x_real, x_fake, rng=gen).double(), expected_gp,
                                rtol=1e-6, atol=1e-9)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gwf.jko import tau_from_official_lambda2
+from gwf.jko import JKOSchedule, tau_from_official_lambda2
 from gwf.prepare import prepare_images
 from gwf.train import train
 from tests.conftest import compose_config
@@ -15,11 +15,11 @@ def test_recipe_values_are_the_papers():
     cfg = compose_config(["experiment=cifar10_gwf"])
     assert (cfg.model.name, cfg.model.noise_dim, cfg.model.ngf) == ("resnet", 192, 256)
     assert (cfg.method.critic.name, cfg.method.critic.ndf) == ("resnet", 256)
-    assert (cfg.jko.steps, cfg.jko.inner_first, cfg.jko.inner) == (100, 2000, 1000)
-    assert cfg.jko.inner_first + (cfg.jko.steps - 1) * cfg.jko.inner == 101_000  # [GWF]: 101k generator updates
+    assert (cfg.jko.steps, cfg.jko.updates_first_step, cfg.jko.updates_per_step) == (100, 2000, 1000)
+    assert JKOSchedule(cfg.jko.steps, cfg.jko.updates_per_step, cfg.jko.updates_first_step).total_updates == 101_000
     assert cfg.jko.tau == pytest.approx(tau_from_official_lambda2(1.0, 3 * 32 * 32))
     assert (cfg.optim.lr, list(cfg.optim.betas)) == (2e-4, [0.5, 0.9])
-    assert (cfg.method.critic_optim.lr, list(cfg.method.critic_optim.betas)) == (1e-4, [0.5, 0.9])
+    assert (cfg.critic_optim.lr, list(cfg.critic_optim.betas)) == (1e-4, [0.5, 0.9])
     assert cfg.ema_decay == 0.9999 and cfg.batch.gen_per_label == 256 and cfg.data.batch_size == 256
     assert list(cfg.data.shape) == [3, 32, 32] and cfg.data.conditional is False
 
@@ -38,7 +38,7 @@ def test_recipe_trains_on_prepared_image_folder(tmp_path):
         "experiment=cifar10_gwf", f"data.train_shards='{pattern}'", "data.num_classes=2", "data.batch_size=8",
         "data.epoch_size=64", "data.num_workers=0", "data.prepare=null", "model.ngf=16", "critic.ndf=16",
         "batch.gen_per_label=8", "batch.pos_per_label=8", "batch.bank_capacity=16", "jko.steps=2",
-        "jko.inner_first=3", "jko.inner=3", "eval.every_n_updates=3", "eval.num_samples=16", "eval.grid_per_class=4",
+        "jko.updates_first_step=3", "jko.updates_per_step=3", "eval.every_n_updates=3", "eval.num_samples=16", "eval.grid_per_class=4",
         "logger=none", "trainer.enable_progress_bar=false",
     ], runs_dir=tmp_path / "runs")
     run_dir = tmp_path / "run"

@@ -1,5 +1,5 @@
 """The ImageNet recipes: each composes with the official settings it cites and the cluster command in its header,
-builds a module through gwf.train.build_module on a small latent shape with a frozen MAE encoder, and one recipe
+builds a module through gwf.build.build_module on a small latent shape with a frozen MAE encoder, and one recipe
 trains a few updates through Lightning with the encoder untouched."""
 
 import re
@@ -17,7 +17,8 @@ from gwf.features.mae import MAEFeatures, MaskedAutoencoder, save_checkpoint
 from gwf.models import MODELS
 from gwf.objectives.drifting import Drifting
 from gwf.objectives.wflow import WFlow
-from gwf.train import build_module
+from gwf.build import build_module
+from gwf.jko import JKOSchedule
 from tests.conftest import CONF_DIR, compose_config
 
 SHAPE = (4, 8, 8)
@@ -60,13 +61,14 @@ def test_recipe_composes_with_the_official_settings(recipe):
     want = OFFICIAL[recipe]
     assert c["name"] == recipe and c["model"]["name"] == want["model"]
     assert c["data"]["shape"] == [4, 32, 32] and c["data"]["num_classes"] == 1000
-    assert c["batch"]["labels_per_step"] * _cluster_ranks(recipe) == want["labels"]  # per rank x ranks = global
+    assert c["batch"]["labels_per_update"] * _cluster_ranks(recipe) == want["labels"]  # per rank x ranks = global
     assert c["batch"]["gen_per_label"] == 64 and c["batch"]["pos_per_label"] == want["pos"]
     assert c["batch"]["bank_capacity"] == 128
     assert c["optim"] == dict(name="adamw", lr=want["lr"], betas=[0.9, 0.95], weight_decay=want["wd"],
                               warmup_steps=want["warmup"], grad_clip=2.0)
     assert c["ema_decay"] == 0.999 and c["jko"]["tau"] is None
-    assert c["jko"]["inner_first"] + (c["jko"]["steps"] - 1) * c["jko"]["inner"] == want["updates"]
+    jko = c["jko"]
+    assert JKOSchedule(jko["steps"], jko["updates_per_step"], jko["updates_first_step"]).total_updates == want["updates"]
     assert c["method"]["features"]["name"] == "mae" and c["trainer"]["precision"] == "bf16-mixed"
     if c["method"]["name"] == "wflow":
         assert c["method"]["estimator"] == "two_batch" and c["method"]["eps_rel"] == want["eps_rel"]
@@ -88,8 +90,8 @@ def _tiny_mae(path):
 def _small(recipe, *extra):
     """The recipe with sizes shrunk for a CPU test (the evaluator is not used by build_module)."""
     model = "dit_tiny" if "dit_tiny" in MODELS else "mlp"
-    return compose_config([f"experiment={recipe}", f"model={model}", "eval=digits", "batch.labels_per_step=2",
-                           "batch.gen_per_label=4", "batch.pos_per_label=4", "batch.uncond_per_step=4",
+    return compose_config([f"experiment={recipe}", f"model={model}", "eval=digits", "batch.labels_per_update=2",
+                           "batch.gen_per_label=4", "batch.pos_per_label=4", "batch.uncond_per_update=4",
                            "batch.bank_capacity=8", *extra])
 
 
@@ -107,7 +109,7 @@ def test_recipe_builds_a_module_on_a_small_latent_shape(recipe, tmp_path):
     assert x.shape == (6, *SHAPE) and torch.isfinite(x).all()
     # data space instead of features: the same recipe with method.features=null
     plain = build_module(_small(recipe, "method.features=null"), SHAPE, NUM_CLASSES)
-    assert plain.objective.features is None
+    assert plain.objective.features.is_identity
     plain.load_state_dict(module.state_dict())  # strict: a checkpoint loads without the encoder (e.g. to sample)
 
 
@@ -123,7 +125,7 @@ def test_ablation_recipe_trains_through_lightning_with_the_encoder_frozen(tmp_pa
     dm = ShardDataModule(f"{tmp_path}/train-{{000000..000001}}.tar", None, SHAPE, NUM_CLASSES, batch_size=64,
                          num_workers=0, shuffle_buffer=0, epoch_size=256)
     path = _tiny_mae(tmp_path / "mae.pt")
-    cfg = _small("imagenet_wflow_ablation", f"method.features.path={path}", "jko.inner_first=3", "jko.inner=3",
+    cfg = _small("imagenet_wflow_ablation", f"method.features.path={path}", "jko.updates_per_step=3",
                  "optim.warmup_steps=0")
     module = build_module(cfg, SHAPE, NUM_CLASSES)
     encoder_before = {k: v.clone() for k, v in module.objective.features.state_dict().items()}

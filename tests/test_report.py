@@ -11,7 +11,7 @@ import yaml
 import gwf  # noqa: F401
 from gwf.report import run as main, run_from_wandb
 
-TOTAL = 60 + (2 - 1) * 40  # jko.inner_first + (steps - 1) * inner
+TOTAL = 60 + (2 - 1) * 40  # jko.updates_first_step + (steps - 1) * updates_per_step
 
 
 def _write_run(root, method, tau, seed, final, last_update=TOTAL, summary=True, extra=()):
@@ -20,7 +20,7 @@ def _write_run(root, method, tau, seed, final, last_update=TOTAL, summary=True, 
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     cfg = {"name": "toy", "seed": seed, "method": {"name": method},
-           "jko": {"tau": tau, "steps": 2, "inner_first": 60, "inner": 40}}
+           "jko": {"tau": tau, "steps": 2, "updates_first_step": 60, "updates_per_step": 40}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))  # Hydra's own copy: must not count twice
     rows = [{"update": u, "sinkhorn_div": final * (1 + (last_update - u) / 10), "hq_rate": 0.5}

@@ -1,4 +1,4 @@
-"""Resume reproduces: a run stopped at update N (SIGKILL of a real process, or the steps_per_job budget) and resumed
+"""Resume reproduces: a run stopped at update N (SIGKILL of a real process, or the updates_per_job budget) and resumed
 equals the uninterrupted run, parameter for parameter (generator, critic, EMA, previous generator, class bank,
 optimizers), including stops in the middle of a JKO outer step and of a virtual data epoch. Checkpoint files are
 atomic."""
@@ -21,10 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # KL with a critic and R1 on 8 Gaussians: 2 outer JKO steps x 20 updates; 10 data batches per virtual epoch, so
 # the stops below fall inside an outer step and inside an epoch.
-KL_2D = ["experiment=gwf_2d", "method=kl", "jko.steps=2", "jko.inner_first=20", "jko.inner=20", "ema_decay=0.9",
+KL_2D = ["experiment=gwf_2d", "method=kl", "jko.steps=2", "jko.updates_per_step=20", "ema_decay=0.9",
          "batch.gen_per_label=64", "batch.pos_per_label=64", "batch.bank_capacity=128", "data.batch_size=64",
-         "data.epoch_size=640", "eval.num_samples=200", "eval.every_n_updates=1000", "logger=none",
-         "trainer.enable_progress_bar=false", "threads=1"]
+         "data.epoch_size=640", "eval.num_samples=200", "eval.evaluator.num_samples=200", "eval.every_n_updates=1000",
+         "logger=none", "trainer.enable_progress_bar=false", "threads=1"]
 
 
 def _load(run_dir: Path) -> dict:
@@ -74,7 +74,7 @@ def test_sigkill_mid_outer_step_then_resume_equals_straight_run(tmp_path, straig
     run = tmp_path / "killed"
     # checkpoints at 10 (inside outer step 0) and 20; the process is killed at update 15, 5 updates after the
     # checkpoint: those are lost and recomputed
-    proc = _start(run, "--pause-at", "15", "checkpoint.every_n_steps=10")
+    proc = _start(run, "--pause-at", "15", "checkpoint.every_n_updates=10")
     _wait_for(run / "paused-rank0", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -84,14 +84,14 @@ def test_sigkill_mid_outer_step_then_resume_equals_straight_run(tmp_path, straig
     assert int(killed["state_dict"]["data_position"]) == 10  # one batch per update (the bank fills at once)
     assert not list((run / "checkpoints").glob(".*tmp*"))
 
-    summary = train(compose_config([*KL_2D, "checkpoint.every_n_steps=10"]), run)  # the relaunch
+    summary = train(compose_config([*KL_2D, "checkpoint.every_n_updates=10"]), run)  # the relaunch
     assert summary["finished"]
     _assert_same_state(_load(run), straight_kl)
 
 
-def test_steps_per_job_budget_stops_and_resumes_exactly(tmp_path, straight_kl):
+def test_updates_per_job_budget_stops_and_resumes_exactly(tmp_path, straight_kl):
     run = tmp_path / "budget"
-    cfg = compose_config([*KL_2D, "checkpoint.steps_per_job=13"])
+    cfg = compose_config([*KL_2D, "checkpoint.updates_per_job=13"])
     stops = []
     for _ in range(4):  # 13, 26 (inside outer step 1), 39, 40
         summary = train(cfg, run)
@@ -108,7 +108,7 @@ def test_resume_differs_when_the_stream_is_not_replayed(tmp_path, straight_kl, m
     from gwf.data.toy2d import Toy2DDataModule
 
     run = tmp_path / "noseek"
-    train(compose_config([*KL_2D, "checkpoint.steps_per_job=13"]), run)
+    train(compose_config([*KL_2D, "checkpoint.updates_per_job=13"]), run)
     monkeypatch.setattr(Toy2DDataModule, "seek", lambda self, position: None)
     train(compose_config(KL_2D), run)
     resumed = _load(run)["state_dict"]
@@ -120,10 +120,10 @@ def test_wflow_digits_shard_stream_resumes_exactly(digits_dir, tmp_path):
     """Class-conditional W-Flow on the digits shards, two data workers, 8 batches per virtual epoch: the shard
     stream is replayed to its position (epoch and batches, worker by worker)."""
     base = [f"paths.data_dir={digits_dir.parent}", "data.num_workers=2", "data.epoch_size=1024",
-            "trainer.enable_progress_bar=false", "jko.inner_first=30", "eval.every_n_updates=1000",
+            "trainer.enable_progress_bar=false", "jko.updates_first_step=30", "eval.every_n_updates=1000",
             "eval.num_samples=200", "logger=none", "ema_decay=0.9"]
     train(compose_config(base), tmp_path / "straight")
-    cfg = compose_config([*base, "checkpoint.steps_per_job=17"])
+    cfg = compose_config([*base, "checkpoint.updates_per_job=17"])
     assert not train(cfg, tmp_path / "resumed")["finished"]
     assert train(cfg, tmp_path / "resumed")["finished"]
     a, b = _load(tmp_path / "straight"), _load(tmp_path / "resumed")
@@ -154,3 +154,27 @@ def test_bad_checkpoint_settings_are_clear_errors(tmp_path):
         train(compose_config([*KL_2D, "checkpoint.every_minutes=0"]), tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="ckpt_path=.*nope.ckpt does not exist"):
         train(compose_config([*KL_2D, f"ckpt_path={tmp_path}/nope.ckpt"]), tmp_path / "b")
+
+
+def _final_state(cfg_overrides, run_dir) -> dict:
+    while not train(compose_config(cfg_overrides), run_dir)["finished"]:
+        pass
+    return _load(run_dir)["state_dict"]
+
+
+def test_stochastic_objective_resumes_exactly(tmp_path, monkeypatch):
+    """An objective that draws random numbers in its generator loss (sliced Wasserstein: fresh directions at every
+    update, from the rng argument) stopped by the update budget and relaunched equals the straight run, bit for bit.
+    The negative control draws the directions from the global RNG instead: the resumed run then differs."""
+    sw = [o if o != "method=kl" else "method=sw" for o in KL_2D]
+    straight = _final_state(sw, tmp_path / "straight")
+    resumed = _final_state([*sw, "checkpoint.updates_per_job=13"], tmp_path / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+    import gwf.objectives.sliced as sliced
+
+    monkeypatch.setattr(sliced, "random_directions",
+                        lambda num, dim, rng, device=None: torch.nn.functional.normalize(torch.randn(num, dim), dim=1))
+    straight = _final_state(sw, tmp_path / "straight_global")
+    resumed = _final_state([*sw, "checkpoint.updates_per_job=13"], tmp_path / "resumed_global")
+    assert not torch.allclose(straight["generator.out.weight"], resumed["generator.out.weight"], atol=1e-6)

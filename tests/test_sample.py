@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def ckpt(digits_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    cfg = compose_config(["jko.inner_first=6", "eval.every_n_updates=6", "eval.num_samples=100",
-                          "checkpoint.every_n_steps=6", "trainer.enable_progress_bar=false"],
+    cfg = compose_config(["jko.updates_first_step=6", "eval.every_n_updates=6", "eval.num_samples=100",
+                          "checkpoint.every_n_updates=6", "trainer.enable_progress_bar=false"],
                          data_dir=digits_dir.parent)
     train(cfg, run_dir)
     return run_dir / "checkpoints" / "last.ckpt"
@@ -97,3 +97,23 @@ def test_two_ranks_write_exactly_the_single_rank_samples(ckpt, tmp_path):
     assert len(np.unique(ddp["x"].reshape(n, -1), axis=0)) == n  # n distinct samples
     np.testing.assert_array_equal(ddp["labels"], np.arange(n) % 10)
     np.testing.assert_allclose(ddp["x"], single["x"], atol=1e-6)
+
+
+def test_checkpoint_of_an_older_version_loads(ckpt, tmp_path):
+    """A checkpoint whose stored config uses the keys of before the rename (jko.inner, batch.labels_per_step, ...)
+    rebuilds the same module: gwf.config.upgrade_config."""
+    from gwf.config import RENAMED
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    config = state["hyper_parameters"]["config"]
+    for old, new in RENAMED.items():  # write the new keys back under their old names
+        (new_parent, new_leaf), (old_parent, old_leaf) = new.rpartition(".")[::2], old.rpartition(".")[::2]
+        node = config.get(new_parent) if new_parent else config
+        if isinstance(node, dict) and new_leaf in node:
+            config.setdefault(old_parent, {})[old_leaf] = node.pop(new_leaf)
+    assert "inner" in config["jko"] and "labels_per_step" in config["batch"]
+    torch.save(state, tmp_path / "old.ckpt")
+    old, _ = load_module(tmp_path / "old.ckpt")
+    new, _ = load_module(ckpt)
+    assert old.schedule == new.schedule and old.sizes == new.sizes
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))

@@ -18,7 +18,7 @@ from gwf.train import train
 from tests.conftest import compose_config
 from tests.test_resume import KL_2D, REPO, _load
 
-SHORT = [*KL_2D, "jko.inner_first=10", "jko.inner=10", "checkpoint.every_n_steps=5"]  # 2 outer steps x 10
+SHORT = [*KL_2D, "jko.updates_first_step=10", "jko.updates_per_step=10", "checkpoint.every_n_updates=5"]  # 2 outer steps x 10
 
 
 def _summary(out: str) -> dict:

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-import gwf.train  # noqa: F401  (registers the gwf_* resolvers)
+from gwf.launch import register_resolvers
 from tests.conftest import CONF_DIR, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +105,7 @@ def test_submitit_launcher_config_rendered_for_2_nodes_x_4_gpus(tmp_path, monkey
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=slurm", f"hydra.launcher.nodes={NODES}",
                                            f"hydra.launcher.gpus_per_node={GPUS}", "trainer=slurm",
@@ -136,9 +137,9 @@ def test_submitit_launcher_config_rendered_for_2_nodes_x_4_gpus(tmp_path, monkey
 
 def test_local_multirun_with_ddp_creates_exactly_one_run_dir_per_point(tmp_path):
     """Lightning starts rank 1 by re-running the command line, which for `-m` is the whole sweep: the child joins
-    only its parent's job (gwf.train.owns_sweep_job), so 2 sweep points give 2 run directories and finish."""
+    only its parent's job (gwf.launch.SweepJobs), so 2 sweep points give 2 run directories and finish."""
     runs = tmp_path / "runs"
-    overrides = ["experiment=gwf_2d", "method=kl", "jko.steps=1", "jko.inner_first=6", "batch.gen_per_label=32",
+    overrides = ["experiment=gwf_2d", "method=kl", "jko.steps=1", "jko.updates_first_step=6", "batch.gen_per_label=32",
                  "batch.pos_per_label=32", "batch.bank_capacity=64", "data.batch_size=32", "eval.num_samples=100",
                  "logger=none", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                  "trainer.enable_progress_bar=false", "threads=1", f"paths.root={runs}"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 
-from gwf.train import build_module, train
+from gwf.build import build_module
+from gwf.train import train
 from tests.conftest import compose_config
 
 
@@ -24,8 +25,8 @@ def _csv_steps(path):
 
 
 def test_digits_short_run_writes_outputs_and_resumes(digits_dir, tmp_path):
-    cfg = compose_config(_digits_overrides(digits_dir, "jko.inner_first=40", "eval.every_n_updates=20",
-                                           "eval.num_samples=200", "checkpoint.every_n_steps=20"))
+    cfg = compose_config(_digits_overrides(digits_dir, "jko.updates_first_step=40", "eval.every_n_updates=20",
+                                           "eval.num_samples=200", "checkpoint.every_n_updates=20"))
     run_dir = tmp_path / "run"
     summary = train(cfg, run_dir)
     assert summary["first"]["update"] == 0 and summary["last"]["update"] == 40
@@ -45,7 +46,7 @@ def test_digits_short_run_writes_outputs_and_resumes(digits_dir, tmp_path):
 
 
 def test_wflow_lowers_sinkhorn_divergence_on_2d_mixture(tmp_path):
-    cfg = compose_config(["experiment=toy2d_wflow", "jko.steps=2", "jko.inner_first=300", "jko.inner=300",
+    cfg = compose_config(["experiment=toy2d_wflow", "jko.steps=2", "jko.updates_first_step=300", "jko.updates_per_step=300",
                           "eval.every_n_updates=300", "trainer.enable_progress_bar=false"])
     summary = train(cfg, tmp_path / "toy")
     first, last = summary["first"]["sinkhorn_div"], summary["last"]["sinkhorn_div"]
@@ -70,7 +71,7 @@ def _displacement(cfg, tau, updates):
 
 
 def test_small_tau_keeps_generator_near_previous_copy():
-    cfg = compose_config(["experiment=toy2d_wflow", "jko.steps=1", "jko.inner_first=1000"])
+    cfg = compose_config(["experiment=toy2d_wflow", "jko.steps=1", "jko.updates_first_step=1000"])
     x_free, _ = _displacement(cfg, None, 60)
     x_jko, x_prev = _displacement(cfg, 1e-3, 60)  # prev = the initial generator (the outer step is not over)
     # same initialization (seeded), so x_prev is also the free run's starting point
@@ -87,7 +88,7 @@ def test_bad_tau_and_unknown_names_are_clear_errors(digits_dir, tmp_path):
 
 
 def test_wrong_shape_names_the_shard(digits_dir, tmp_path):
-    cfg = compose_config(_digits_overrides(digits_dir, "data.shape=[1,4,4]", "jko.inner_first=5"))
+    cfg = compose_config(_digits_overrides(digits_dir, "data.shape=[1,4,4]", "jko.updates_first_step=5"))
     with pytest.raises(Exception, match=r"train-00000\d\.tar") as info:
         train(cfg, tmp_path / "c")
     assert "(1, 4, 4)" in str(info.value) or "[1, 4, 4]" in str(info.value)
@@ -115,7 +116,7 @@ def test_wandb_logger_runs_offline_without_credentials(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "toy"))
     assert not wandb_has_credentials()
-    cfg = compose_config(["experiment=toy2d_wflow", "logger=wandb", "jko.steps=1", "jko.inner_first=10",
+    cfg = compose_config(["experiment=toy2d_wflow", "logger=wandb", "jko.steps=1", "jko.updates_first_step=10",
                           "trainer.enable_progress_bar=false"])
     train(cfg, tmp_path / "toy")
     runs = list((tmp_path / "toy" / "wandb").glob("offline-run-*"))

@@ -32,7 +32,7 @@ def test_offline_run_writes_media_table_and_resumes_with_the_same_id(tmp_path, n
     run_dir = tmp_path / "toy2d" / "multirun" / "jko.tau=0.5,seed=3"  # a sweep member
     overrides = ["experiment=toy2d_wflow", "logger=wandb", "jko.steps=1", "jko.tau=0.5", "seed=3",
                  "eval.every_n_updates=5", "eval.num_samples=256", "trainer.enable_progress_bar=false"]
-    first = train(compose_config([*overrides, "jko.inner_first=10"]), run_dir)
+    first = train(compose_config([*overrides, "jko.updates_first_step=10"]), run_dir)
     (offline,) = _offline_runs(run_dir)
     run_id = wandb_run_id(run_dir)
     assert offline.name.endswith(run_id)
@@ -51,7 +51,7 @@ def test_offline_run_writes_media_table_and_resumes_with_the_same_id(tmp_path, n
         assert token in log, token
 
     # resume: more updates, same run directory -> a second offline segment of the same wandb run
-    second = train(compose_config([*overrides, "jko.inner_first=15"]), run_dir)
+    second = train(compose_config([*overrides, "jko.updates_first_step=15"]), run_dir)
     runs = _offline_runs(run_dir)
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
     assert second["last"]["update"] == 15 and second["first"]["update"] == 0

@@ -92,8 +92,8 @@ def bench_loader(tmp: Path, n: int, batch_size: int, workers: int, batches: int)
     return count / (time.perf_counter() - t0)
 
 
-TINY_RUN = ["model.patch=4", "batch.labels_per_step=4", "batch.gen_per_label=32", "batch.pos_per_label=32",
-            "batch.uncond_per_step=32", "batch.bank_capacity=64"]  # a tiny W-Flow run: 64 tokens, 4 labels x 32
+TINY_RUN = ["model.patch=4", "batch.labels_per_update=4", "batch.gen_per_label=32", "batch.pos_per_label=32",
+            "batch.uncond_per_update=32", "batch.bank_capacity=64"]  # a tiny W-Flow run: 64 tokens, 4 labels x 32
 
 
 def bench_step(model: str, batch_size: int, steps: int, device: str, overrides: list[str]) -> float:
@@ -101,9 +101,9 @@ def bench_step(model: str, batch_size: int, steps: int, device: str, overrides: 
     import lightning as L
     from hydra import compose, initialize_config_dir
 
-    from gwf.train import _conf_dir, build_module
+    from gwf.build import build_module, conf_dir
 
-    with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"model={model}", f"data.batch_size={batch_size}", *overrides])
     module = build_module(cfg, SD_VAE_LATENT_SHAPE, num_classes=10)
     g = torch.Generator().manual_seed(0)

@@ -85,5 +85,5 @@ class ClassBank(nn.Module):
         """[u, *shape] from the unconditional ring buffer."""
         n = self.uncond_count.clamp(max=self.uncond_capacity).view(1)
         if int(n) == 0:
-            raise RuntimeError("the unconditional bank is empty (batch.uncond_per_step > 0 needs uncond_capacity)")
+            raise RuntimeError("the unconditional bank is empty (batch.uncond_per_update > 0 needs uncond_capacity)")
         return self.uncond[self._draw(n, u, generator)[0]]

@@ -22,7 +22,6 @@ import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
@@ -30,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from gwf.constants import LABEL_KEY, TENSOR_KEY
+from gwf.data.stream import SeekableDataModule
 from gwf.data.shards import Sample, decode_sample, expand_urls, iter_raw_samples, missing_shards
 from gwf.seeding import derive_seed
 
@@ -147,10 +147,9 @@ class EpochLoader(wds.WebLoader):
         self.append(_to_float32)  # runs in the main process, after the workers
         self.with_epoch(num_batches)
 
-    def seek(self, position: int) -> None:
-        """Resume exactly after ``position`` batches: the next pass replays epoch ``position // num_batches`` and
-        drops the batches already consumed (costs reading them again, at most one virtual epoch)."""
-        epoch, self.pending_skip = divmod(int(position), self.num_batches)
+    def seek(self, epoch: int, skip: int) -> None:
+        """The next pass replays ``epoch`` and drops its first ``skip`` batches (SeekableDataModule)."""
+        self.pending_skip = skip
         self.stream.set_epoch(epoch)
 
     def __iter__(self):
@@ -173,7 +172,7 @@ class EpochLoader(wds.WebLoader):
         return self.num_batches
 
 
-class ShardDataModule(L.LightningDataModule):
+class ShardDataModule(SeekableDataModule):
     """Batches ``(x float32 [B, *shape], y int64 [B])`` from WebDataset shards.
 
     Args:
@@ -237,7 +236,10 @@ class ShardDataModule(L.LightningDataModule):
         stored = self._shape if self.transform is None else tuple(self.transform.stored_shape(self._shape))
         hint = "" if self.transform is None else f" (data.transform={transform} for data.shape {list(self._shape)})"
         self.checker = SampleChecker(stored, self.dtype, self._num_classes, tensor_key, label_key, hint)
-        self.position = 0  # batches consumed before this fit (seek)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.epoch_size // self.batch_size
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -303,14 +305,10 @@ class ShardDataModule(L.LightningDataModule):
             self.urls("train"), self.checker, self.batch_size, self.shuffle_buffer, self.seed, self._rank(),
             self.transform,
         )
-        loader = EpochLoader(stream, self.epoch_size // self.batch_size, num_workers=self.num_workers)
+        loader = EpochLoader(stream, self.batches_per_epoch, num_workers=self.num_workers)
         if self.position:
-            loader.seek(self.position)
+            loader.seek(*self.replay_point())
         return loader
-
-    def seek(self, position: int) -> None:
-        """Resume: the next train_dataloader() starts after ``position`` batches (those a checkpoint consumed)."""
-        self.position = int(position)
 
     def val_dataloader(self):
         if self.val_shards is None:

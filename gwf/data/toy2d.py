@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from gwf.data.stream import SeekableDataModule
 from gwf.seeding import make_generator
 
 Sampler = Callable[[int, torch.Generator], Tensor]  # (n, generator) -> [n, 2]
@@ -133,12 +133,11 @@ def make_sampler(target: str, **kwargs) -> Sampler:
 
 class _SamplerStream(IterableDataset):
     """Sampled in the main process (microseconds per batch); each pass over the stream is a new virtual epoch
-    with its own seed, so epochs never repeat data. ``start`` (batches already consumed, from a checkpoint) resumes
-    the stream exactly: the first pass replays its epoch and drops the ``start % num_batches`` batches consumed."""
+    with its own seed, so epochs never repeat data. Starts at ``epoch``, dropping its first ``skip`` batches."""
 
-    def __init__(self, target: str, batch_size: int, seed: int, rank: int, num_batches: int, start: int = 0):
+    def __init__(self, target: str, batch_size: int, seed: int, rank: int, num_batches: int, epoch: int, skip: int):
         self.target, self.batch_size, self.seed, self.rank, self.num_batches = target, batch_size, seed, rank, num_batches
-        self.epoch, self.skip = divmod(int(start), num_batches)
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
         sampler = make_sampler(self.target)
@@ -154,7 +153,7 @@ class _SamplerStream(IterableDataset):
         return self.num_batches
 
 
-class Toy2DDataModule(L.LightningDataModule):
+class Toy2DDataModule(SeekableDataModule):
     """Streams ``(x [B, 2], y [B] = 0)`` batches of a 2D target; ``epoch_size`` samples per virtual epoch."""
 
     def __init__(self, target: str = "8gaussians", batch_size: int = 256, epoch_size: int = 256_000, seed: int = 0):
@@ -162,16 +161,12 @@ class Toy2DDataModule(L.LightningDataModule):
         make_sampler(target)  # fail early on an unknown name
         self.target, self.batch_size, self.epoch_size, self.seed = target, batch_size, epoch_size, seed
         self.shape, self.num_classes = (2,), 0
-        self.position = 0
-
-    def seek(self, position: int) -> None:
-        """Resume: the next train_dataloader() starts after ``position`` batches (those a checkpoint consumed)."""
-        self.position = int(position)
+        self.batches_per_epoch = max(epoch_size // batch_size, 1)
 
     def train_dataloader(self):
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        num_batches = max(self.epoch_size // self.batch_size, 1)
-        stream = _SamplerStream(self.target, self.batch_size, self.seed, rank, num_batches, self.position)
+        stream = _SamplerStream(self.target, self.batch_size, self.seed, rank, self.batches_per_epoch,
+                                *self.replay_point())
         return DataLoader(stream, batch_size=None, num_workers=0)
 
     def load_split(self, split: str = "val", max_samples: int | None = None) -> tuple[Tensor, Tensor]:

@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from gwf.build import conf_dir
 from gwf.constants import MAE_CHECKPOINT_FORMAT
 from gwf.ema import EMA
 from gwf.features.mae import MaskedAutoencoder, load_checkpoint, save_checkpoint
@@ -41,23 +42,16 @@ log = logging.getLogger("gwf")
 CHECKPOINT_NAME = "mae.pt"
 
 
-def conf_dir() -> Path:
-    """The training configs (packaged in wheels, else the repository's conf/): the same as gwf-train's."""
-    from gwf.train import _conf_dir
-
-    return Path(_conf_dir())
-
-
 def data_config(name: str, overrides: Sequence[str] = (), seed: int = 0) -> DictConfig:
     """The ``data`` node of conf/data/<name>.yaml (or of a .yaml file), resolved against the training config's
     ``paths`` and ``seed``, with ``data.key=value`` / ``paths.key=value`` overrides applied."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else conf_dir() / "data" / f"{name}.yaml"
+    path = Path(name) if name.endswith((".yaml", ".yml")) else Path(conf_dir()) / "data" / f"{name}.yaml"
     if not path.is_file():
-        options = sorted(p.stem for p in (conf_dir() / "data").glob("*.yaml"))
+        options = sorted(p.stem for p in (Path(conf_dir()) / "data").glob("*.yaml"))
         raise FileNotFoundError(f"no data config {path}; pass --data with one of {options} or a .yaml file")
     data = OmegaConf.load(path)
     data.pop("defaults", None)
-    root = OmegaConf.create({"paths": OmegaConf.load(conf_dir() / "config.yaml").paths, "seed": seed, "data": data})
+    root = OmegaConf.create({"paths": OmegaConf.load(Path(conf_dir()) / "config.yaml").paths, "seed": seed, "data": data})
     bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("data.", "paths."))]
     if bad:
         raise ValueError(f"overrides must set data.* or paths.* keys (e.g. paths.data_dir=/data or "

@@ -8,14 +8,16 @@ from collections.abc import Callable
 
 from torch import nn
 
-from gwf.models.dit import DIT_SIZES
+from functools import partial
+
+from gwf.models.dit import DIT_SIZES, dit
 from gwf.models.mlp import MLPGenerator
 from gwf.models.resnet import ResNetGenerator
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLPGenerator,
     "resnet": ResNetGenerator,
-    **DIT_SIZES,  # dit_tiny, dit_b2, dit_l2, dit_xl2
+    **{size: partial(dit, size) for size in DIT_SIZES},  # dit_tiny, dit_b2, dit_l2, dit_xl2
 }
 
 

@@ -23,14 +23,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from gwf.constants import DRIFT_TEMPERATURES, RMS_FLOOR_REL
 from gwf.features import FeatureSpec
-from gwf.features.drift import attach_features, drift_loss, encode_problems, feature_scale
-from gwf.objectives.base import GenBatch, Objective, RealBatch
+from gwf.objectives.base import GenBatch, RealBatch
+from gwf.objectives.field import FieldObjective
 from gwf.objectives.kernels import squared_distances
 from gwf.ot.sinkhorn import check_point_clouds, fp32_island
-
-DRIFT_TEMPERATURES = (0.2, 0.05, 0.02)  # [DRIFT] App. A.6
-_RMS_FLOOR_REL = 1e-4  # relative to the per-coordinate distance scale s / sqrt(D)
 
 
 def drifting_field_single(dist: Tensor, pos: Tensor, neg: Tensor, temperature: float, scale: Tensor,
@@ -80,7 +78,7 @@ def drifting_field(x: Tensor, pos: Tensor, neg: Tensor | None = None,
         dist = squared_distances(x, torch.cat([pos, neg], dim=1)).sqrt()  # [B, N, M + K]
         n_pairs = dist.shape[1] * dist.shape[2] - (x.shape[1] if mask_self else 0)
         scale = (dist.sum((1, 2)) / n_pairs).clamp_min(torch.finfo(dtype).tiny)  # self pairs are 0: sum unchanged
-        floor = _RMS_FLOOR_REL * scale / x.shape[2] ** 0.5
+        floor = RMS_FLOOR_REL * scale / x.shape[2] ** 0.5
         velocity = torch.zeros_like(x)
         for t in temperatures:
             v = drifting_field_single(dist, pos, neg, float(t), scale, mask_self)
@@ -91,39 +89,21 @@ def drifting_field(x: Tensor, pos: Tensor, neg: Tensor | None = None,
     return velocity[0] if unbatched else velocity
 
 
-class Drifting(Objective):
-    """Drifting baseline: generator loss mean_{i,d} || x - stopgrad(x + eta V(x)) ||^2 with the multi-temperature
-    Drifting field V (negatives = the generated batch, self-pair masked), per problem; same loss form as W-Flow.
-
-    ``features``: None or "identity" (the field in data space), or an encoder spec for
-    ``gwf.features.build_features``: the field per feature set and token of a frozen encoder, the loss averaged
-    over feature sets ([DRIFT] Sec. 3.5; gwf/features/drift.py), each set rescaled when ``feature_normalize``."""
+class Drifting(FieldObjective):
+    """Drifting baseline: generator loss mean || x - stopgrad(x + eta V(x)) ||^2 (per feature set,
+    gwf.objectives.field) with the multi-temperature Drifting field V, negatives = the generated batch with the
+    self-pair masked, per problem."""
 
     def __init__(self, eta: float = 1.0, temperatures: Sequence[float] = DRIFT_TEMPERATURES,
                  rms_normalize: bool = True, features: FeatureSpec = None, feature_normalize: bool = True):
-        super().__init__()
         if not temperatures or min(temperatures) <= 0:
             raise ValueError(f"method.temperatures must be positive numbers, got {temperatures}")
-        self.eta, self.temperatures, self.rms_normalize = eta, tuple(float(t) for t in temperatures), rms_normalize
-        attach_features(self, features)  # self.features: the frozen encoder or None (data space)
-        self.feature_normalize = feature_normalize
+        super().__init__(eta, features, feature_normalize)
+        self.temperatures, self.rms_normalize = tuple(float(t) for t in temperatures), rms_normalize
 
-    def generator_loss(self, gen: GenBatch, real: RealBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        if self.features is not None:
-            return self.feature_loss(gen, real)
-        x = gen.x.flatten(2)  # [L, N, D]
-        velocity = drifting_field(x, real.pos.flatten(2), None, self.temperatures, self.rms_normalize)
-        target = (x + self.eta * velocity.to(x.dtype)).detach()
-        loss = (x - target).pow(2).mean()
-        return loss, {"v_rms": velocity.square().mean().sqrt()}
+    def references(self, gen: GenBatch, real: RealBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        return {"pos": real.pos}, {}
 
-    def feature_loss(self, gen: GenBatch, real: RealBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """The Drifting field per feature set k and token, loss = mean over k (gwf/features/drift.py)."""
-        f_gen, refs = encode_problems(self.features, gen.x, {"pos": real.pos}, {})
-        losses, v_rms = [], []
-        for k, f in f_gen.items():
-            velocity = drifting_field(f, refs["pos"][k], None, self.temperatures, self.rms_normalize)
-            scale = feature_scale(f, [f, refs["pos"][k]]) if self.feature_normalize else None
-            losses.append(drift_loss(f, velocity, self.eta, scale))
-            v_rms.append(velocity.square().mean().sqrt())
-        return torch.stack(losses).mean(), {"v_rms": torch.stack(v_rms).mean()}
+    def field(self, f: Tensor, refs: dict[str, Tensor], gen: GenBatch, tokens: int):
+        velocity = drifting_field(f, refs["pos"], None, self.temperatures, self.rms_normalize)
+        return velocity, {"v_rms": velocity.square().mean().sqrt()}, [f, refs["pos"]]

@@ -67,7 +67,7 @@ class MMD(Objective):
         self.kernel_name = kernel
         self.kernel = make_kernel(kernel, **params)
 
-    def generator_loss(self, gen: GenBatch, real: RealBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def generator_loss(self, gen: GenBatch, real: RealBatch, rng: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         x = gen.x.flatten(2)  # [L, N, D]
         mmd2 = mmd2_unbiased(x, real.pos.flatten(2).to(x.dtype), self.kernel)  # [L]
         loss = mmd2.mean()

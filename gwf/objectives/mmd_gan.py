@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from gwf.objectives.base import GenBatch, Objective, RealBatch
 from gwf.objectives.kernels import squared_distances
 from gwf.objectives.mmd import mmd2_unbiased
+from gwf.objectives.penalties import interpolated_penalty
 
 # Bandwidths of the Gaussian mixture, in units of the embedding (Li et al. 2017 use a fixed set of this kind).
 DEFAULT_BANDWIDTHS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -26,8 +27,10 @@ class MixtureKernelCritic(nn.Module):
         k(a, b) = sum_s w_s exp(-||phi(a) - phi(b)||^2 / (2 s^2)),   w = softmax(logits)   (sum w = 1)
     """
 
-    def __init__(self, phi: nn.Module, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS):
+    def __init__(self, phi: nn.Module, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
+                 embedding_dim: int | None = None):
         super().__init__()
+        self.embedding_dim = embedding_dim
         if len(bandwidths) == 0 or min(bandwidths) <= 0:
             raise ValueError(f"MMD GAN bandwidths must be a non-empty list of positive numbers, got {list(bandwidths)}")
         self.phi = phi
@@ -49,9 +52,9 @@ class MixtureKernelCritic(nn.Module):
             e = self.phi(x.flatten(0, 1), labels.repeat_interleave(n))
         else:
             e = self.phi(x.flatten(0, 1))
-        if e.dim() != 2:
-            raise ValueError(f"the MMD GAN critic must return embeddings [B, E] (MLPCritic with out_dim > 1), got "
-                             f"{tuple(e.shape)}")
+        if e.dim() != 2 or e.shape[1] != (self.embedding_dim or e.shape[1]):
+            raise ValueError(f"the MMD GAN critic must return embeddings [B, {self.embedding_dim or 'E'}] (a critic "
+                             f"network with out_dim = method.embedding_dim), got {tuple(e.shape)}")
         return e.reshape(n_prob, n, -1)
 
     def kernel(self, a: Tensor, b: Tensor) -> Tensor:
@@ -66,17 +69,19 @@ class MMDGAN(Objective):
     """JKO MMD GAN. critic loss = -MMD_u^2 + penalty_weight * GP, generator loss = +MMD_u^2, with the learned
     kernel of MixtureKernelCritic and the unbiased estimator, per problem, averaged over the L problems.
 
-    ``critic``: the embedding phi, [B, *shape] -> [B, E] (MLPCritic with out_dim > 1); the objective wraps it with
-    the mixture logits, so ``self.critic`` is a MixtureKernelCritic. ``penalty_weight``: interpolated squared
-    gradient norm of the MMD witness, E ||grad_z f(z)||^2 at z = t x_real + (1 - t) x_gen (0 disables it).
+    ``critic``: the embedding phi, [B, *shape] -> [B, E], E = ``embedding_dim`` (gwf.build builds the critic
+    network with out_dim = method.embedding_dim; None: any E); the objective wraps it with the mixture logits, so
+    ``self.critic`` is a MixtureKernelCritic. ``penalty_weight``: the interpolated penalty of the MMD witness
+    (0 disables it).
     """
 
-    def __init__(self, critic: nn.Module, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
-                 penalty_weight: float = 0.0):
+    def __init__(self, critic: nn.Module, embedding_dim: int | None = None,
+                 bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS, penalty_weight: float = 0.0):
         super().__init__()
         if penalty_weight < 0:
             raise ValueError(f"method.penalty_weight must be >= 0, got {penalty_weight}")
-        self.critic = critic if isinstance(critic, MixtureKernelCritic) else MixtureKernelCritic(critic, bandwidths)
+        self.critic = (critic if isinstance(critic, MixtureKernelCritic)
+                       else MixtureKernelCritic(critic, bandwidths, embedding_dim))
         self.penalty_weight = penalty_weight
 
     def mmd2(self, x_gen: Tensor, x_real: Tensor, labels: Tensor | None) -> Tensor:
@@ -84,30 +89,29 @@ class MMDGAN(Objective):
         return mmd2_unbiased(self.critic(x_real, labels), self.critic(x_gen, labels), self.critic.kernel)
 
     def witness_penalty(self, x_gen: Tensor, x_real: Tensor, labels: Tensor | None,
-                        generator: torch.Generator | None = None) -> Tensor:
-        """E_z ||grad_z f(z)||^2 (scalar), f(z) = mean_j k(z, real_j) - mean_j k(z, gen_j), the empirical MMD witness,
-        at random interpolates of paired real and generated samples (the first min(N, M) of each); t ~ U[0, 1] per
-        pair, drawn from ``generator``."""
-        n = min(x_gen.shape[1], x_real.shape[1])
-        a, b = x_real[:, :n].detach(), x_gen[:, :n].detach()
-        t = torch.rand(a.shape[:2] + (1,) * (a.dim() - 2), generator=generator, device=a.device, dtype=a.dtype)
-        z = (t * a + (1 - t) * b).requires_grad_(True)
-        ez, er, eg = self.critic(z, labels), self.critic(x_real, labels), self.critic(x_gen, labels)
-        f = self.critic.kernel(ez, er).mean(2) - self.critic.kernel(ez, eg).mean(2)  # [L, n]
-        (grad,) = torch.autograd.grad(f.sum(), z, create_graph=True)
-        return grad.flatten(2).square().sum(-1).mean()
+                        rng: torch.Generator | None = None) -> Tensor:
+        """E_z ||grad_z f(z)||^2 (the interpolated penalty) of the empirical MMD witness
+        f(z) = mean_j k(z, real_j) - mean_j k(z, gen_j), at interpolates of the first min(N, M) real and generated
+        samples of each problem."""
+        n_prob, n = x_real.shape[0], min(x_gen.shape[1], x_real.shape[1])
 
-    def critic_loss(self, x_gen: Tensor, real: RealBatch,
-                    generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        def witness(z: Tensor, _labels=None) -> Tensor:  # z [L*n, *shape] -> [L*n]
+            ez = self.critic(z.reshape(n_prob, n, *z.shape[1:]), labels)
+            er, eg = self.critic(x_real, labels), self.critic(x_gen, labels)
+            return (self.critic.kernel(ez, er).mean(2) - self.critic.kernel(ez, eg).mean(2)).flatten()
+
+        return interpolated_penalty(witness, x_real[:, :n].flatten(0, 1), x_gen[:, :n].flatten(0, 1), rng=rng)
+
+    def critic_loss(self, x_gen: Tensor, real: RealBatch, rng: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         mmd2 = self.mmd2(x_gen.detach(), real.pos, real.labels).mean()
         loss = -mmd2
         logs = {"mmd2": mmd2.detach()}
         if self.penalty_weight > 0:
-            gp = self.witness_penalty(x_gen.detach(), real.pos, real.labels, generator)
+            gp = self.witness_penalty(x_gen.detach(), real.pos, real.labels, rng)
             loss = loss + self.penalty_weight * gp
             logs["gp"] = gp.detach()
         return loss, logs
 
-    def generator_loss(self, gen: GenBatch, real: RealBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def generator_loss(self, gen: GenBatch, real: RealBatch, rng: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         mmd2 = self.mmd2(gen.x, real.pos, real.labels).mean()
         return mmd2, {"mmd2": mmd2.detach()}

@@ -2,7 +2,7 @@
 
 Every penalty differentiates the critic w.r.t. its input with ``create_graph=True``, so the penalty's own gradient
 reaches the critic's parameters (double backprop). Inputs are detached copies: the penalty never moves samples.
-Randomness (the interpolation weights) comes from the ``generator`` argument.
+Randomness (the interpolation weights) comes from the ``rng`` argument.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ def _input_grad(critic: nn.Module, x: Tensor, labels: Tensor | None) -> Tensor:
     return grad.flatten(1).float()
 
 
-def _interpolate(x_real: Tensor, x_fake: Tensor, generator: torch.Generator | None) -> Tensor:
-    """x_hat = eps x_real + (1 - eps) x_fake with eps ~ U[0, 1] drawn as torch.rand(B, generator=generator)."""
+def _interpolate(x_real: Tensor, x_fake: Tensor, rng: torch.Generator | None) -> Tensor:
+    """x_hat = eps x_real + (1 - eps) x_fake with eps ~ U[0, 1] drawn as torch.rand(B, rng=rng)."""
     if x_real.shape != x_fake.shape:
         raise ValueError(f"interpolation pairs real and fake samples: shapes {tuple(x_real.shape)} and "
                          f"{tuple(x_fake.shape)} differ")
-    eps = torch.rand(x_real.shape[0], generator=generator, device=x_real.device, dtype=x_real.dtype)
+    eps = torch.rand(x_real.shape[0], generator=rng, device=x_real.device, dtype=x_real.dtype)
     eps = eps.view(-1, *[1] * (x_real.dim() - 1))
     return eps * x_real.detach() + (1 - eps) * x_fake.detach()
 
@@ -45,14 +45,14 @@ def r2_penalty(critic: nn.Module, x_fake: Tensor, labels: Tensor | None = None) 
 
 # Interpolated squared norm ([GWF] code, weight 10): E_{x_hat} ||grad d(x_hat)||^2, x_hat = eps x_real + (1-eps) x_fake
 def interpolated_penalty(critic: nn.Module, x_real: Tensor, x_fake: Tensor, labels: Tensor | None = None,
-                         generator: torch.Generator | None = None) -> Tensor:
-    return _input_grad(critic, _interpolate(x_real, x_fake, generator), labels).pow(2).sum(1).mean()
+                         rng: torch.Generator | None = None) -> Tensor:
+    return _input_grad(critic, _interpolate(x_real, x_fake, rng), labels).pow(2).sum(1).mean()
 
 
 # WGAN-GP (Gulrajani et al. 2017): E_{x_hat} (||grad d(x_hat)|| - 1)^2
 def wgan_gp_penalty(critic: nn.Module, x_real: Tensor, x_fake: Tensor, labels: Tensor | None = None,
-                    generator: torch.Generator | None = None) -> Tensor:
-    grad = _input_grad(critic, _interpolate(x_real, x_fake, generator), labels)
+                    rng: torch.Generator | None = None) -> Tensor:
+    grad = _input_grad(critic, _interpolate(x_real, x_fake, rng), labels)
     return ((grad.pow(2).sum(1) + _NORM_EPS).sqrt() - 1).pow(2).mean()
 
 
@@ -72,7 +72,7 @@ def check_penalty_name(name: str | None) -> None:
 
 
 def penalty(name: str | None, weight: float, critic: nn.Module, x_real: Tensor, x_fake: Tensor,
-            labels: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+            labels: Tensor | None = None, rng: torch.Generator | None = None) -> Tensor:
     """weight * penalty on grouped samples: x_real [L, M, *shape], x_fake [L, N, *shape], labels [L] or None.
 
     R1 uses all L*M reals, R2 all L*N fakes; interpolation pairs the first K = min(M, N) samples of each problem
@@ -89,15 +89,13 @@ def penalty(name: str | None, weight: float, critic: nn.Module, x_real: Tensor, 
     def per_sample(k: int) -> Tensor | None:
         return None if labels is None else labels.repeat_interleave(k)
 
-    if name == "r1+r2":
-        value = (r1_penalty(critic, x_real.flatten(0, 1), per_sample(M))
-                 + r2_penalty(critic, x_fake.flatten(0, 1), per_sample(N)))
-    elif name == "r1":
-        value = r1_penalty(critic, x_real.flatten(0, 1), per_sample(M))
-    elif name == "r2":
-        value = r2_penalty(critic, x_fake.flatten(0, 1), per_sample(N))
-    else:
+    if name not in ("r1", "r2", "r1+r2"):
         K = min(M, N)
-        value = PENALTIES[name](critic, x_real[:, :K].flatten(0, 1), x_fake[:, :K].flatten(0, 1), per_sample(K),
-                                generator=generator)
+        return weight * PENALTIES[name](critic, x_real[:, :K].flatten(0, 1), x_fake[:, :K].flatten(0, 1),
+                                        per_sample(K), rng=rng)
+    value = x_real.new_zeros((), dtype=torch.float32)
+    if name != "r2":
+        value = value + r1_penalty(critic, x_real.flatten(0, 1), per_sample(M))
+    if name != "r1":
+        value = value + r2_penalty(critic, x_fake.flatten(0, 1), per_sample(N))
     return weight * value

@@ -16,12 +16,11 @@ ENGINES = {
 }
 
 # Imported after ENGINES: velocity looks engines up in gwf.ot.ENGINES.
-from gwf.ot.velocity import ESTIMATORS, mean_squared_distance, relative_eps, sinkhorn_velocity  # noqa: E402
+from gwf.ot.velocity import mean_squared_distance, relative_eps, sinkhorn_velocity  # noqa: E402
 
 __all__ = [
     "DEFAULT_N_ITERS",
     "ENGINES",
-    "ESTIMATORS",
     "barycentric_projection",
     "barycentric_projection_geomloss",
     "mean_squared_distance",

@@ -33,17 +33,13 @@ import torch
 from torch import Tensor
 
 import gwf.ot as _ot  # the engine registry gwf.ot.ENGINES (defined before this module is imported)
-from gwf.constants import DEFAULT_EPS_REL, DEFAULT_N_ITERS
+from gwf.constants import DEFAULT_EPS_REL, DEFAULT_N_ITERS, ESTIMATORS, RMS_FLOOR_REL
 from gwf.ot.sinkhorn import check_point_clouds, fp32_island
 
-ESTIMATORS = ("two_batch", "single", "masked")
 
 # Absolute floor of eps, so that identical points (all distances 0) give a finite problem: any eps > 0 gives the
 # uniform plan there.
 _EPS_FLOOR = 1e-12
-# RMS floor, relative to the per-coordinate scale sqrt(mean ||x_i - t_j||^2 / D): the official code's
-# sqrt(1e-8) in its normalized features (where that scale is 1).
-_RMS_FLOOR_REL = 1e-4
 
 
 def mean_squared_distance(x: Tensor, y: Tensor | Sequence[Tensor]) -> Tensor:
@@ -162,6 +158,6 @@ def sinkhorn_velocity(
 
         v_rms = v.square().mean(dim=(1, 2)).sqrt()  # [B]
         if rms_normalize:
-            floor = _RMS_FLOOR_REL * (eps / (eps_rel * x.shape[2])).sqrt()
+            floor = RMS_FLOOR_REL * (eps / (eps_rel * x.shape[2])).sqrt()
             v.div_(torch.maximum(v_rms, floor).clamp(min=torch.finfo(torch.float32).tiny)[:, None, None])
     return v, {"eps": eps, "v_rms": v_rms}

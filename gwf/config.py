@@ -1,0 +1,52 @@
+"""Config keys that were renamed so that each word means one unit (docs/conventions.md, "Units"): "update" = one
+generator update of the training loop, "step" = a JKO step or an optimizer step. Old keys are refused with the new
+name; configs stored by older runs (checkpoints, run directories) are upgraded. Plain dicts: no Hydra here."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+RENAMED = {
+    "checkpoint.every_n_steps": "checkpoint.every_n_updates",
+    "checkpoint.steps_per_job": "checkpoint.updates_per_job",
+    "jko.inner_first": "jko.updates_first_step",
+    "jko.inner": "jko.updates_per_step",
+    "batch.labels_per_step": "batch.labels_per_update",
+    "batch.uncond_per_step": "batch.uncond_per_update",
+    "method.d_steps": "loop.critic_steps",
+    "method.t_steps": "loop.generator_steps",
+    "method.critic_optim": "critic_optim",
+    "method.critic_out_dim": "method.embedding_dim",
+}
+
+
+def refuse_renamed(keys: Iterable[str]) -> None:
+    """A clear error naming the new keys, for command-line overrides or the keys a composed config sets."""
+    old = sorted({k for k in keys if k in RENAMED})
+    if old:
+        raise ValueError("renamed config keys: " + ", ".join(f"{k} -> {RENAMED[k]}" for k in old)
+                         + " (docs/conventions.md, 'Units'); use the new names")
+
+
+def set_keys(config: dict) -> list[str]:
+    """The renamed keys that ``config`` (nested dicts) still sets to something other than null."""
+    def get(node, dotted: str):
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    return [k for k in RENAMED if get(config, k) is not None]
+
+
+def upgrade_config(config: dict) -> dict:
+    """A copy of a config stored by an older run, with its renamed keys moved to the new names."""
+    import copy
+
+    config = copy.deepcopy(config)
+    for old, new in RENAMED.items():
+        (old_parent, old_leaf), (new_parent, new_leaf) = old.rpartition(".")[::2], new.rpartition(".")[::2]
+        source = config.get(old_parent) if isinstance(config.get(old_parent), dict) else None
+        if source is not None and old_leaf in source:
+            target = config.setdefault(new_parent, {}) if new_parent else config
+            target[new_leaf] = source.pop(old_leaf)
+    return config
