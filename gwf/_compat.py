@@ -1,14 +1,8 @@
 """Make torchvision importable next to a CPU-only torch.
 
-torchvision 0.28.0 (the only build matching torch 2.13.0 on PyPI) is a CUDA build. With the CPU wheel of torch,
-``import torchvision`` fails in ``torchvision/_meta_registrations.py`` ("operator torchvision::nms does not
-exist"), and because torchmetrics imports torchvision whenever it is installed, ``import lightning`` and
-``import torch_fidelity`` fail the same way. Registering an empty module under that name before torchvision is
-first imported makes everything we use import (utils.make_grid, transforms, models); the compiled ops
-(ops.nms, roi_align, io's jpeg functions) stay unavailable, and gwf never calls them.
-
-On a CUDA build of torch nothing is done. Importing ``gwf`` applies this, so import ``gwf`` before
-lightning/torchmetrics/torch_fidelity in your own scripts (gwf's entry points and tests do).
+The CUDA build of torchvision fails to import with a CPU torch (in ``torchvision/_meta_registrations.py``), and
+lightning, torchmetrics and torch_fidelity import it. Registering an empty module under that name first makes what gwf
+uses import; the compiled ops stay unavailable. Importing ``gwf`` applies this (before lightning and the others).
 """
 
 from __future__ import annotations

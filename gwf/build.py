@@ -86,7 +86,7 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int, world_size: int 
         num_classes=num_classes, labels_per_update=b["labels_per_update"] if num_classes else 1,
         alpha_max=b["alpha_max"] if num_classes else 1.0, alpha_power=b["alpha_power"],
         alpha_one_fraction=b["alpha_one_fraction"])
-    jko = c["jko"]
+    jko, loop = c["jko"], c.get("loop", {})
     return GWFModule(
         generator, objective, data_shape=tuple(data_shape), conditioning=conditioning,
         schedule=JKOSchedule(jko["steps"], jko["updates_per_step"], jko.get("updates_first_step")),
@@ -95,7 +95,7 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int, world_size: int 
                           b["uncond_per_update"] if conditioning.guided else 0, b["bank_capacity"]),
         optim=OptimConfig(**c["optim"]),
         critic_optim=OptimConfig(**c["critic_optim"]) if objective.critic is not None else None,
-        critic_steps=c.get("loop", {}).get("critic_steps", 1), generator_steps=c.get("loop", {}).get("generator_steps", 1),
+        critic_steps=loop.get("critic_steps", 1), generator_steps=loop.get("generator_steps", 1),
         ema_decay=c["ema_decay"], seed=c["seed"], source=make_sampler(c["source"]) if c.get("source") else None,
         config=c,
     )

@@ -14,15 +14,9 @@ from gwf.viz import save_image_grid, save_metric_curves, save_scatter, save_traj
 
 
 class EvalCallback(L.Callback):
-    """Every ``every_n_updates`` updates (and at the start and the end of training), samples ``num_samples``
-    points from the EMA generator with fixed noise (labels balanced over classes, guidance ``alpha``), scores them
-    with the evaluator (``evaluate(x, labels) -> dict``), logs the metrics to every logger, and writes under the run
-    directory: ``samples/update_XXXXXXX.png`` (grid with one row per class, or a 2D scatter plot), ``eval.csv``,
-    ``eval_curves.png``, ``eval_summary.json`` (first and last evaluation) and, for 2D data, ``trajectories.png``
-    (paths of 64 fixed particles through the evaluations). Loggers that take images (``log_image``: wandb) get the
-    pictures; at the end, loggers with ``log_table`` get a one-row summary table (objective, tau, seed, final
-    metrics) and wandb run summary keys ``final/*``, so runs of a sweep line up in one table.
-    Only global rank 0 evaluates and writes; the other ranks return at once."""
+    """Every ``every_n_updates`` updates, and at the start and end of training, scores ``num_samples`` EMA samples
+    of fixed noise (labels balanced over classes) with ``evaluator().evaluate(x, labels) -> dict``, logs the metrics
+    and writes eval.csv, eval_summary.json and pictures into the run directory (docs/evaluation.md). Rank 0 only."""
 
     def __init__(self, evaluator: Callable[[], object], every_n_updates: int = 1000, num_samples: int = 1000,
                  alpha: float | None = None, grid_per_class: int = 10, seed: int = 12345):

@@ -8,11 +8,10 @@ import torch
 from torch import Tensor
 
 
-def sample_alpha(
-    n: int, alpha_max: float, power: float, one_fraction: float, generator: torch.Generator, device=None
-) -> Tensor:
-    """alpha on [1, alpha_max] with density proportional to alpha^-power ([WF] Sec. 4: k = 3-5), a fraction
-    ``one_fraction`` forced to alpha = 1 (no guidance). Inverse-CDF sampling; returns [n] float32."""
+def sample_alpha(n: int, alpha_max: float, power: float, one_fraction: float, generator: torch.Generator,
+                 device=None) -> Tensor:
+    """[n] float32 alpha on [1, alpha_max] with density proportional to alpha^-power ([WF] Sec. 4), a fraction
+    ``one_fraction`` forced to 1 (no guidance); inverse-CDF sampling."""
     u = torch.rand(n, generator=generator, device=device)
     if alpha_max <= 1.0:
         return torch.ones(n, device=device)
@@ -38,9 +37,8 @@ class ConditioningSampler:
 
     def __post_init__(self):
         if self.num_classes > 0 and not 1 <= self.labels_per_update <= self.num_classes:
-            raise ValueError(
-                f"batch.labels_per_update must be in [1, num_classes={self.num_classes}], got {self.labels_per_update}"
-            )
+            raise ValueError(f"batch.labels_per_update must be in [1, num_classes={self.num_classes}], "
+                             f"got {self.labels_per_update}")
 
     @property
     def conditional(self) -> bool:
@@ -56,7 +54,6 @@ class ConditioningSampler:
         labels = torch.randperm(self.num_classes, generator=generator, device=device)[: self.labels_per_update]
         alpha = None
         if self.guided:
-            alpha = sample_alpha(
-                len(labels), self.alpha_max, self.alpha_power, self.alpha_one_fraction, generator, device
-            )
+            alpha = sample_alpha(len(labels), self.alpha_max, self.alpha_power, self.alpha_one_fraction, generator,
+                                 device)
         return labels, alpha

@@ -4,17 +4,14 @@
 SD_VAE_LATENT_SCALE = 0.18215
 SD_VAE_LATENT_SHAPE = (4, 32, 32)
 
-# W-Flow's relative entropic regularization: eps = R * mean squared pairwise distance ([WF] official recipe,
-# robust over 0.025-0.075).
-DEFAULT_EPS_REL = 0.05
+DEFAULT_EPS_REL = 0.05  # W-Flow's relative eps R ([WF] official recipe; docs/conventions.md)
 # W-Flow's self-transport estimators: q' = a second batch (the paper's), q' = q (the ablation), q' = q self-masked.
 ESTIMATORS = ("two_batch", "single", "masked")
-# Floor of a field's RMS before normalization, relative to the per-coordinate distance scale (W-Flow and Drifting):
-# the official code's sqrt(1e-8) in its normalized features, where that scale is 1.
+# Floor of a field's RMS before normalization, relative to the per-coordinate distance scale (W-Flow and Drifting).
 RMS_FLOOR_REL = 1e-4
 # Drifting's temperatures, relative to the mean pairwise distance ([DRIFT] App. A.6).
 DRIFT_TEMPERATURES = (0.2, 0.05, 0.02)
-# Sinkhorn iterations of the own engine (the official W-Flow code uses 20) and geomloss's eps-scaling factor.
+# Sinkhorn iterations of the own engine (as the official W-Flow code) and geomloss's eps-scaling factor.
 DEFAULT_N_ITERS = 20
 DEFAULT_GEOMLOSS_SCALING = 0.95
 

@@ -1,10 +1,11 @@
-"""``gwf-eval``: FID, Inception Score, KID and precision/recall of generated samples (gwf-sample's samples.npz, or
+r"""``gwf-eval``: FID, Inception Score, KID and precision/recall of generated samples (gwf-sample's samples.npz, or
 an ADM-style .npz with uint8 ``arr_0``) against a reference, through torch-fidelity. Writes a JSON next to the
 samples.
 
     gwf-eval --samples runs/digits_wflow/default/generated/last_ema_n1000/samples.npz \
              --ref 'data/digits/train-{000000..000003}.tar' --extractor digits --metrics fid,kid,isc,prc
-    gwf-eval --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz --weights weights-inception-2015-12-05-6726825d.pth
+    gwf-eval --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz \
+             --weights weights-inception-2015-12-05-6726825d.pth
     gwf-eval --ref path/to/cifar10_train_pngs --save-stats cifar10_train_inception.npz     # precompute statistics
 
 ``--extractor auto`` (default) uses the digit classifier for [1, 8, 8] samples and Inception otherwise.
@@ -12,7 +13,7 @@ samples.
 
 from __future__ import annotations
 
-import gwf  # noqa: F401  (first: makes torchvision importable next to a CPU torch)
+import gwf  # first: makes torchvision importable next to a CPU torch
 
 import argparse
 import json
@@ -23,18 +24,9 @@ import torch
 
 from gwf.constants import DIGITS_SHAPE
 from gwf.data.digits import CLASSIFIER_FILE
-from gwf.eval.fidelity import (
-    DIGITS_EXTRACTOR,
-    INCEPTION_EXTRACTOR,
-    METRICS,
-    UINT8_EXTRACTORS,
-    compute_metrics,
-    extractor_name,
-    load_reference,
-    load_samples,
-    reference_statistics,
-    resolve_inception_weights,
-)
+from gwf.eval.fidelity import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, METRICS, UINT8_EXTRACTORS, compute_metrics,
+                               extractor_name, load_reference, load_samples, reference_statistics,
+                               resolve_inception_weights)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,8 +102,7 @@ def run(argv=None) -> dict:
     return result
 
 
-def main(argv=None) -> None:
-    run(argv)  # console scripts exit with main()'s return value: keep it None
+main = gwf.console_main(run)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,8 @@
-"""The parametric JKO step, written once for every objective ([GWF] Eq. 25; conventions in docs/conventions.md).
+"""The parametric JKO step, written once for every objective ([GWF] Eq. 25; tau and lambda2 in docs/conventions.md):
 
     theta_{k+1} = argmin_theta  F(G_theta # mu0) + 1/(2 tau) E_z || G_theta(z) - G_{theta_k}(z) ||^2
 
-||.||^2 is summed over data dimensions and averaged over the batch, so the term is W2^2 / (2 tau) for the coupling
-z -> z; the official code's ``--lambda2 L`` is ``tau = L * D / 2`` (:func:`tau_from_official_lambda2`). tau None is
-the "no JKO" baseline. G_{theta_k} is the raw (not EMA) generator, refreshed at the end of each JKO step; critic,
-optimizers, EMA and LR schedule are not reset. G_{theta_0} is a frozen copy of the initial generator
-(``start="generator"``) or the identity on the noise (``start="noise"``: the flow starts from mu0 itself).
+tau None is the "no JKO" baseline.
 """
 
 from __future__ import annotations
@@ -37,7 +33,8 @@ class JKOSchedule:
 
     def __post_init__(self):
         if self.steps < 1 or self.first < 1 or (self.steps > 1 and self.updates_per_step < 1):
-            raise ValueError(f"the JKO schedule needs jko.steps >= 1 and positive update counts, got steps={self.steps}, "
+            raise ValueError(f"the JKO schedule needs jko.steps >= 1 and positive update counts, "
+                             f"got steps={self.steps}, "
                              f"updates_first_step={self.updates_first_step}, updates_per_step={self.updates_per_step}")
 
     @property
@@ -73,8 +70,8 @@ class JKOProximal(nn.Module):
         self.tau = tau
         # No copy at all for tau = None: the baseline carries no extra state.
         self.previous = self._frozen_copy(generator) if tau is not None else None
-        # start="noise": the first step is measured from mu0 itself, T_0 = identity on z; needs noise of the data's
-        # shape. A buffer, so checkpoints taken before and after the first refresh have the same keys.
+        # start="noise": T_0 = identity on z (needs noise of the data's size). A buffer, so checkpoints taken before
+        # and after the first refresh have the same keys.
         self.register_buffer("from_noise", torch.tensor(start == "noise"))
 
     @staticmethod
@@ -95,20 +92,17 @@ class JKOProximal(nn.Module):
             b_prev.copy_(b)
 
     def forward(self, x: Tensor, *gen_inputs, train_mode: bool = True) -> Tensor:
-        """Proximal term for samples ``x = G_theta(*gen_inputs)``; the SAME inputs (noise z, labels, alpha) go
-        through the frozen copy, in the generator's mode ``train_mode`` (batch-norm generators: batch statistics in
-        both, so equal weights give a zero term; the official code runs it in eval mode, docs/differences.md).
-        Returns a scalar (0 when tau is None)."""
+        """Scalar proximal term (0 when tau is None) for ``x = G_theta(*gen_inputs)``: the SAME inputs go through
+        the frozen copy, in the generator's mode ``train_mode`` (so equal weights give 0 with batch norm too)."""
         if self.previous is None:
             return x.new_zeros(())
         with torch.no_grad():
             if bool(self.from_noise):
                 z = gen_inputs[0]
                 if z[0].numel() != x[0].numel():
-                    raise ValueError(
-                        f"jko.start=noise needs noise of the data's size (T_0 = identity), got noise {tuple(z.shape[1:])} "
-                        f"for data {tuple(x.shape[1:])}: set model.noise_dim to the data dimension or jko.start=generator"
-                    )
+                    raise ValueError(f"jko.start=noise needs noise of the data's size (T_0 = identity), got noise "
+                                     f"{tuple(z.shape[1:])} for data {tuple(x.shape[1:])}: set model.noise_dim to the "
+                                     "data dimension or jko.start=generator")
                 x_prev = z.reshape(x.shape)
             else:
                 x_prev = self.previous.train(train_mode)(*gen_inputs)

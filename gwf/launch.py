@@ -1,5 +1,5 @@
 """How a training process is launched: Hydra resolvers for run directories and SLURM, and the workarounds that
-Hydra sweeps and Lightning's own DDP launcher need (DESIGN sec. 4). Nothing here runs at import."""
+Hydra sweeps and Lightning's own DDP launcher need (docs/clusters.md). Nothing here runs at import."""
 
 from __future__ import annotations
 

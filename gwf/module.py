@@ -57,48 +57,28 @@ PROGRESS_BAR_KEYS = ("train/gen_loss", "train/v_rms", "train/critic_loss", "trai
 
 
 class GWFModule(L.LightningModule):
-    def __init__(
-        self,
-        generator: nn.Module,
-        objective: Objective,
-        data_shape: tuple[int, ...],
-        conditioning: ConditioningSampler,
-        schedule: JKOSchedule,
-        tau: float | None = None,
-        jko_start: str = "generator",
-        sizes: UpdateSizes = UpdateSizes(),
-        optim: OptimConfig = OptimConfig(),
-        critic_optim: OptimConfig | None = None,
-        critic_steps: int = 1,
-        generator_steps: int = 1,
-        ema_decay: float = 0.999,
-        seed: int = 0,
-        source: Callable[[int, torch.Generator], Tensor] | None = None,
-        config: dict | None = None,
-    ):
+    def __init__(self, generator: nn.Module, objective: Objective, data_shape: tuple[int, ...],
+                 conditioning: ConditioningSampler, schedule: JKOSchedule, tau: float | None = None,
+                 jko_start: str = "generator", sizes: UpdateSizes = UpdateSizes(), optim: OptimConfig = OptimConfig(),
+                 critic_optim: OptimConfig | None = None, critic_steps: int = 1, generator_steps: int = 1,
+                 ema_decay: float = 0.999, seed: int = 0,
+                 source: Callable[[int, torch.Generator], Tensor] | None = None, config: dict | None = None):
         super().__init__()
         self.automatic_optimization = False
         if config is not None:  # the composed Hydra config travels with every checkpoint
             self.save_hyperparameters({"config": config})
-        self.generator = generator
-        self.objective = objective
+        self.generator, self.objective = generator, objective
         self.data_shape = tuple(int(s) for s in data_shape)
-        self.conditioning = conditioning
-        self.schedule = schedule
+        self.conditioning, self.schedule = conditioning, schedule
         self.jko = JKOProximal(generator, tau, jko_start)
         self.ema = EMA(generator, ema_decay)
-        self.sizes = sizes
-        self.optim = optim
-        self.critic_optim = critic_optim or optim
+        self.sizes, self.optim, self.critic_optim = sizes, optim, critic_optim or optim
         self.critic_steps, self.generator_steps = critic_steps, generator_steps  # optimizer steps per update
         self.seed = seed
-        # Generator input: standard Gaussian noise, or samples of a source distribution (domain transfer, e.g. a 2D
-        # sampler (n, torch.Generator) -> [n, *noise_shape], drawn on the CPU).
-        self.source = source
+        self.source = source  # generator input: None (Gaussian noise) or a CPU sampler (n, Generator) -> [n, *shape]
         self.bank = ClassBank(conditioning.num_classes, sizes.bank_capacity, self.data_shape, sizes.uncond_per_update)
         self.register_buffer("update_count", torch.zeros((), dtype=torch.long))
-        # Batches consumed from this rank's data stream: a resumed run replays the stream to this position
-        # (gwf/checkpointing.py), so it reads what the uninterrupted run reads.
+        # Batches consumed from this rank's data stream: a resumed run replays the stream to here (gwf/checkpointing.py)
         self.register_buffer("data_position", torch.zeros((), dtype=torch.long))
 
     # ----------------------------------------------------------------------------------------------- sampling
@@ -106,9 +86,8 @@ class GWFModule(L.LightningModule):
         """Generator for the current update, this rank and a named stream."""
         return make_generator(self.device, self.seed, self.global_rank, int(self.update_count), *stream)
 
-    def generate(
-        self, model: nn.Module, labels: Tensor | None, alpha: Tensor | None, n: int, rng: torch.Generator
-    ) -> tuple[Tensor, tuple]:
+    def generate(self, model: nn.Module, labels: Tensor | None, alpha: Tensor | None, n: int,
+                 rng: torch.Generator) -> tuple[Tensor, tuple]:
         """n samples per label: x [L, n, *shape] and the generator inputs (z, labels, alpha), flattened to L*n."""
         num_problems = 1 if labels is None else len(labels)
         z = self.draw_inputs(num_problems * n, model.noise_shape, rng)
@@ -217,7 +196,8 @@ class GWFModule(L.LightningModule):
             self.jko.refresh(self.generator)  # G_{theta_k} <- G_theta at the end of outer step k
         self.update_count += 1
         if self._logs_due():
-            logs.update({"jko/outer_step": float(self.schedule.locate(update)[0]), "train/lr": schedulers[0].get_last_lr()[0]})
+            logs.update({"jko/outer_step": float(self.schedule.locate(update)[0]),
+                         "train/lr": schedulers[0].get_last_lr()[0]})
             logs = self._mean_over_ranks(logs)
             self.log_dict(logs, on_step=True, prog_bar=False, sync_dist=False)
             shown = {k.split("/")[1]: logs[k] for k in PROGRESS_BAR_KEYS if k in logs}
@@ -226,14 +206,13 @@ class GWFModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def _logs_due(self) -> bool:
-        """Whether Lightning writes this batch's step metrics. self.log costs about 1 ms a value (a third of a small
-        2D update), so values are only handed over when they will be written (every trainer.log_every_n_steps)."""
+        """Whether Lightning writes this batch's step metrics: self.log is costly, so values are only handed over
+        when they will be written (every trainer.log_every_n_steps)."""
         connector = getattr(self.trainer, "_logger_connector", None)  # private, stable in Lightning 2.x
         return bool(getattr(connector, "should_update_logs", True))
 
     def _mean_over_ranks(self, logs: dict) -> dict:
-        """Step metrics averaged over DDP ranks with one all-reduce (every rank logs the same keys at the same
-        update: ``_logs_due`` depends on the step only)."""
+        """Step metrics averaged over DDP ranks with one all-reduce (every rank logs the same keys)."""
         if self.trainer.world_size <= 1:
             return logs
         keys = sorted(logs)
@@ -252,11 +231,8 @@ class GWFModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- checkpoint hooks
     def rank_local_state(self) -> dict[str, Tensor]:
-        """The state that may differ across DDP ranks: every persistent buffer (DDP runs with broadcast_buffers
-        false), i.e. the class bank filled from this rank's data stream, the stream position, and batch-norm running
-        statistics of the generator and of its EMA and frozen copies. Parameters and optimizer states are replicated
-        (gradients are averaged) and live in the main checkpoint written by rank 0; this goes in a per-rank side file
-        (gwf/checkpointing.py). CPU copies."""
+        """CPU copies of the state that may differ across DDP ranks, every persistent buffer (class bank, stream
+        position, batch-norm statistics), for the per-rank side file of gwf/checkpointing.py."""
         keys = self._rank_local_keys()
         return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k in keys}
 

@@ -5,12 +5,8 @@
                         [--batch-size 32] [--workers P] [--device auto]
     gwf-prepare digits  --out data/digits
 
-Every shard is a planned job: a fixed list of source images (class then path order, split into train/val, chunked by
---samples-per-shard). A worker writes the shard under a hidden temporary name, records it in .records/<shard>.json
-(sha256, counts, undecodable files, fingerprint of its inputs and settings), then renames it into place. A rerun skips
-the shards whose file matches its record, redoes the missing ones (dropping partial temporary files), and stops rather
-than overwrite a complete shard made from other inputs or settings (--overwrite redoes it). manifest.json is written
-at the end, from the records.
+A rerun skips the shards that match their record in .records/, redoes the missing ones, and refuses to overwrite a
+complete shard made from other inputs or settings (--overwrite redoes it). Formats and protocol: data/README.md.
 """
 
 from __future__ import annotations
@@ -36,7 +32,8 @@ from tqdm import tqdm
 from gwf.constants import (IMAGES_SAMPLES_PER_SHARD, LABEL_KEY, LATENTS_SAMPLES_PER_SHARD, SD_VAE_RESOLUTION,
                            TENSOR_KEY)  # fmt: skip
 from gwf.data.images import Item, PixelShards, sample_key, scan_image_folder
-from gwf.data.shards import atomic_write, encode_sample, read_json, sha256_file, shard_name, shard_pattern, temporary_path
+from gwf.data.shards import (encode_sample, read_json, sha256_file, shard_name, shard_pattern, temporary_path,
+                             write_json)
 
 MANIFEST_FILE = "manifest.json"
 RECORDS_DIR = ".records"
@@ -82,10 +79,6 @@ def fingerprint(job: ShardJob, src: Path, settings: dict) -> str:
     return hashlib.sha256(json.dumps([job.name, items, job.keys, settings], sort_keys=True).encode()).hexdigest()
 
 
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write(lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()), path)
-
-
 def is_complete(out: Path, job: ShardJob, fp: str, overwrite: bool = False) -> bool:
     """True when the shard exists and matches its record; False when it must be (re)written; raises rather than let a
     complete shard be overwritten (unless ``overwrite``)."""
@@ -125,7 +118,7 @@ def write_shard(out: Path, job: ShardJob, maker, fp: str, on_item=lambda n: None
         record = dict(name=job.name, split=job.split, fingerprint=fp, sha256=sha256_file(tmp),
                       count=sum(counts.values()), class_counts={str(c): n for c, n in sorted(counts.items())},
                       corrupt=corrupt)  # fmt: skip
-        _write_json(out / RECORDS_DIR / f"{job.name}.json", record)
+        write_json(out / RECORDS_DIR / f"{job.name}.json", record)
         os.replace(tmp, path)  # atomic: the shard appears complete, or not at all
     finally:
         tmp.unlink(missing_ok=True)
@@ -205,7 +198,7 @@ def write_manifest(out: Path, src: Path, classes: list[str], jobs: list[ShardJob
         settings=maker.settings(), options=options, splits=splits,
         corrupt=dict(count=len(corrupt), files=corrupt), sha256={r["name"]: r["sha256"] for r in records},
     )  # fmt: skip
-    _write_json(out / MANIFEST_FILE, manifest)
+    write_json(out / MANIFEST_FILE, manifest)
     return manifest
 
 

@@ -1,18 +1,9 @@
-"""``gwf-report``: a Hydra sweep (objective x tau x seed) as the table and figures of a paper.
+"""``gwf-report``: a Hydra sweep (objective x tau x seed) as a table (Markdown, CSV) and figures.
 
     gwf-report runs/gwf_2d/multirun --metric sinkhorn_div          # -> runs/gwf_2d/multirun/report/
     gwf-report runs/gwf_2d/multirun --wandb-project me/gwf          # the same from wandb run summaries
 
-Reads every run directory under the sweep (``config.yaml``, ``eval.csv``, ``eval_summary.json``) and writes, for
-the final value of ``--metric`` (default: sinkhorn_div for 2D runs, fd for digits):
-- ``table_<metric>.md`` / ``.csv``: objectives as rows, columns "no JKO" (jko.tau null) then tau ascending, cells
-  "mean ± std" over seeds (sample std, ddof = 1; a lone seed shows its value), the best mean of each column in
-  bold ([GWF]'s CIFAR-10 table layout);
-- ``curves_<metric>.png``: the metric against the update, one panel per objective, one line per tau (mean over
-  seeds); ``heatmap_<metric>.png``: objective x tau of the final mean.
-A run whose ``eval_summary.json`` is missing, or whose last evaluated update is short of the schedule's total
-(gwf.jko.JKOSchedule.total_updates), is listed under "Incomplete or crashed runs" and averaged nowhere.
-Override keys other than method / jko.tau / seed that vary across the sweep become part of the row label.
+Incomplete or crashed runs are listed, never averaged. Outputs and layout: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -27,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from gwf import console_main
 from gwf.config import upgrade_config
 from gwf.jko import JKOSchedule
 
@@ -156,13 +148,18 @@ def column_name(tau: float | None) -> str:
     return NO_JKO if tau is None else f"tau={tau:g}"
 
 
+def labelled(runs: list[Run]) -> list[tuple[str, Run]]:
+    """(row label, run) of the complete runs."""
+    varying = varying_keys(runs)
+    return [(row_label(r, varying), r) for r in runs if r.complete]
+
+
 def aggregate(runs: list[Run], metric: str) -> dict:
     """{(row label, tau): values over seeds} of the complete runs' final ``metric``."""
-    varying = varying_keys(runs)
     cells: dict = {}
-    for r in runs:
-        if r.complete and metric in r.final:
-            cells.setdefault((row_label(r, varying), r.tau), []).append(float(r.final[metric]))
+    for label, r in labelled(runs):
+        if metric in r.final:
+            cells.setdefault((label, r.tau), []).append(float(r.final[metric]))
     return cells
 
 
@@ -227,11 +224,10 @@ def write_csv(rows, columns, table, path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- figures
 def mean_curves(runs: list[Run], metric: str) -> dict:
     """{row label: {tau: (updates, mean over seeds)}} over the updates every complete seed evaluated."""
-    varying = varying_keys(runs)
     groups: dict = {}
-    for r in runs:
-        if r.complete and r.curve and metric in r.curve[0]:
-            groups.setdefault(row_label(r, varying), {}).setdefault(r.tau, []).append(
+    for label, r in labelled(runs):
+        if r.curve and metric in r.curve[0]:
+            groups.setdefault(label, {}).setdefault(r.tau, []).append(
                 {int(row["update"]): float(row[metric]) for row in r.curve})
     out: dict = {}
     for label, by_tau in groups.items():
@@ -242,10 +238,7 @@ def mean_curves(runs: list[Run], metric: str) -> dict:
 
 
 def plot_curves(runs: list[Run], metric: str, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gwf.viz import plt, save_figure, wide_range
 
     curves = mean_curves(runs, metric)
     if not curves:
@@ -261,8 +254,7 @@ def plot_curves(runs: list[Run], metric: str, path: Path) -> Path | None:
         for tau in taus:
             updates, values = curves[label][tau]
             ax.plot(updates, values, marker="o", ms=3, label=column_name(tau))
-        values = [v for t in taus for v in curves[label][t][1]]
-        if min(values) > 0 and max(values) / min(values) > 20:
+        if wide_range([v for t in taus for v in curves[label][t][1]]):
             ax.set_yscale("log")
         ax.set_title(label)
         ax.set_xlabel("update")
@@ -270,24 +262,18 @@ def plot_curves(runs: list[Run], metric: str, path: Path) -> Path | None:
         ax.legend(fontsize=7)
     for row in axes:
         row[0].set_ylabel(metric)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_heatmap(rows, columns, table, metric: str, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gwf.viz import plt, save_figure, wide_range
 
     if not rows:
         return None
     grid = np.array([[table[(r, c)][0] if (r, c) in table else np.nan for c in columns] for r in rows])
     fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 2.5, 0.55 * len(rows) + 1.6))
     finite = grid[np.isfinite(grid)]
-    log = finite.size and finite.min() > 0 and finite.max() / finite.min() > 20
+    log = finite.size and wide_range(finite)
     shown = np.log10(grid) if log else grid
     im = ax.imshow(shown, cmap="viridis_r" if metric not in HIGHER_IS_BETTER else "viridis", aspect="auto")
     for i in range(len(rows)):
@@ -298,10 +284,7 @@ def plot_heatmap(rows, columns, table, metric: str, path: Path) -> Path | None:
     ax.set_yticks(range(len(rows)), rows)
     fig.colorbar(im, ax=ax, label=f"log10 {metric}" if log else metric)
     ax.set_title(f"final {metric}, mean over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -349,8 +332,7 @@ def run(argv=None) -> dict:
     return result
 
 
-def main(argv=None) -> None:
-    run(argv)  # console scripts exit with main()'s return value: keep it None
+main = console_main(run)
 
 
 if __name__ == "__main__":

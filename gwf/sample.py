@@ -3,19 +3,14 @@
     gwf-sample --ckpt runs/digits_wflow/default/checkpoints/last.ckpt --num-samples 1000 --classes 0,3,7 --alpha 2
     torchrun --nproc_per_node 8 -m gwf.sample --ckpt last.ckpt --num-samples 50000 --vae sd-vae-ft-ema   # sharded
 
-Sample i uses noise seeded by (seed, i) and label ``classes[i % len(classes)]``, so the N samples do not depend on
-how many ranks made them: under torch.distributed (torchrun's env vars) rank r makes indices r, r + W, r + 2W, ...,
-and rank 0 gathers them (batch by batch, with all_gather) and writes them in index order.
-
-Written to ``--out`` (default ``<run_dir>/generated/<ckpt>_<ema|raw>_n<N>[_alpha<A>]``):
-``samples.npz`` with ``x`` float32 [N, *data shape] (the generator's output), ``labels`` int64 [N] (-1 when
-unconditional), ``alpha`` float32 [N] (nan when not guided), and ``arr_0`` uint8 [N, H, W, C] images when the data
-are images (or decoded latents; the layout of ADM's evaluator); ``grid.png`` (one row per class); ``sample.json``.
+Sample i uses noise seeded by (seed, i) and label classes[i % len(classes)]: the samples do not depend on the number
+of ranks. samples.npz: x float32 [N, *data shape], labels int64 [N] (-1: unconditional), alpha float32 [N] (nan: not
+guided), arr_0 uint8 [N, H, W, C] for images (ADM's layout); grid.png (a row per class); sample.json.
 """
 
 from __future__ import annotations
 
-import gwf  # noqa: F401  (first: makes torchvision importable next to a CPU torch)
+import gwf  # first: makes torchvision importable next to a CPU torch
 
 import argparse
 import json
@@ -251,8 +246,7 @@ def run(argv=None) -> Path | None:
     return out
 
 
-def main(argv=None) -> None:
-    run(argv)  # console scripts exit with main()'s return value: keep it None
+main = gwf.console_main(run)
 
 
 if __name__ == "__main__":

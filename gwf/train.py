@@ -51,7 +51,8 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: tuple = ()) -> dict:
             log.info("resuming from %s", ckpt_path)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         summary_file = run_dir / "eval_summary.json"
-        summary = {**(json.loads(summary_file.read_text()) if summary_file.exists() else {}), "finished": module.finished}
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        summary["finished"] = module.finished
         if trainer.is_global_zero:
             log.info("run directory: %s", run_dir)
             log.info("evaluation (first -> last): %s", json.dumps(summary))

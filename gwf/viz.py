@@ -50,16 +50,25 @@ def _target_axes(x_real: Tensor):
     return fig, ax
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close ``fig``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
+def wide_range(values) -> bool:
+    """Positive values spanning more than a factor 20 (e.g. a distance falling 100x): worth a log scale."""
+    return min(values) > 0 and max(values) / min(values) > 20
+
+
 def _save_2d(fig, ax, path: str | Path, title: str, markerscale: float) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     ax.set_aspect("equal")
     ax.legend(loc="upper right", markerscale=markerscale)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def save_scatter(x_gen: Tensor, x_real: Tensor, path: str | Path, title: str = "") -> Path:
@@ -70,22 +79,18 @@ def save_scatter(x_gen: Tensor, x_real: Tensor, path: str | Path, title: str = "
 
 def save_metric_curves(rows: list[dict], path: str | Path, x_key: str = "update") -> Path:
     """One panel per metric of ``rows`` (dicts with ``x_key`` and float metrics)."""
-    path = Path(path)
     keys = [k for k in rows[0] if k != x_key]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     steps = [r[x_key] for r in rows]
     for ax, k in zip(axes[0], keys):
         values = [r[k] for r in rows]
         ax.plot(steps, values, marker="o")
-        if min(values) > 0 and max(values) > 1 and max(values) / min(values) > 20:  # e.g. a distance falling 100x
+        if max(values) > 1 and wide_range(values):
             ax.set_yscale("log")
         ax.set_xlabel(x_key)
         ax.set_title(k)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_trajectories(path_points: list[Tensor], x_real: Tensor, path: str | Path, title: str = "") -> Path:

@@ -224,7 +224,8 @@ def test_mae_feature_sets_and_encoder_stays_frozen_after_an_optimizer_step(tmp_p
     z = torch.randn(L * N, 8, generator=torch.Generator().manual_seed(1))
     g_before = [p.detach().clone() for p in generator.parameters()]
     x = generator(z, labels.repeat_interleave(N), alpha.repeat_interleave(N)).view(L, N, *SHAPE)
-    loss, _ = objective.generator_loss(GenBatch(x, labels, alpha, sample=lambda: neg), RealBatch(pos, unc, labels), torch.Generator())
+    loss, _ = objective.generator_loss(GenBatch(x, labels, alpha, sample=lambda: neg), RealBatch(pos, unc, labels),
+                                       torch.Generator())
     opt.zero_grad()
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in generator.parameters())  # through the encoder

@@ -186,5 +186,6 @@ def test_mmd_objective_kernel_params_and_descent():
     torch.testing.assert_close(loss_a, loss_b)
     torch.testing.assert_close(loss_a, mmd2_unbiased(x0, pos, make_kernel("imq", c=2.0)).mean())
     loss_a.backward()
-    loss_after, _ = a.generator_loss(GenBatch(x.detach() - 10.0 * x.grad, None, None, None), RealBatch(pos), torch.Generator())
+    loss_after, _ = a.generator_loss(GenBatch(x.detach() - 10.0 * x.grad, None, None, None), RealBatch(pos),
+                                     torch.Generator())
     assert loss_after < loss_a

@@ -34,7 +34,8 @@ def test_bound_at_optimal_critic_and_generator_direction():
     assert -loss.item() == pytest.approx(SHIFT, abs=0.02)  # MC: std of the mean difference ~ 0.0045
     assert logs["w1"].item() == pytest.approx(SHIFT, abs=0.02)
     x = x_fake.clone().requires_grad_(True)
-    g_loss, _ = obj.generator_loss(GenBatch(x=x, labels=None, alpha=None, sample=lambda: None), RealBatch(pos=x_real), torch.Generator())
+    g_loss, _ = obj.generator_loss(GenBatch(x=x, labels=None, alpha=None, sample=lambda: None), RealBatch(pos=x_real),
+                                   torch.Generator())
     (grad,) = torch.autograd.grad(g_loss, x)
     # descending -E_q[d] moves every particle by +grad d / B = +1/B, towards the data
     torch.testing.assert_close(grad, torch.full_like(x, -1.0 / x.shape[1]))

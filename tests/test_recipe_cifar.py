@@ -38,7 +38,8 @@ def test_recipe_trains_on_prepared_image_folder(tmp_path):
         "experiment=cifar10_gwf", f"data.train_shards='{pattern}'", "data.num_classes=2", "data.batch_size=8",
         "data.epoch_size=64", "data.num_workers=0", "data.prepare=null", "model.ngf=16", "critic.ndf=16",
         "batch.gen_per_label=8", "batch.pos_per_label=8", "batch.bank_capacity=16", "jko.steps=2",
-        "jko.updates_first_step=3", "jko.updates_per_step=3", "eval.every_n_updates=3", "eval.num_samples=16", "eval.grid_per_class=4",
+        "jko.updates_first_step=3", "jko.updates_per_step=3", "eval.every_n_updates=3", "eval.num_samples=16",
+        "eval.grid_per_class=4",
         "logger=none", "trainer.enable_progress_bar=false",
     ], runs_dir=tmp_path / "runs")
     run_dir = tmp_path / "run"

@@ -67,8 +67,8 @@ def test_recipe_composes_with_the_official_settings(recipe):
     assert c["optim"] == dict(name="adamw", lr=want["lr"], betas=[0.9, 0.95], weight_decay=want["wd"],
                               warmup_steps=want["warmup"], grad_clip=2.0)
     assert c["ema_decay"] == 0.999 and c["jko"]["tau"] is None
-    jko = c["jko"]
-    assert JKOSchedule(jko["steps"], jko["updates_per_step"], jko["updates_first_step"]).total_updates == want["updates"]
+    sched = JKOSchedule(c["jko"]["steps"], c["jko"]["updates_per_step"], c["jko"]["updates_first_step"])
+    assert sched.total_updates == want["updates"]
     assert c["method"]["features"]["name"] == "mae" and c["trainer"]["precision"] == "bf16-mixed"
     if c["method"]["name"] == "wflow":
         assert c["method"]["estimator"] == "two_batch" and c["method"]["eps_rel"] == want["eps_rel"]

@@ -18,7 +18,7 @@ from gwf.train import train
 from tests.conftest import compose_config
 from tests.test_resume import KL_2D, REPO, _load
 
-SHORT = [*KL_2D, "jko.updates_first_step=10", "jko.updates_per_step=10", "checkpoint.every_n_updates=5"]  # 2 outer steps x 10
+SHORT = [*KL_2D, "jko.updates_per_step=10", "checkpoint.every_n_updates=5"]  # 2 JKO steps x 10 updates
 
 
 def _summary(out: str) -> dict:

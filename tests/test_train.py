@@ -46,7 +46,7 @@ def test_digits_short_run_writes_outputs_and_resumes(digits_dir, tmp_path):
 
 
 def test_wflow_lowers_sinkhorn_divergence_on_2d_mixture(tmp_path):
-    cfg = compose_config(["experiment=toy2d_wflow", "jko.steps=2", "jko.updates_first_step=300", "jko.updates_per_step=300",
+    cfg = compose_config(["experiment=toy2d_wflow", "jko.steps=2", "jko.updates_per_step=300",
                           "eval.every_n_updates=300", "trainer.enable_progress_bar=false"])
     summary = train(cfg, tmp_path / "toy")
     first, last = summary["first"]["sinkhorn_div"], summary["last"]["sinkhorn_div"]

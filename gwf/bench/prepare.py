@@ -1,19 +1,10 @@
 """Benchmark of the data path: gwf-prepare throughput, and the latent loader against what training consumes.
 
-    gwf-bench-prepare                    # full table (a few minutes on 2 CPU cores)
+    gwf-bench-prepare                    # full table
     gwf-bench-prepare --quick            # smoke test
     gwf-bench-prepare --device cuda      # VAE encoding and the training step on the GPU
 
-Rows:
-- prepare images: ``prepare_images`` (ADM crop to 32, float16 pixel shards) of generated 500x375 PNGs (ImageNet's
-  typical size, smooth content so files have realistic sizes), images/s;
-- prepare latents: ``prepare_latents`` at 256 with the SD-VAE architecture (randomly initialized: the same compute as
-  the real checkpoint; ``--vae PATH`` for a real one), image + flip per sample, images/s;
-- loader: ShardDataModule over SD-VAE latent moment shards ([2, 2, 4, 32, 32] float16, transform latent_moments:
-  z = 0.18215 * (mean + std * eps)), batch 256, ``--loader-workers`` workers, latents/s after a warm-up pass;
-- training step: one update of a tiny W-Flow run on 4x32x32 latents (``--model``, the main job's batch sizes: 10 labels
-  x 64 generated + 64 second batch + 64 positives), each update consuming one loader batch; consumed latents/s.
-The loader must deliver at least 10x what a training step consumes.
+The loader must deliver at least ``REQUIRED_RATIO`` times what a tiny W-Flow training step consumes.
 """
 
 from __future__ import annotations
@@ -34,7 +25,7 @@ from gwf.constants import SD_VAE_LATENT_SHAPE, SD_VAE_RESOLUTION
 from gwf.data.latents import random_vae
 from gwf.data.shards import write_shards
 
-REQUIRED_RATIO = 10.0  # the loader must keep up with 10x the consumption of a training step (issue 4)
+REQUIRED_RATIO = 10.0  # loader throughput / training consumption
 
 
 def make_images(folder: Path, n: int, size=(500, 375), classes: int = 4, seed: int = 0) -> Path:

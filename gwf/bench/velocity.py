@@ -1,16 +1,11 @@
 """Benchmark of the W-Flow velocity field: wall time of each engine beside the unavoidable work ("floor").
 
-    gwf-bench-velocity                # full table (several minutes on 2 cores)
+    gwf-bench-velocity                # full table
     gwf-bench-velocity --quick        # smoke test
     gwf-bench-velocity --sizes 1024 --dims 4096 --engines own --skip-memory
 
-One problem (B = 1), N = M = N2 points in R^D, two-batch estimator (two OT problems: x -> pos and x -> neg).
-Floor = for both terms, the cost-matrix GEMM (x @ y^T) + the projection GEMM (P @ y) + 2 * n_iters log-sum-exp
-passes over the [N, M] matrix (one pass = logsumexp(S + g, dim=-1), timed whole, chunked, and chunked in place
-like the own engine: the fastest counts), each measured in the same run. The memory row runs the own engine in a
-subprocess and reports its peak resident set size (VmHWM). Times are medians over the repeats (first call = warm-up);
-the own engine and the floor's parts are timed in turn (interleaved), so that load from other processes hits
-both alike; the biggest cases run once.
+One problem (B = 1), N = M = N2 points in R^D, two-batch estimator (two OT problems: x -> pos and x -> neg); the
+floor is ``floor_from``'s; the memory row is the own engine's peak RSS in a subprocess.
 """
 
 from __future__ import annotations
@@ -77,7 +72,7 @@ def _inputs(n: int, d: int, seed: int = 0):
 
 
 def floor_parts(x, y, tag: str) -> dict:
-    """Callables of the unavoidable work of the own engine for the term x -> y (see the module docstring)."""
+    """Callables of the unavoidable work of the own engine for the term x -> y (``floor_from``)."""
     n, m = x.shape[1], y.shape[1]
     buf = torch.empty(1, n, m, device=DEVICE).uniform_(-1.0, 0.0)
     pot = torch.randn(1, m, device=DEVICE)
@@ -108,7 +103,8 @@ def floor_parts(x, y, tag: str) -> dict:
 
 
 def floor_from(t: dict, tags, n_iters: int) -> float:
-    """Floor = sum over the terms of cost GEMM + projection GEMM + 2 n_iters x (fastest log-sum-exp pass)."""
+    """Floor = sum over the terms of cost GEMM (x @ y^T) + projection GEMM (P @ y) + 2 n_iters x the fastest
+    log-sum-exp pass over the [N, M] matrix (whole, chunked, or chunked in place as the own engine does)."""
     return sum(
         t[f"cost/{g}"] + t[f"proj/{g}"] + 2 * n_iters * min(t[f"lse_{v}/{g}"] for v in ("whole", "chunked", "in_place"))
         for g in tags
@@ -178,22 +174,14 @@ def _fmt_ms(s: float) -> str:
 
 
 def format_table(rows: list[dict], n_iters: int) -> str:
-    lines = [
-        f"| engine | N = M | D | Sinkhorn iters | velocity (ms) | floor (ms) | time / floor | runs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['engine']} | {r['n']} | {r['d']} | {r['iters']} | {_fmt_ms(r['seconds'])} | {_fmt_ms(r['floor'])} "
-            f"| {r['seconds'] / r['floor']:.2f} | {r['runs']} |"
-        )
-    lines.append("")
-    lines.append(
-        f"Two-batch velocity (two OT problems), B = 1. Floor = 2 x (cost GEMM + projection GEMM + {2 * n_iters} "
-        f"log-sum-exp passes) for the own engine's {n_iters} iterations, measured in the same run; geomloss "
-        f"(tensorized, scaling = {DEFAULT_GEOMLOSS_SCALING}) runs its own eps-scaling schedule (iterations column) and is "
-        "shown against the same floor."
-    )
+    lines = ["| engine | N = M | D | Sinkhorn iters | velocity (ms) | floor (ms) | time / floor | runs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['engine']} | {r['n']} | {r['d']} | {r['iters']} | {_fmt_ms(r['seconds'])} | "
+              f"{_fmt_ms(r['floor'])} | {r['seconds'] / r['floor']:.2f} | {r['runs']} |" for r in rows]
+    lines += ["", f"Two-batch velocity (two OT problems), B = 1. Floor = 2 x (cost GEMM + projection GEMM + "
+              f"{2 * n_iters} log-sum-exp passes) for the own engine's {n_iters} iterations, measured in the same run; "
+              f"geomloss (tensorized, scaling = {DEFAULT_GEOMLOSS_SCALING}) runs its own eps-scaling schedule "
+              "(iterations column) and is shown against the same floor."]
     return "\n".join(lines)
 
 
@@ -227,10 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         args.skip_memory = True
 
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
-    header = (
-        f"torch {torch.__version__}, {where}, {os.cpu_count()} CPUs, "
-        f"load average at start {os.getloadavg()[0]:.2f}"
-    )
+    load = os.getloadavg()[0]
+    header = f"torch {torch.__version__}, {where}, {os.cpu_count()} CPUs, load average at start {load:.2f}"
     print(header, flush=True)
     rows = []
     for n in args.sizes:
@@ -243,12 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_memory:
         n, d = args.memory_size
         mem = memory_row(n, d, args.n_iters)
-        text += (
-            f"\n\nMemory: own engine, two-batch velocity, N = M = N2 = {mem['n']}, D = {mem['d']}, {args.n_iters} "
-            f"iterations: peak RSS {mem['peak_gib']:.2f} GiB (subprocess; {mem['base_gib']:.2f} GiB after imports, "
-            f"{mem['inputs_gib']:.2f} GiB of inputs x, pos, neg), {mem['seconds']:.1f} s, finite output: "
-            f"{mem['finite']}."
-        )
+        text += (f"\n\nMemory: own engine, two-batch velocity, N = M = N2 = {mem['n']}, D = {mem['d']}, {args.n_iters} "
+                 f"iterations: peak RSS {mem['peak_gib']:.2f} GiB (subprocess; {mem['base_gib']:.2f} GiB after "
+                 f"imports, {mem['inputs_gib']:.2f} GiB of inputs x, pos, neg), {mem['seconds']:.1f} s, finite "
+                 f"output: {mem['finite']}.")
     text += f"\n\n({header}; load average at end {os.getloadavg()[0]:.2f}.)"
     print()
     print(text)

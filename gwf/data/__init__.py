@@ -1,12 +1,9 @@
-"""Data: the shard format and writer (shards), the DataModule that streams shards (datamodule), the embedded digits
-set (digits), image folders (images) and SD-VAE latents (latents).
+"""Data: shards (format, writer), the DataModule that streams them, the embedded digits, image folders, SD-VAE latents.
 
-``PREPARERS`` maps a ``data.prepare`` name to ``prepare(root: Path) -> None``, run when shards are missing. Image
-and latent shards need a source folder the config does not know: their entries say which command makes them.
-``TRANSFORMS`` maps a ``data.transform`` name to the per-sample loader transform (stored x -> model x).
-
-Imports are lazy (PEP 562): ``gwf-prepare`` worker processes import gwf.data.images / latents without paying for
-Lightning and scikit-learn (several seconds per process).
+``PREPARERS``: ``data.prepare`` name -> ``prepare(root: Path)``, run when shards are missing (images and latents need
+a source folder, so theirs raise with the command to run). ``TRANSFORMS``: ``data.transform`` name -> per-sample
+loader transform (stored x -> model x). Imports are lazy (PEP 562) so that gwf-prepare's workers skip Lightning and
+scikit-learn.
 """
 
 import importlib
@@ -15,13 +12,9 @@ from pathlib import Path
 from gwf.data.latents import LatentDecoder, LatentMoments
 from gwf.data.shards import read_samples, write_shards
 
-_LAZY = {
-    "ShardDataModule": "gwf.data.datamodule",
-    "DigitClassifier": "gwf.data.digits",
-    "load_classifier": "gwf.data.digits",
-    "load_digits_split": "gwf.data.digits",
-    "prepare_digits": "gwf.data.digits",
-}
+_LAZY = {"ShardDataModule": "gwf.data.datamodule", "DigitClassifier": "gwf.data.digits",
+         "load_classifier": "gwf.data.digits", "load_digits_split": "gwf.data.digits",
+         "prepare_digits": "gwf.data.digits"}
 
 
 def __getattr__(name: str):
@@ -51,16 +44,5 @@ def _made_by_command(kind: str):
 PREPARERS = {"digits": _prepare_digits, "images": _made_by_command("images"), "latents": _made_by_command("latents")}
 TRANSFORMS = {"latent_moments": LatentMoments}
 
-__all__ = [
-    "PREPARERS",
-    "TRANSFORMS",
-    "DigitClassifier",
-    "LatentDecoder",
-    "LatentMoments",
-    "ShardDataModule",
-    "load_classifier",
-    "load_digits_split",
-    "prepare_digits",
-    "read_samples",
-    "write_shards",
-]
+__all__ = ["PREPARERS", "TRANSFORMS", "DigitClassifier", "LatentDecoder", "LatentMoments", "ShardDataModule",
+           "load_classifier", "load_digits_split", "prepare_digits", "read_samples", "write_shards"]

@@ -1,9 +1,7 @@
-"""Per-class ring buffers of real samples, refilled from the data stream every step on each rank.
-
-Each training step solves one transport problem per conditioning label, so it needs M positives of every label
-it trains on, more than a random data batch holds. The bank keeps the last ``capacity`` samples of each class
-(and of the whole stream, for the unconditional batch used by velocity guidance). It is a module with buffers,
-so it is saved in checkpoints and a resumed run sees the same bank.
+"""Per-class ring buffers of real samples, refilled from the data stream every step on each rank: a step solves one
+transport problem per label and needs M positives of each, more than a data batch holds. The bank keeps the last
+``capacity`` samples of each class (and of the whole stream, for velocity guidance's unconditional batch); its
+buffers are saved in checkpoints, so a resumed run sees the same bank.
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
-"""One DataModule for every shard set: WebDataset tars of (x, label) samples (format: gwf/data/shards.py).
+"""One DataModule for every shard set: WebDataset tars of (x, label) samples (format: data/README.md).
 
-Training is an endless stream: shards drawn with replacement (webdataset's resampled mode), a sample shuffle
-buffer, samples batched inside the worker, and virtual epochs of ``epoch_size // batch_size`` batches per rank.
-Each (rank, worker, epoch) draws from its own seeded stream, so DDP ranks need no shard splitting, runs are
-reproducible, and a run resumed at an epoch boundary reads what an uninterrupted run reads.
-
-A per-sample ``transform`` (a name in ``gwf.data.TRANSFORMS``) maps each stored tensor to the tensor the model sees,
-inside the worker, before batching, with its own numpy generator seeded like the stream: ``latent_moments`` stores
-SD-VAE posterior moments [2, 2, *shape] and draws z = scale * (mean + std * eps) of the original or flipped view.
-Without a transform a stored sample is the model's tensor (digits, pixel shards).
-
-Why not ``wds.WebDataset(urls, resampled=True)`` (webdataset 1.0.2): its shard resampler ignores ``seed`` (it
-seeds from time and os.urandom) and its default ``nodesplitter`` raises under DDP; the stream below is the same
-pipeline (resampled shards -> tar samples -> shuffle -> batched) with the seed under our control.
+Training is an endless stream: shards drawn with replacement, a shuffle buffer, batches made in the workers, and
+virtual epochs of ``epoch_size // batch_size`` batches per rank. Each (rank, worker, epoch) stream has its own seed,
+so DDP ranks need no shard splitting and a resumed run reads what an uninterrupted run reads (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -30,7 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from gwf.constants import LABEL_KEY, TENSOR_KEY
 from gwf.data.stream import SeekableDataModule
-from gwf.data.shards import Sample, decode_sample, expand_urls, iter_raw_samples, missing_shards
+from gwf.data.shards import Sample, collate, decode_sample, expand_urls, iter_raw_samples, missing_shards
 from gwf.seeding import derive_seed
 
 Batch = tuple[Tensor, Tensor]  # x float32 [B, *shape], y int64 [B]
@@ -55,18 +45,9 @@ class SampleChecker:
                 "data.val_shards at the right shards."
             )
         if not 0 <= label < self.num_classes:
-            raise ValueError(
-                f"sample {key!r} in shard {raw.get('__url__', '?')} has label {label}, outside "
-                f"[0, {self.num_classes}); set data.num_classes to the number of classes of the shards"
-            )
+            raise ValueError(f"sample {key!r} in shard {raw.get('__url__', '?')} has label {label}, outside "
+                             f"[0, {self.num_classes}); set data.num_classes to the number of classes of the shards")
         return key, x, label
-
-
-def collate(samples: list[Sample]) -> Batch:
-    """Stack samples in their stored dtype (fp16 latents cross the worker pipe at half size)."""
-    x = torch.from_numpy(np.stack([s[1] for s in samples]))
-    y = torch.tensor([s[2] for s in samples], dtype=torch.int64)
-    return x, y
 
 
 def _transformed(samples: Iterator[Sample], transform, *seed_parts) -> Iterator[Sample]:
@@ -82,17 +63,14 @@ def _to_float32(batches: Iterator[Batch]) -> Iterator[Batch]:
         yield x.float(), y
 
 
+# Not wds.WebDataset(urls, resampled=True): its shard resampler ignores ``seed`` (webdataset 1.0.2) and its default
+# nodesplitter raises under DDP. This is the same pipeline with the seed under our control.
 class ResampledStream(IterableDataset):
-    """Endless stream of batches; shards drawn with replacement, samples shuffled in a buffer.
+    """Endless stream of batches seeded by (seed, rank, worker, epoch); ``epoch`` is set in the main process
+    (EpochLoader) before a pass starts its workers."""
 
-    Seeded by (seed, rank, worker, epoch); ``epoch`` is set in the main process (EpochLoader) before a pass
-    starts its workers.
-    """
-
-    def __init__(
-        self, urls: list[str], check: SampleChecker, batch_size: int, shuffle_buffer: int, seed: int, rank: int,
-        transform=None,
-    ):
+    def __init__(self, urls: list[str], check: SampleChecker, batch_size: int, shuffle_buffer: int, seed: int,
+                 rank: int, transform=None):  # fmt: skip
         self.urls, self.check, self.batch_size, self.transform = urls, check, batch_size, transform
         self.shuffle_buffer, self.seed, self.rank = shuffle_buffer, seed, rank
         self.epoch, self.epoch_was_set = 0, False
@@ -132,13 +110,9 @@ class OrderedStream(IterableDataset):
 
 
 class EpochLoader(wds.WebLoader):
-    """WebLoader of a ResampledStream that sets the stream's epoch before each pass.
-
-    Lightning's fit loop calls ``loader.sampler.set_epoch(epoch)`` before every epoch (the DistributedSampler
-    protocol), with the right epoch after a resume, so ``sampler`` is the stream. Without a trainer, pass k over
-    the loader is epoch k. Workers are not persistent: they start on the first batch of a pass and take a
-    pickled copy of the stream, epoch included.
-    """
+    """WebLoader of a ResampledStream. ``sampler`` is the stream: Lightning calls ``loader.sampler.set_epoch(e)``
+    before each epoch (also after a resume); without a trainer, pass k is epoch k. Workers are not persistent, so
+    each pass pickles the stream with its epoch."""
 
     def __init__(self, stream: ResampledStream, num_batches: int, **kwargs):
         super().__init__(stream, batch_size=None, persistent_workers=False, **kwargs)
@@ -178,40 +152,24 @@ class ShardDataModule(SeekableDataModule):
     Args:
         train_shards / val_shards: brace pattern ("data/digits/train-{000000..000003}.tar") or list of them;
             val_shards may be None (no validation).
-        shape, dtype: what every stored ``x`` is (checked per sample); ``dtype`` is a numpy name ("float16").
+        shape: the model's x; dtype: the stored x's numpy dtype ("float16"); both checked on every sample.
         num_classes: labels lie in [0, num_classes).
         batch_size: per rank. epoch_size: samples per virtual epoch per rank.
         shuffle_buffer: samples in the shuffle buffer of each worker (0: no shuffle).
         prepare: a name in ``gwf.data.PREPARERS`` run by ``prepare_data`` when shards are missing (or None);
             root: the directory given to it.
         seed: seeds every (rank, worker, epoch) stream.
-        transform: None (stored x is the model's x), or a name in ``gwf.data.TRANSFORMS`` applied per sample in the
-            workers (``latent_moments``: SD-VAE moments [2, 2, *shape] -> z [*shape]); transform_args: its keyword
-            arguments. ``shape`` is the model's shape; ``dtype`` the stored dtype.
-        conditional: False trains unconditionally on labelled shards (e.g. the [GWF] CIFAR-10 table): labels are
-            still checked against ``num_classes``, but the data module reports 0 classes to the model.
+        transform: None, or a name in ``gwf.data.TRANSFORMS`` applied per sample in the workers (stored x -> model
+            x, e.g. ``latent_moments``: SD-VAE moments [2, 2, *shape] -> z [*shape]); transform_args: its kwargs.
+        conditional: False trains unconditionally on labelled shards (labels still checked): 0 classes for the model.
     """
 
-    def __init__(
-        self,
-        train_shards: str | Sequence[str],
-        val_shards: str | Sequence[str] | None,
-        shape: Sequence[int],
-        num_classes: int,
-        dtype: str = "float32",
-        batch_size: int = 256,
-        num_workers: int = 2,
-        shuffle_buffer: int = 2000,
-        epoch_size: int = 50_000,
-        prepare: str | None = None,
-        root: str | Path | None = None,
-        seed: int = 0,
-        tensor_key: str = TENSOR_KEY,
-        label_key: str = LABEL_KEY,
-        transform: str | None = None,
-        transform_args: dict | None = None,
-        conditional: bool = True,
-    ):
+    def __init__(self, train_shards: str | Sequence[str], val_shards: str | Sequence[str] | None, shape: Sequence[int],
+                 num_classes: int, dtype: str = "float32", batch_size: int = 256, num_workers: int = 2,
+                 shuffle_buffer: int = 2000, epoch_size: int = 50_000, prepare: str | None = None,
+                 root: str | Path | None = None, seed: int = 0, tensor_key: str = TENSOR_KEY,
+                 label_key: str = LABEL_KEY, transform: str | None = None, transform_args: dict | None = None,
+                 conditional: bool = True):  # fmt: skip
         super().__init__()
         self.save_hyperparameters()
         self.train_shards = _plain(train_shards)
@@ -270,7 +228,8 @@ class ShardDataModule(SeekableDataModule):
             f"{len(urls)} shard(s) of {patterns!r} missing, first: {Path(urls[0]).absolute()}. "
             "Create them with gwf-prepare (`gwf-prepare images|latents --src IMAGES --out DIR`, or "
             "data.prepare=digits and data.root=<dir> for the digits), or write your own with "
-            "gwf.data.shards.write_shards (see data/README.md), or point data.train_shards / data.val_shards at existing shards."
+            "gwf.data.shards.write_shards (see data/README.md), or point data.train_shards / data.val_shards at "
+            "existing shards."
         )
 
     def prepare_data(self) -> None:
@@ -301,10 +260,8 @@ class ShardDataModule(SeekableDataModule):
         return 0
 
     def train_dataloader(self) -> EpochLoader:
-        stream = ResampledStream(
-            self.urls("train"), self.checker, self.batch_size, self.shuffle_buffer, self.seed, self._rank(),
-            self.transform,
-        )
+        stream = ResampledStream(self.urls("train"), self.checker, self.batch_size, self.shuffle_buffer, self.seed,
+                                 self._rank(), self.transform)
         loader = EpochLoader(stream, self.batches_per_epoch, num_workers=self.num_workers)
         if self.position:
             loader.seek(*self.replay_point())

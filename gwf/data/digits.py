@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from gwf.constants import DIGITS_DTYPE, DIGITS_MAX_INTENSITY, DIGITS_NUM_CLASSES, DIGITS_SHAPE, LABEL_KEY, TENSOR_KEY
-from gwf.data.shards import atomic_write, read_json, read_samples, sha256_file, shard_pattern, write_shards
+from gwf.data.shards import (atomic_write, collate, read_json, read_samples, sha256_file, shard_pattern, write_json,
+                             write_shards)
 
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -58,10 +58,8 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     """The classifier saved by ``prepare_digits``, in eval mode."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"digit classifier {path.absolute()} not found; create it with prepare_digits(root) "
-            f"(`python -m gwf.data.digits --root {path.parent}`)"
-        )
+        raise FileNotFoundError(f"digit classifier {path.absolute()} not found; create it with prepare_digits(root) "
+                                f"(`python -m gwf.data.digits --root {path.parent}`)")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     model = DigitClassifier(**ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
@@ -79,41 +77,34 @@ def _random_shift(x: Tensor, g: torch.Generator) -> Tensor:
     return padded[torch.arange(B)[:, None, None], 0, rows, cols][:, None]
 
 
-def train_classifier(
-    x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, *, epochs: int = 20, batch_size: int = 64,
-    lr: float = 2e-3, seed: int = 0,
-) -> tuple[DigitClassifier, float]:
+def train_classifier(x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, *, epochs: int = 20,
+                     batch_size: int = 64, lr: float = 2e-3, seed: int = 0) -> tuple[DigitClassifier, float]:
     """Train on CPU (a few seconds); returns the model in eval mode and its val accuracy."""
     threads = torch.get_num_threads()
-    # One thread: the ops are tiny, and on a busy 2-core machine two OpenMP threads spin-wait (measured 4.6 s with
-    # one thread vs 187 s with two while another process used a core); a fixed count also makes the weights
-    # bit-reproducible across machines with different core counts.
+    # One thread: the ops are tiny and OpenMP threads spin-wait on a busy machine; a fixed count also makes the
+    # weights bit-reproducible across machines.
     torch.set_num_threads(1)
     try:
-        return _train_classifier(x_train, y_train, x_val, y_val, epochs, batch_size, lr, seed)
+        g = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+            torch.manual_seed(seed)
+            model = DigitClassifier()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        steps = epochs * -(-len(x_train) // batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+        model.train()
+        for _ in tqdm(range(epochs), desc="training digit classifier", unit="epoch"):
+            for idx in torch.randperm(len(x_train), generator=g).split(batch_size):
+                loss = nn.functional.cross_entropy(model(_random_shift(x_train[idx], g)), y_train[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        model.eval()
+        with torch.no_grad():
+            acc = (model(x_val).argmax(1) == y_val).double().mean().item()
     finally:
         torch.set_num_threads(threads)
-
-
-def _train_classifier(x_train, y_train, x_val, y_val, epochs, batch_size, lr, seed) -> tuple[DigitClassifier, float]:
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
-        torch.manual_seed(seed)
-        model = DigitClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * -(-len(x_train) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    model.train()
-    for _ in tqdm(range(epochs), desc="training digit classifier", unit="epoch"):
-        for idx in torch.randperm(len(x_train), generator=g).split(batch_size):
-            loss = nn.functional.cross_entropy(model(_random_shift(x_train[idx], g)), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x_val).argmax(1) == y_val).double().mean().item()
     return model, acc
 
 
@@ -141,11 +132,8 @@ def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def prepare_digits(root: str | Path) -> None:
-    """Write the digits shards, train the classifier and write manifest.json under ``root``.
-
-    Idempotent: does nothing when manifest.json and every file it lists (with matching sha256) are present.
-    Deterministic: same split, same shard bytes, same classifier on the same machine.
-    """
+    """Write the digits shards, train the classifier and write manifest.json under ``root``. Idempotent (nothing to
+    do when manifest.json and its files, sha256 checked, are present) and deterministic on a given machine."""
     root = Path(root)
     if _is_complete(root):
         return
@@ -157,12 +145,8 @@ def prepare_digits(root: str | Path) -> None:
         per_shard = -(-len(y) // num_shards)
         samples = ((f"digits-{split}-{i:06d}", x[i], int(y[i])) for i in range(len(y)))
         paths = write_shards(samples, root, split, per_shard, total=len(y))
-        splits[split] = dict(
-            count=len(y),
-            class_counts=np.bincount(y, minlength=DIGITS_NUM_CLASSES).tolist(),
-            pattern=shard_pattern(split, len(paths)),
-            shards=[p.name for p in paths],
-        )
+        splits[split] = dict(count=len(y), class_counts=np.bincount(y, minlength=DIGITS_NUM_CLASSES).tolist(),
+                             pattern=shard_pattern(split, len(paths)), shards=[p.name for p in paths])
 
     tensors = {split: (torch.from_numpy(x).float(), torch.from_numpy(y)) for split, (x, y) in arrays.items()}
     (x_train, y_train), (x_val, y_val) = tensors["train"], tensors["val"]
@@ -182,7 +166,7 @@ def prepare_digits(root: str | Path) -> None:
         seconds=round(time.perf_counter() - t0, 2),
         sha256={name: sha256_file(root / name) for name in files},
     )  # fmt: skip
-    atomic_write(lambda f: f.write((json.dumps(manifest, indent=2) + "\n").encode()), root / MANIFEST_FILE)
+    write_json(root / MANIFEST_FILE, manifest)
 
 
 def load_digits_split(root: str | Path, split: str) -> tuple[Tensor, Tensor]:
@@ -190,14 +174,10 @@ def load_digits_split(root: str | Path, split: str) -> tuple[Tensor, Tensor]:
     root = Path(root)
     manifest = read_manifest(root)
     if manifest is None:
-        raise FileNotFoundError(
-            f"{(root / MANIFEST_FILE).absolute()} not found: run prepare_digits(root) "
-            f"(`python -m gwf.data.digits --root {root}`)"
-        )
-    samples = list(read_samples([str(root / name) for name in manifest["splits"][split]["shards"]]))
-    x = torch.from_numpy(np.stack([s[1] for s in samples])).float()
-    y = torch.tensor([s[2] for s in samples], dtype=torch.int64)
-    return x, y
+        raise FileNotFoundError(f"{(root / MANIFEST_FILE).absolute()} not found: run prepare_digits(root) "
+                                f"(`python -m gwf.data.digits --root {root}`)")
+    x, y = collate(list(read_samples([str(root / name) for name in manifest["splits"][split]["shards"]])))
+    return x.float(), y
 
 
 def main() -> None:

@@ -1,8 +1,5 @@
-"""Image folders: scanning (class subfolders or one flat folder), decoding, the ADM center crop, pixel samples.
-
-Pixel shards (``gwf-prepare images``) store x float16 [3, size, size] = uint8 / 127.5 - 1 in [-1, 1], the tensor the
-model sees, as the digits shards do. fp16 is not exact for k / 127.5 - 1 but the error (< 2.5e-4) is far below half
-a gray level (3.9e-3), so ``to_uint8`` recovers the source pixels exactly.
+"""Image folders: scanning (class subfolders or one flat folder), decoding, the ADM center crop, and pixel samples
+x float16 [3, size, size] = uint8 / 127.5 - 1, from which ``to_uint8`` recovers the pixels exactly (data/README.md).
 """
 
 from __future__ import annotations
@@ -58,11 +55,8 @@ def sample_key(index: int, path: str) -> str:
 
 
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
-    """The ADM center crop (guided-diffusion ``center_crop_arr``): uint8 [size, size, C].
-
-    Halve with a BOX filter while the short side is >= 2 * size (cheap antialiasing), then BICUBIC-resize so the short
-    side is ``size``, then crop the center.
-    """
+    """The ADM center crop (guided-diffusion ``center_crop_arr``): uint8 [size, size, C]. BOX-halve while the short
+    side is >= 2 * size (cheap antialiasing), BICUBIC-resize the short side to ``size``, crop the center."""
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     scale = size / min(image.size)

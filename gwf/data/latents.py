@@ -1,9 +1,6 @@
 """SD-VAE latents: loading the VAE (diffusers ``AutoencoderKL``), posterior moments of an image and its flip, the
-loader transform that draws z from them, and the decoder for sample grids.
-
-The latent scale has one home (``gwf.constants.SD_VAE_LATENT_SCALE``) and is applied in two mirrored places only:
-``LatentMoments`` (shards -> z = scale * (mean + std * eps)) and ``LatentDecoder`` (z -> image = vae.decode(z / scale)).
-Shards store unscaled moments, so a different scale never needs new shards.
+loader transform that draws z from them, and the decoder for sample grids. Shards store unscaled moments: the scale
+multiplies only in ``LatentMoments`` and divides only in ``LatentDecoder`` (data/README.md).
 """
 
 from __future__ import annotations
@@ -80,11 +77,9 @@ def random_vae(block_out_channels=(128, 256, 512, 512), layers_per_block: int = 
     n = len(block_out_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-            latent_channels=latent_channels, norm_num_groups=norm_num_groups,
-        )  # fmt: skip
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                            latent_channels=latent_channels, norm_num_groups=norm_num_groups)
     return vae.eval()
 
 
@@ -176,7 +171,7 @@ class LatentMoments:
     """Loader transform (``data.transform: latent_moments``): stored moments [2, 2, *shape] -> z float32 [*shape].
 
     z = scale * (mean_v + std_v * eps), eps ~ N(0, I), view v in {original, flipped} picked with probability 1/2
-    (``flip=False``: always the original). This is the one place the latent scale multiplies.
+    (``flip=False``: always the original).
     """
 
     def __init__(self, scale: float = SD_VAE_LATENT_SCALE, flip: bool = True):
@@ -193,11 +188,8 @@ class LatentMoments:
 
 
 class LatentDecoder:
-    """Decode scaled latents (what the generator outputs) to images for sample grids.
-
-    ``LatentDecoder(vae_path).decode(z)``: z [B, C, h, w] -> images float32 [B, 3, H, W] in [-1, 1], on the CPU,
-    computed as vae.decode(z / scale) in chunks of ``batch_size``.
-    """
+    """``LatentDecoder(vae_path).decode(z)``: scaled latents z [B, C, h, w] (the generator's output) -> images
+    float32 [B, 3, H, W] in [-1, 1] on the CPU, as vae.decode(z / scale) in chunks of ``batch_size``."""
 
     def __init__(self, vae, subfolder=None, device="cpu", scale=SD_VAE_LATENT_SCALE, batch_size=32,
                  allow_download=False):  # fmt: skip

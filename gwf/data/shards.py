@@ -1,11 +1,5 @@
-"""The shard sample format, and writing/reading shards.
-
-Every shard set (digits, SD-VAE latents, image folders) is a list of WebDataset tars whose samples are
-
-    {"__key__": str, TENSOR_KEY: np.ndarray (np.save bytes), LABEL_KEY: int (ASCII digits)}
-
-i.e. a sample is two tar members sharing a basename: ``<key>.x.npy`` and ``<key>.cls``. The key holds no "."
-(WebDataset splits a member name at its first dot) and no "/".
+"""Writing and reading shards: WebDataset tars of (key, x, label) samples, each two members ``<key>.x.npy`` and
+``<key>.cls`` (format: data/README.md). Keys hold no "." (WebDataset splits member names at the first dot) or "/".
 """
 
 from __future__ import annotations
@@ -22,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
 from tqdm import tqdm
 
@@ -65,11 +60,8 @@ def missing_shards(urls: Sequence[str]) -> list[str]:
 
 
 def check_shard_complete(url: str) -> None:
-    """Raise ShardReadError unless the local tar at ``url`` ends with its end-of-archive marker.
-
-    Python's streaming tar reader stops silently when a file is cut at a member boundary, so a truncated shard
-    would lose samples without a word; every complete tar ends with two zero blocks, so we check those.
-    """
+    """Raise ShardReadError unless the local tar at ``url`` ends with its two zero blocks: Python's streaming tar
+    reader stops silently when a file is cut at a member boundary."""
     if not is_local(url):
         return
     size = os.path.getsize(url)
@@ -77,15 +69,12 @@ def check_shard_complete(url: str) -> None:
         f.seek(max(size - _TAR_END_MARKER, 0))
         tail = f.read()
     if size < _TAR_END_MARKER or size % _TAR_BLOCK or tail.strip(b"\0"):
-        raise ShardReadError(
-            f"shard {url} is truncated or not a tar file ({size} bytes, no end-of-archive marker). "
-            "Delete it and re-create the shard set (see data/README.md)."
-        )
+        raise ShardReadError(f"shard {url} is truncated or not a tar file ({size} bytes, no end-of-archive marker). "
+                             "Delete it and re-create the shard set (see data/README.md).")
 
 
-def encode_sample(
-    key: str, x: np.ndarray, label: int, tensor_key: str = TENSOR_KEY, label_key: str = LABEL_KEY
-) -> dict:
+def encode_sample(key: str, x: np.ndarray, label: int, tensor_key: str = TENSOR_KEY,
+                  label_key: str = LABEL_KEY) -> dict:
     if not key or "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must be non-empty and hold no '.' or '/'")
     buf = io.BytesIO()
@@ -99,7 +88,7 @@ _npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}  # header
 
 def load_npy(data: bytes) -> np.ndarray:
     """np.load of .npy bytes, with the header parse cached: every sample of a shard set has the same header, and
-    numpy parses it with ast.literal_eval (~100 us, most of the decoding time of a small sample)."""
+    numpy parses it with ast.literal_eval (most of the decoding time of a small sample)."""
     if data[:6] != _NPY_MAGIC:
         raise ValueError("not a .npy payload (bad magic bytes)")
     size_bytes = 2 if data[6] == 1 else 4  # header length field: 2 bytes in format 1.0, 4 in 2.0/3.0
@@ -133,31 +122,25 @@ def decode_sample(sample: dict, tensor_key: str = TENSOR_KEY, label_key: str = L
         x = load_npy(sample[tensor_key])
         label = int(sample[label_key])
     except KeyError as e:
-        raise ValueError(
-            f"sample {key!r} in shard {url} has no {e.args[0]!r} member (it has {sorted(sample)}); "
-            "check data.tensor_key / data.label_key"
-        ) from None
+        raise ValueError(f"sample {key!r} in shard {url} has no {e.args[0]!r} member (it has {sorted(sample)}); "
+                         "check data.tensor_key / data.label_key") from None
     except ValueError as e:
         raise ShardReadError(f"cannot decode sample {key!r} in shard {url}: {e}") from e
     return key, x, label
 
 
-def write_shards(
-    samples: Iterable[Sample],
-    out_dir: str | Path,
-    prefix: str,
-    samples_per_shard: int,
-    *,
-    total: int | None = None,
-    tensor_key: str = TENSOR_KEY,
-    label_key: str = LABEL_KEY,
-) -> list[Path]:
-    """Write (key, x, label) samples into ``out_dir/prefix-000000.tar``, ``prefix-000001.tar``, ...
+def collate(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, *shape] in the stored dtype (fp16 latents cross the worker pipe at half size), y int64 [N]."""
+    x = torch.from_numpy(np.stack([s[1] for s in samples]))
+    y = torch.tensor([s[2] for s in samples], dtype=torch.int64)
+    return x, y
 
-    Each shard is written under a hidden temporary name and renamed when complete, so a killed run never leaves
-    a file that looks like a finished shard. Member mtimes are fixed, so equal samples give identical bytes.
-    ``total`` (number of samples, optional) sizes the progress bar. Returns the shard paths, in order.
-    """
+
+def write_shards(samples: Iterable[Sample], out_dir: str | Path, prefix: str, samples_per_shard: int, *,
+                 total: int | None = None, tensor_key: str = TENSOR_KEY, label_key: str = LABEL_KEY) -> list[Path]:
+    """Write (key, x, label) samples into ``out_dir/prefix-000000.tar``, ``prefix-000001.tar``, ...; returns the
+    paths. Each shard is renamed into place when complete (a killed run leaves no finished-looking file); fixed
+    mtimes make equal samples give identical bytes. ``total`` sizes the progress bar."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out_dir = Path(out_dir)
@@ -191,9 +174,8 @@ def temporary_path(path: Path) -> Path:
 
 
 def atomic_write(write, path: str | Path) -> None:
-    """``write(file)`` into a temporary sibling (:func:`temporary_path`), fsync, then rename over ``path``: a reader
-    (or a run resumed after a SIGKILL) sees the old file or the new one, never a partial one (os.replace is atomic on
-    POSIX within one file system). The temporary file is removed if ``write`` fails."""
+    """``write(file)`` into a temporary sibling, fsync, then rename over ``path`` (atomic on POSIX): a reader sees the
+    old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
@@ -215,6 +197,11 @@ def read_json(path: str | Path) -> dict | None:
         return None
 
 
+def write_json(path: str | Path, data: dict) -> None:
+    """Indented JSON, written atomically."""
+    atomic_write(lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()), path)
+
+
 def _finish(writer: wds.TarWriter, tmp: Path, path: Path) -> Path:
     writer.close()
     writer.stream.flush()
@@ -225,11 +212,8 @@ def _finish(writer: wds.TarWriter, tmp: Path, path: Path) -> Path:
 
 
 def iter_shard_samples(url: str) -> Iterator[dict]:
-    """Raw samples ({"__key__", "__url__", member suffix: bytes}) of one shard, in file order.
-
-    A local shard must be read to its end: Python's streaming tar reader also stops silently at a corrupt
-    member header, so we check that only zero padding follows where it stopped.
-    """
+    """Raw samples ({"__key__", "__url__", member suffix: bytes}) of one shard, in file order. Local shards are
+    checked to their end: the streaming tar reader also stops silently at a corrupt member header."""
     if not is_local(url):
         yield from wds.tarfile_samples([{"url": url}])
         return
@@ -256,9 +240,8 @@ def iter_raw_samples(urls: Iterable[str]) -> Iterator[dict]:
         yield from iter_shard_samples(url)
 
 
-def read_samples(
-    urls: str | Path | Sequence[str | Path], tensor_key: str = TENSOR_KEY, label_key: str = LABEL_KEY
-) -> Iterator[Sample]:
+def read_samples(urls: str | Path | Sequence[str | Path], tensor_key: str = TENSOR_KEY,
+                 label_key: str = LABEL_KEY) -> Iterator[Sample]:
     """(key, x, label) of every sample of ``urls`` (pattern or list), in shard order then file order."""
     for sample in iter_raw_samples(expand_urls(urls)):
         yield decode_sample(sample, tensor_key, label_key)

@@ -6,11 +6,8 @@ import lightning as L
 
 
 class SeekableDataModule(L.LightningDataModule):
-    """Training data as an endless stream of virtual epochs of ``batches_per_epoch`` batches, epoch e of rank r
-    drawn from a stream seeded by (seed, r, e). After ``seek(position)`` (called on resume with the batches the
-    checkpoint consumed) the next ``train_dataloader()`` must yield exactly what an uninterrupted run reads next:
-    it replays epoch ``position // batches_per_epoch`` and drops its first ``position % batches_per_epoch`` batches
-    (``replay_point``), which costs reading at most one virtual epoch again and no training."""
+    """Training data as virtual epochs of ``batches_per_epoch`` batches, epoch e of rank r seeded by (seed, r, e).
+    After ``seek(position)`` the next ``train_dataloader()`` yields what an uninterrupted run reads next."""
 
     position = 0
     batches_per_epoch: int

@@ -113,15 +113,8 @@ def circle(radius: float = 2.0, noise: float = 0.05) -> Sampler:
 
 
 TARGETS: dict[str, Callable[..., Sampler]] = {
-    "oval": oval,
-    "circle": circle,
-    "8gaussians": eight_gaussians,
-    "25gaussians": twenty_five_gaussians,
-    "imbalanced": imbalanced,
-    "checkerboard": checkerboard,
-    "moons": two_moons,
-    "rings": rings,
-    "swissroll": swiss_roll,
+    "oval": oval, "circle": circle, "8gaussians": eight_gaussians, "25gaussians": twenty_five_gaussians,
+    "imbalanced": imbalanced, "checkerboard": checkerboard, "moons": two_moons, "rings": rings, "swissroll": swiss_roll,
 }
 
 
@@ -136,8 +129,8 @@ class _SamplerStream(IterableDataset):
     with its own seed, so epochs never repeat data. Starts at ``epoch``, dropping its first ``skip`` batches."""
 
     def __init__(self, target: str, batch_size: int, seed: int, rank: int, num_batches: int, epoch: int, skip: int):
-        self.target, self.batch_size, self.seed, self.rank, self.num_batches = target, batch_size, seed, rank, num_batches
-        self.epoch, self.skip = epoch, skip
+        self.target, self.batch_size, self.seed, self.rank = target, batch_size, seed, rank
+        self.num_batches, self.epoch, self.skip = num_batches, epoch, skip
 
     def __iter__(self):
         sampler = make_sampler(self.target)

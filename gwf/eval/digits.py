@@ -1,8 +1,5 @@
 """Digits metrics: Frechet distance in the digit classifier's penultimate features (an FID for 8x8 digits) and
-class accuracy of conditional samples. Needs ``prepare_digits(root)`` (classifier.pt and the train shards).
-
-FD depends on the number of samples (the covariance estimate is biased at small N): compare runs at equal N,
-and read ``real_floor()`` (the 360 val images against train) as the value of a perfect generator at N = 360.
+class accuracy of conditional samples. Needs ``prepare_digits(root)``. FD depends on N: compare runs at equal N.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """torch-fidelity glue: FID, Inception Score, KID and precision/recall of generated samples against a reference
-(an image folder, WebDataset shards, or precomputed statistics), with either torch-fidelity's Inception
-("inception", pool3 2048-d features, the FID convention) or the digit classifier of the prepare step ("digits",
-64-d penultimate features; registered below as a torch-fidelity feature extractor, so the digits Frechet distance
-runs through the same code as FID).
-
-Conventions of torch-fidelity kept here: input1 = generated, input2 = reference; features are float32 and the FID
-statistics float64; KID is the unbiased MMD^2 estimate with the cubic polynomial kernel
-k(x, y) = (x.y / F + 1)^3, averaged over random subsets; precision / recall are Kynkaenniemi et al.'s k-NN
-manifolds (k = 3). We always pass Datasets (never torch-fidelity's generative-model input, whose class-conditional
-path uses the removed ``np.int``), ``cache=False`` (no writes to ~/.cache) and ``save_cpu_ram=True`` (no worker
-processes).
+(image folder, shards, or precomputed statistics), with torch-fidelity's Inception or the prepare step's digit
+classifier (registered as a torch-fidelity extractor, so the digits FD runs through FID's code). Conventions:
+docs/evaluation.md. We pass Datasets (torch-fidelity's generative-model input uses the removed ``np.int``),
+``cache=False`` (no writes to ~/.cache) and ``save_cpu_ram=True`` (no worker processes).
 """
 
 from __future__ import annotations
@@ -42,14 +35,10 @@ METRICS = ("fid", "isc", "kid", "prc")
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 # torch-fidelity result keys -> ours
 RESULT_KEYS = {
-    torch_fidelity.KEY_METRIC_FID: "fid",
-    torch_fidelity.KEY_METRIC_ISC_MEAN: "isc_mean",
-    torch_fidelity.KEY_METRIC_ISC_STD: "isc_std",
-    torch_fidelity.KEY_METRIC_KID_MEAN: "kid_mean",
-    torch_fidelity.KEY_METRIC_KID_STD: "kid_std",
-    torch_fidelity.KEY_METRIC_PRECISION: "precision",
-    torch_fidelity.KEY_METRIC_RECALL: "recall",
-    torch_fidelity.KEY_METRIC_F_SCORE: "f_score",
+    torch_fidelity.KEY_METRIC_FID: "fid", torch_fidelity.KEY_METRIC_ISC_MEAN: "isc_mean",
+    torch_fidelity.KEY_METRIC_ISC_STD: "isc_std", torch_fidelity.KEY_METRIC_KID_MEAN: "kid_mean",
+    torch_fidelity.KEY_METRIC_KID_STD: "kid_std", torch_fidelity.KEY_METRIC_PRECISION: "precision",
+    torch_fidelity.KEY_METRIC_RECALL: "recall", torch_fidelity.KEY_METRIC_F_SCORE: "f_score",
 }
 
 
@@ -219,12 +208,12 @@ def load_reference(ref: str | Path) -> Reference:
             extractor = str(f["extractor"]) if "extractor" in f.files else None
             return Reference(images, f["mu"].astype(np.float64), f["sigma"].astype(np.float64), extractor)
     if ".tar" in ref:
-        from gwf.data.shards import read_samples
+        from gwf.data.shards import collate, read_samples
 
         samples = list(read_samples(ref))
         if not samples:
             raise ValueError(f"the shards {ref} hold no samples")
-        return Reference(images=torch.from_numpy(np.stack([s[1] for s in samples])).float())
+        return Reference(images=collate(samples)[0].float())
     raise ValueError(f"--ref {ref}: expected an image folder, a shard pattern (*.tar, braces allowed) or a "
                      "statistics .npz (mu, sigma)")
 
@@ -289,8 +278,8 @@ def compute_metrics(samples: Tensor, reference: Reference, metrics=("fid",), ext
         if isinstance(ref_input, Dataset):
             out["num_reference"] = len(ref_input)
         elif pairwise:  # an image folder, read the way torch-fidelity reads it
-            out["num_reference"] = len(glob_samples_paths(ref_input, True, kwargs.get("samples_find_ext", "png,jpg,jpeg"),
-                                                          verbose=False))
+            exts = kwargs.get("samples_find_ext", "png,jpg,jpeg")
+            out["num_reference"] = len(glob_samples_paths(ref_input, True, exts, verbose=False))
     if "fid" in metrics and reference.mu is not None:  # precomputed statistics define the FID
         mu, sigma = statistics(extract_features(samples, name, **kwargs))
         if mu.shape != reference.mu.shape:

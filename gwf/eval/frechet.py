@@ -1,11 +1,9 @@
-"""Frechet distance between Gaussians fitted to feature sets (FID when the features are Inception's).
+"""Frechet distance between Gaussians fitted to feature sets (FID when the features are Inception's), in float64:
 
     FD = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})            (Dowson & Landau 1982; Heusel et al. 2017)
 
-Computed in float64 with Tr((S1 S2)^{1/2}) = Tr((S1^{1/2} S2 S1^{1/2})^{1/2}): S1 S2 is similar to that symmetric
-PSD matrix, so its square root's trace is a sum of square roots of real, non-negative eigenvalues (tiny negative
-ones from round-off are clipped). This needs neither scipy.linalg.sqrtm, nor its complex round-off, nor the
-eps * I offset the reference FID code adds when sqrtm fails on near-singular covariances.
+Tr((S1 S2)^{1/2}) = Tr((S1^{1/2} S2 S1^{1/2})^{1/2}), a symmetric PSD matrix's: real eigenvalues, no scipy sqrtm
+(nor its complex round-off, nor the eps * I offset the reference FID code adds on near-singular covariances).
 """
 
 from __future__ import annotations
@@ -38,15 +36,13 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) in float64; mu [F], sigma [F, F] symmetric PSD."""
+    """FD (module docstring) of mu [F], sigma [F, F] symmetric PSD."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     F = mu1.shape[0]
     if mu2.shape != (F,) or sigma1.shape != (F, F) or sigma2.shape != (F, F):
-        raise ValueError(
-            f"shapes mu1 {list(mu1.shape)}, sigma1 {list(sigma1.shape)}, mu2 {list(mu2.shape)}, "
-            f"sigma2 {list(sigma2.shape)} do not match [F], [F, F]"
-        )
+        raise ValueError(f"shapes mu1 {list(mu1.shape)}, sigma1 {list(sigma1.shape)}, mu2 {list(mu2.shape)}, "
+                         f"sigma2 {list(sigma2.shape)} do not match [F], [F, F]")
     for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not np.isfinite(a).all():
             raise ValueError(f"{name} has non-finite entries")

@@ -17,10 +17,7 @@ from gwf.features.mae import MAEFeatures, load_mae_features
 
 FeatureSpec = Union[None, str, Mapping[str, Any]]
 
-FEATURES: dict[str, Callable[..., FeatureEncoder]] = {
-    "identity": IdentityFeatures,
-    "mae": load_mae_features,
-}
+FEATURES: dict[str, Callable[..., FeatureEncoder]] = {"identity": IdentityFeatures, "mae": load_mae_features}
 
 
 def build_features(spec: FeatureSpec) -> FeatureEncoder | None:

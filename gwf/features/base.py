@@ -1,14 +1,8 @@
-"""The frozen feature encoder of feature-space drift ([DRIFT] Sec. 3.5 and App. A.5; [WF] Sec. 4).
+"""Frozen feature encoders for feature-space drift ([DRIFT] Sec. 3.5, App. A.5; [WF] Sec. 4).
 
-An encoder phi maps samples x [B, *shape] to named feature sets ``{k: phi_k(x)}``, each
-
-    [B, T, C]   T tokens (locations of a map, patches, ...): every token is its own transport problem in R^C,
-    [B, C]      one vector per sample (the same as T = 1).
-
-The objectives compute their field per feature set and per token, and pull the generator through phi (gradients
-flow through the encoder into the generator; the encoder itself is never updated). Feature maps become feature
-sets with the helpers below, as in the official MAE feature code: per-location vectors, the global mean and std
-over locations, and the mean and std over non-overlapping s x s patches.
+An encoder maps x [B, *shape] to named feature sets, each [B, T, C] (T tokens, each its own transport problem in
+R^C) or [B, C] (T = 1). Gradients flow through the encoder into the generator, which alone is updated. The helpers
+below turn feature maps into feature sets as the official MAE feature code does.
 """
 
 from __future__ import annotations
@@ -24,10 +18,8 @@ from gwf.constants import FEATURE_STD_EPS
 class FeatureEncoder(nn.Module):
     """Base class: ``forward(x [B, *shape]) -> dict[str, Tensor]`` of feature sets [B, T, C] or [B, C].
 
-    Frozen by construction: ``freeze()`` drops every parameter's requires_grad (so DDP sees no trainable
-    parameter here and no optimizer ever receives one) and ``train()`` always leaves the module in eval mode
-    (Lightning and ``module.train()`` cannot switch dropout or normalization statistics back on).
-    ``is_identity``: the features are the raw sample itself; objectives then take their data-space path.
+    Frozen: ``freeze()`` drops requires_grad (DDP and the optimizers never see these parameters) and ``train()``
+    always stays in eval mode. ``is_identity``: the features are the raw sample (objectives take their data path).
     """
 
     is_identity = False
@@ -87,32 +79,22 @@ def patch_mean_std(fmap: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return p.mean(dim=2), safe_std(p, dim=2)
 
 
-def map_feature_sets(
-    name: str,
-    fmap: Tensor,
-    patch_sizes: Sequence[int] = (2, 4),
-    use_mean: bool = True,
-    use_std: bool = True,
-) -> dict[str, Tensor]:
+def map_feature_sets(name: str, fmap: Tensor, patch_sizes: Sequence[int] = (2, 4), use_mean: bool = True,
+                     use_std: bool = True) -> dict[str, Tensor]:
     """The feature sets of one map [B, C, H, W] (official MAE feature code, ``process_feat``):
 
     name            [B, H*W, C]   per-location vectors
     name_mean/_std  [B, C]        over all locations
     name_mean_s     [B, HW/s^2, C]  per s x s patch (for each s in patch_sizes dividing H and W), and name_std_s
     """
-    out = {name: location_tokens(fmap)}
-    mean, std = global_mean_std(fmap)
-    if use_mean:
-        out[f"{name}_mean"] = mean
-    if use_std:
-        out[f"{name}_std"] = std
     h, w = fmap.shape[2:]
-    for s in patch_sizes:
-        if h % s or w % s:
-            continue  # the official code skips sizes that do not tile the map
-        p_mean, p_std = patch_mean_std(fmap, s)
+    stats = {"": global_mean_std(fmap)}
+    # patch sizes that do not tile the map are skipped, as in the official code
+    stats.update({f"_{s}": patch_mean_std(fmap, s) for s in patch_sizes if h % s == 0 and w % s == 0})
+    out = {name: location_tokens(fmap)}
+    for suffix, (mean, std) in stats.items():
         if use_mean:
-            out[f"{name}_mean_{s}"] = p_mean
+            out[f"{name}_mean{suffix}"] = mean
         if use_std:
-            out[f"{name}_std_{s}"] = p_std
+            out[f"{name}_std{suffix}"] = std
     return out

@@ -1,16 +1,8 @@
 """A small masked autoencoder on latents, whose frozen encoder gives the feature sets of feature-space drift.
 
-Architecture as the Drifting release's latent MAE ([DRIFT] App. A.3, configs/mae/latent_*.yaml, read in the
-hanjq17/W-Flow PyTorch port ``models/mae_model.py`` through a fork, hudsonchen/riesz_flow_hudson): a ResNet of
-"basic" blocks with GroupNorm on the latent grid (3x3 stem, stages of ``layers[i]`` blocks with widths
-base * (1, 2, 4, 8, ...), stride 2 from the second stage on, a GroupNorm after each stage), a U-Net decoder that
-reconstructs the latent from the stage maps, and a random mask of ``mask_patch`` x ``mask_patch`` latent patches
-(ratio 0.5 in the official latent configs); the loss is the squared error on the masked entries. Their encoders are
-large (base 256 or 640, layers [3, 4, 6, 3]); the defaults here are small enough to train on one GPU.
-
-Feature sets (``MAEFeatures``, the official ``get_activations``): the raw latent "x" [B, D], and for the stem map
-"conv1", each stage map "layer{i}" and every k-th block output "layer{i}_blk{j}": per-location vectors, the mean and
-std over locations, and the mean and std over 2x2 and 4x4 patches (gwf/features/base.py).
+Architecture of the Drifting release's latent MAE ([DRIFT] App. A.3): a ResNet of basic blocks with GroupNorm on the
+latent grid, a U-Net decoder, and a random mask of ``mask_patch`` x ``mask_patch`` latent patches; the loss is the
+squared error on the masked entries. The defaults are smaller than the official encoders (one GPU).
 """
 
 from __future__ import annotations
@@ -159,10 +151,9 @@ class MaskedAutoencoder(nn.Module):
 
 
 class MAEFeatures(FeatureEncoder):
-    """Frozen MAE encoder -> feature sets (module docstring). x: [B, C, H, W] latents.
-
-    patch_sizes: patch mean/std sizes (those that do not tile a map are skipped); every_k_block: also the output
-    of every k-th block of each stage (0: none); include_input: the raw latent as set "x" [B, C*H*W]."""
+    """Frozen MAE encoder -> feature sets (official ``get_activations``) of latents x [B, C, H, W]: those of
+    ``map_feature_sets`` for the stem map "conv1", each stage map "layer{i}" and every k-th block output
+    "layer{i}_blk{j}" (``every_k_block``, 0: none), and the raw latent "x" [B, C*H*W] (``include_input``)."""
 
     def __init__(self, encoder: ResNetEncoder, patch_sizes: Sequence[int] = (2, 4), use_mean: bool = True,
                  use_std: bool = True, every_k_block: int = 2, include_input: bool = True):

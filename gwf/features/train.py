@@ -4,16 +4,9 @@
     gwf-train-encoder --out runs/mae --data digits data.prepare=null data.train_shards='my-{000000..000009}.tar'
     gwf-train -m ... method.features='{name: mae, path: runs/mae/mae.pt}'
 
-The data come from a data config (``--data NAME`` = conf/data/NAME.yaml, or a .yaml file) with ``key=value``
-overrides, exactly the DataModule the generator trains on (latents: z = scale * (mean + std * eps), flips), so
-the encoder sees what the generator produces. One process, one device. ``--out DIR`` receives ``mae.pt``, rewritten
-atomically every ``--save-every`` steps and at the end; rerunning the same command resumes from it (the optimizer,
-the EMA and the step included) and returns at once when the run is complete.
-
-Official MAE recipe (configs/mae/latent_*.yaml of the Drifting release): AdamW (0.9, 0.95), lr 4e-3, weight decay
-0.01, 4000 warm-up steps then constant, mask ratio 0.5, EMA 0.9995, global batch 8192, 30k (base 256) or 200k
-(base 640) steps with layers [3, 4, 6, 3]. The defaults below keep the optimizer and mask, with a smaller net, batch
-and learning rate for a single device.
+The data are a data config's DataModule (``--data NAME`` = conf/data/NAME.yaml, with ``key=value`` overrides): the
+generator's own data, so the encoder sees what the generator produces. ``DIR/mae.pt`` is rewritten atomically every
+``--save-every`` steps; rerunning the command resumes from it. Defaults: the official recipe, smaller (one device).
 """
 
 from __future__ import annotations
@@ -51,7 +44,8 @@ def data_config(name: str, overrides: Sequence[str] = (), seed: int = 0) -> Dict
         raise FileNotFoundError(f"no data config {path}; pass --data with one of {options} or a .yaml file")
     data = OmegaConf.load(path)
     data.pop("defaults", None)
-    root = OmegaConf.create({"paths": OmegaConf.load(Path(conf_dir()) / "config.yaml").paths, "seed": seed, "data": data})
+    paths = OmegaConf.load(Path(conf_dir()) / "config.yaml").paths
+    root = OmegaConf.create({"paths": paths, "seed": seed, "data": data})
     bad = [o for o in overrides if not o.split("=", 1)[0].startswith(("data.", "paths."))]
     if bad:
         raise ValueError(f"overrides must set data.* or paths.* keys (e.g. paths.data_dir=/data or "
@@ -80,28 +74,15 @@ def batches(datamodule, start_step: int):
             yield x
 
 
-def train_encoder(
-    datamodule,
-    out_dir: str | Path,
-    *,
-    steps: int,
-    base_channels: int = 64,
-    layers: Sequence[int] = (2, 2, 2, 2),
-    mask_patch: int = 2,
-    mask_ratio: tuple[float, float] = (0.5, 0.5),
-    optim: OptimConfig = OptimConfig(name="adamw", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01,
-                                     warmup_steps=1000, grad_clip=1.0),
-    ema_decay: float = 0.9995,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    save_every: int = 1000,
-    resume: bool = True,
-    progress: bool = True,
-) -> dict:
-    """Train (or resume) the MAE into ``out_dir/mae.pt``; returns the final checkpoint dict (CPU tensors).
-
-    The mask of step n is drawn from a generator seeded by (seed, n), so it does not depend on where a run resumed.
-    """
+def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels: int = 64,
+                  layers: Sequence[int] = (2, 2, 2, 2), mask_patch: int = 2,
+                  mask_ratio: tuple[float, float] = (0.5, 0.5),
+                  optim: OptimConfig = OptimConfig(name="adamw", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01,
+                                                   warmup_steps=1000, grad_clip=1.0),
+                  ema_decay: float = 0.9995, seed: int = 0, device: str | torch.device = "cpu", save_every: int = 1000,
+                  resume: bool = True, progress: bool = True) -> dict:  # fmt: skip
+    """Train (or resume) the MAE into ``out_dir/mae.pt``; returns the final checkpoint dict (CPU tensors). The mask
+    of step n is seeded by (seed, n), so it does not depend on where a run resumed."""
     out = Path(out_dir) / CHECKPOINT_NAME
     shape = tuple(int(s) for s in datamodule.shape)
     if len(shape) != 3:
@@ -192,12 +173,10 @@ def main(argv=None) -> None:
     datamodule = build_datamodule(data_config(args.data, overrides, args.seed))
     optim = OptimConfig(name="adamw", lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip)
-    state = train_encoder(
-        datamodule, args.out, steps=args.steps, base_channels=args.base_channels, layers=args.layers,
-        mask_patch=args.mask_patch, mask_ratio=tuple(args.mask_ratio), optim=optim, ema_decay=args.ema_decay,
-        seed=args.seed, device=args.device, save_every=args.save_every, resume=not args.no_resume,
-        progress=not args.no_progress,
-    )
+    state = train_encoder(datamodule, args.out, steps=args.steps, base_channels=args.base_channels, layers=args.layers,
+                          mask_patch=args.mask_patch, mask_ratio=tuple(args.mask_ratio), optim=optim,
+                          ema_decay=args.ema_decay, seed=args.seed, device=args.device, save_every=args.save_every,
+                          resume=not args.no_resume, progress=not args.no_progress)
     last = state["history"][-1][1] if state["history"] else float("nan")
     log.info("MAE checkpoint: %s (step %d, last loss %.4f); use it with method.features='{name: mae, path: %s}'",
              Path(args.out) / CHECKPOINT_NAME, state["step"], last, Path(args.out) / CHECKPOINT_NAME)

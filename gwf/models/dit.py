@@ -1,29 +1,11 @@
-"""Latent DiT generator (LightningDiT style, as in W-Flow [WF] and Drifting [DRIFT]): noise z [B, C, H, W] (same
-shape as the latent) -> latent x [B, C, H, W] in one step, conditioned on the class and on the guidance strength
-alpha = w + 1 ([WF] Eq. 16).
+"""Latent DiT generator (DiT, Peebles & Xie 2023, with the LightningDiT changes, Yao et al. 2025, as in [WF] and
+[DRIFT]): noise z [B, C, H, W] -> latent x [B, C, H, W] in one step, conditioned on the class and on the guidance
+strength alpha = w + 1 ([WF] Eq. 16) through adaLN-zero and in-context conditioning tokens ([DRIFT] App. A.2);
+blocks with QK-norm, 2D RoPE on the patch tokens and SwiGLU. Architecture and parameter counts: docs/recipes.md.
 
-Architecture (DiT, Peebles & Xie 2023, with the LightningDiT changes, Yao et al. 2025):
-- patchify with patch p (2 for 4x32x32 SD-VAE latents: 256 tokens) and a linear patch embedding;
-- conditioning vector c = class embedding + MLP(Fourier features of log alpha), used by adaLN-zero in every block;
-- in-context conditioning tokens ([DRIFT] App. A.2): ``num_cond_tokens`` tokens = Linear(c) + a learned embedding per
-  token, prepended to the sequence and dropped at the output, so each class (and alpha) has its own tokens without
-  a num_classes x tokens x hidden table;
-- blocks: x += gate * Attn(modulate(RMSNorm(x))), x += gate * SwiGLU(modulate(RMSNorm(x))), with QK-norm (RMSNorm
-  per head on q and k) and 2D rotary position embeddings on q and k (patch tokens only: the conditioning tokens
-  have no position and are not rotated);
-- final layer: RMSNorm, adaLN (shift, scale), linear to p*p*C, unpatchify.
-
-Initialization as DiT: xavier-uniform linears, adaLN modulations zero (every block is the identity at init). The
-final projection is NOT zero: with a zero projection a one-step generator maps every z to the same x. Its weights are
-N(0, out_init_rms^2 / hidden), so, since the final tokens are RMS-normalized, the initial output has RMS close to
-``out_init_rms`` and different z give different x.
-
-Sizes are named in ``DIT_SIZES``. With SwiGLU hidden = int(2/3 * 4 * hidden) (the
-LightningDiT default) and 16 conditioning tokens, B/2, L/2, XL/2 with 1000 classes have 130.9M, 458.9M, 676.2M
-parameters (``count_parameters``, on the meta device), within 1.6% of the [WF] paper's 133M, 463M, 679M.
-
-Under ``torch.autocast(dtype=torch.bfloat16)`` the matmuls run in bf16 while norms, rotary embeddings and the
-residual stream (promoted by the fp32 token embedding) stay in fp32; the output is bf16.
+Initialization as DiT (every block the identity), except the final projection: N(0, out_init_rms^2 / hidden), NOT
+zero, since with a zero projection a one-step generator maps every z to the same x. Under bf16 autocast, norms,
+RoPE and the residual stream stay fp32; the output is bf16.
 """
 
 from __future__ import annotations
@@ -168,18 +150,9 @@ class DiTGenerator(nn.Module):
     """One-step latent DiT. ``z`` [B, *out_shape], ``labels`` [B] int64 (None when num_classes = 0), ``alpha`` [B]
     >= 1 (None: 1, no guidance) -> x [B, *out_shape]. out_shape = [C, H, W] with H and W divisible by ``patch``."""
 
-    def __init__(
-        self,
-        out_shape: list[int] | tuple[int, ...],
-        num_classes: int = 0,
-        hidden: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        patch: int = 2,
-        mlp_ratio: float = 4.0,
-        num_cond_tokens: int = 16,
-        out_init_rms: float = 0.1,
-    ):
+    def __init__(self, out_shape: list[int] | tuple[int, ...], num_classes: int = 0, hidden: int = 768,
+                 depth: int = 12, num_heads: int = 12, patch: int = 2, mlp_ratio: float = 4.0,
+                 num_cond_tokens: int = 16, out_init_rms: float = 0.1):
         super().__init__()
         if len(out_shape) != 3 or out_shape[1] % patch or out_shape[2] % patch:
             raise ValueError(f"the DiT generator takes [C, H, W] with H and W divisible by model.patch={patch}; "

@@ -22,7 +22,8 @@ class AlphaEmbedding(nn.Module):
         return torch.cat([a.sin(), a.cos()], dim=-1)
 
 
-def conditioning_layers(num_classes: int, class_dim: int, alpha_dim: int) -> tuple[nn.Module | None, nn.Module | None, int]:
+def conditioning_layers(num_classes: int, class_dim: int,
+                        alpha_dim: int) -> tuple[nn.Module | None, nn.Module | None, int]:
     """(class embedding or None, alpha features or None, size of their concatenation) for a generator."""
     class_emb = nn.Embedding(num_classes, class_dim) if num_classes > 0 else None
     alpha_emb = AlphaEmbedding(alpha_dim) if alpha_dim > 0 else None
@@ -44,23 +45,12 @@ def conditioning_vector(class_emb: nn.Module | None, alpha_emb: nn.Module | None
 
 
 class MLPGenerator(nn.Module):
-    """Conditional MLP generator.
+    """Conditional MLP generator: ``z`` [B, noise_dim], ``labels`` [B] or None, ``alpha`` [B] >= 1 or None. The
+    conditioning vector (class embedding, alpha features) is concatenated to z and to every hidden layer's input;
+    ``num_classes = 0``: unconditional; ``alpha_dim = 0``: alpha ignored."""
 
-    Inputs: ``z`` [B, noise_dim]; ``labels`` [B] int64 in [0, num_classes) or None; ``alpha`` [B] >= 1 or None.
-    Conditioning vectors (class embedding, alpha features) are concatenated to z and to every hidden layer's input.
-    With ``num_classes = 0`` the generator is unconditional; with ``alpha_dim = 0`` it ignores alpha.
-    """
-
-    def __init__(
-        self,
-        out_shape: list[int] | tuple[int, ...],
-        noise_dim: int = 32,
-        hidden: int = 256,
-        depth: int = 3,
-        num_classes: int = 0,
-        class_dim: int = 32,
-        alpha_dim: int = 0,
-    ):
+    def __init__(self, out_shape: list[int] | tuple[int, ...], noise_dim: int = 32, hidden: int = 256,
+                 depth: int = 3, num_classes: int = 0, class_dim: int = 32, alpha_dim: int = 0):
         super().__init__()
         self.out_shape = tuple(int(s) for s in out_shape)
         self.noise_dim = noise_dim

@@ -1,29 +1,7 @@
-"""The [GWF] CIFAR-10 "Small-Net": a ResNet generator from a flat latent and a ResNet critic.
-
-Matched against the official code, github.com/Paulcauch/GWF, ``networks/modelOTM/OTM.py`` (``Generator_otm``,
-``Discriminator_otm``, adapted there from Scalable-JKO, Choi et al. 2024), run with ``--model_name otm --nz 192
---ngf 256`` (its README, Tables 1 and 4; the critic reuses ngf, so ndf = 256):
-
-- generator: z [B, 192] -> Linear -> [ngf, 4, 4] -> 3 up-blocks (BN, ReLU, nearest x2, conv3x3, BN, ReLU, conv3x3;
-  shortcut: nearest x2, identity channels) -> BN, ReLU, conv3x3 -> tanh. One up-block per doubling, so any
-  H = W = bottom * 2^k works (32x32 from 4x4: 3 blocks, as the official code).
-- critic: optimized first block (conv3x3, act, conv3x3, avg-pool; shortcut avg-pool then conv1x1), a down block
-  (act, conv, act, conv, avg-pool; shortcut conv1x1 then avg-pool), two blocks without resampling (identity
-  shortcut), ReLU, global SUM pool, Linear(ndf, out_dim). Activation LeakyReLU(0.2) inside the blocks (the official
-  ``D_activation = "lrelu"``), no spectral norm (``D_conv = "conv"``), no batch norm (gradient penalties need
-  per-sample gradients: the score of sample i must not depend on sample j).
-- initialization: PyTorch defaults. The official ``weights_init_xavier`` is called on ``nn.Sequential``
-  containers, not through ``.apply``, so it never reaches a layer there either.
-
-Differences, on purpose: the official generator uses ``ConvTranspose2d(k=3, s=1, p=1)`` where we use ``Conv2d``
-(the same function class: a stride-1 transposed convolution is a convolution with a flipped kernel). Two quirks of
-the official code are available with ``official_quirks=True`` for exact reproduction and off by default:
-(1) its generator block returns ``model(x) + model(x)`` (the main path twice, never the shortcut), and (2) its
-critic blocks apply an in-place activation to their input, so the identity/conv1x1 shortcut sees act(x).
-
-Class conditioning (optional, num_classes > 0) and guidance strength alpha (alpha_dim > 0): conditional batch norm
-in the generator (gain and bias predicted from the class embedding and alpha features, zero-initialized so the
-initial network is the plain one), projection in the critic (Miyato & Koyama 2018).
+"""The [GWF] CIFAR-10 "Small-Net": a ResNet generator from a flat latent and a ResNet critic, matched against the
+official code (provenance and differences in docs/recipes.md). ``official_quirks=True`` reproduces two quirks of that
+code (off by default). Optional class and alpha conditioning: conditional batch norm in the generator
+(zero-initialized), projection in the critic (Miyato & Koyama 2018).
 """
 
 from __future__ import annotations
@@ -89,23 +67,12 @@ class GBlock(nn.Module):
 
 
 class ResNetGenerator(nn.Module):
-    """[GWF] Small-Net generator. ``z`` [B, noise_dim] (flat), ``labels`` [B] int64 or None, ``alpha`` [B] >= 1 or
-    None -> x [B, *out_shape] in [-1, 1] (tanh). out_shape = [C, H, W] with H = W = bottom * 2^k.
+    """[GWF] Small-Net generator. ``z`` [B, noise_dim], ``labels`` [B] int64 or None, ``alpha`` [B] >= 1 or None
+    -> x [B, *out_shape] in [-1, 1], out_shape = [C, H, W] with H = W = bottom * 2^k. Batch norm mixes the samples
+    of one call in training mode (eval mode uses running statistics)."""
 
-    Batch norm mixes the samples of one call (training mode): keep the whole batch in one call, as the trainer
-    does, and note that eval mode uses running statistics."""
-
-    def __init__(
-        self,
-        out_shape: list[int] | tuple[int, ...],
-        noise_dim: int = 192,
-        ngf: int = 256,
-        bottom: int = 4,
-        num_classes: int = 0,
-        class_dim: int = 128,
-        alpha_dim: int = 0,
-        official_quirks: bool = False,
-    ):
+    def __init__(self, out_shape: list[int] | tuple[int, ...], noise_dim: int = 192, ngf: int = 256, bottom: int = 4,
+                 num_classes: int = 0, class_dim: int = 128, alpha_dim: int = 0, official_quirks: bool = False):
         super().__init__()
         if len(out_shape) != 3 or out_shape[1] != out_shape[2]:
             raise ValueError(f"the ResNet generator makes square images [C, H, H]; got out_shape {list(out_shape)}")
@@ -163,20 +130,11 @@ class DBlock(nn.Module):
 
 class ResNetCritic(nn.Module):
     """[GWF] Small-Net critic. x [B, *in_shape] (and labels [B] when num_classes > 0) -> [B] scores when
-    ``out_dim == 1``, else [B, out_dim] embeddings (learned MMD kernels). ``n_down`` blocks halve the resolution
-    (the first is the optimized block), ``n_same`` more keep it; H and W must be divisible by 2^n_down."""
+    ``out_dim == 1``, else [B, out_dim] embeddings. ``n_down`` blocks halve the resolution, ``n_same`` more keep
+    it. No batch norm: gradient penalties need per-sample gradients."""
 
-    def __init__(
-        self,
-        in_shape: list[int] | tuple[int, ...],
-        ndf: int = 256,
-        n_down: int = 2,
-        n_same: int = 2,
-        out_dim: int = 1,
-        num_classes: int = 0,
-        slope: float = 0.2,
-        official_quirks: bool = False,
-    ):
+    def __init__(self, in_shape: list[int] | tuple[int, ...], ndf: int = 256, n_down: int = 2, n_same: int = 2,
+                 out_dim: int = 1, num_classes: int = 0, slope: float = 0.2, official_quirks: bool = False):
         super().__init__()
         if len(in_shape) != 3:
             raise ValueError(f"the ResNet critic takes images [C, H, W]; got in_shape {list(in_shape)} "

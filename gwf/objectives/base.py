@@ -41,11 +41,9 @@ class GenBatch:
 
 
 class Objective(nn.Module):
-    """Base class. Critic-based objectives assign their network to ``self.critic`` (the trainer optimizes it with
-    the critic optimizer); ``critic`` is None for critic-free ones.
-
-    Every random draw of a loss comes from its ``rng`` argument: the trainer seeds it per (seed, rank, update,
-    stream), so a resumed run draws what the uninterrupted run draws (never use the global RNG here)."""
+    """Base class. Critic-based objectives assign their network to ``self.critic`` (optimized by the trainer's
+    critic optimizer; None for critic-free ones). Random draws come from the ``rng`` argument, never the global RNG
+    (docs/conventions.md, Randomness)."""
 
     @property
     def critic(self) -> nn.Module | None:

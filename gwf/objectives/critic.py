@@ -1,11 +1,9 @@
-"""Critic-based objectives as rows of one table ([GWF] official code; f-GAN, Nowozin et al. 2016): the
-f-divergences KL, KL_DV, chi2, JS and the IPM W1. p = data ("real"), q = G#mu0 ("fake"), critic d: x -> R.
+"""Critic-based objectives as rows of one table (f-GAN, Nowozin et al. 2016): the f-divergences KL, KL_DV, chi2,
+JS and the IPM W1; p = data, q = generated, critic d: x -> R (docs/objectives.md).
 
-The critic minimizes ``critic_loss`` = -(variational bound), so at the optimal critic -critic_loss estimates the
-divergence; the generator loss is the first variation at that critic averaged over fakes, so B * grad_x of it is
-the Wasserstein gradient (docs/objectives.md has the table of optimal critics and fields). ``reverse=False``
-minimizes D(q||p) with h = -d (KL: mode seeking); ``reverse=True`` minimizes D(p||q) (the f-GAN direction).
-Losses are computed in at least fp32 whatever the critic's precision.
+The critic minimizes -(variational bound); the generator loss is the first variation at that critic averaged over
+fakes, so B * grad_x of it is the Wasserstein gradient. ``reverse=False`` minimizes D(q||p) with h = -d,
+``reverse=True`` D(p||q). Losses are computed in at least fp32.
 """
 
 from __future__ import annotations
@@ -94,19 +92,14 @@ DIVERGENCES: dict[str, Divergence] = {
     "kl_dv": Divergence(kl_dv_critic_loss, kl_dv_generator_loss, "fdiv"),
     "chi2": Divergence(chi2_critic_loss, chi2_generator_loss, "fdiv"),
     "js": Divergence(js_critic_loss, js_generator_loss, "fdiv"),  # fdiv = 2 JS - log 4
-    # With WGAN-GP, (||grad d|| - 1)^2 makes grad d = 0 a barrier: a fresh critic is pushed to unit slope in whatever
-    # direction it starts with and can lock into -W1 (seen on a 1-D toy). The squared-norm penalties have no barrier
-    # but estimate W1 only up to a scale.
+    # WARNING: with WGAN-GP a fresh critic can lock into -W1 (docs/objectives.md)
     "w1": Divergence(w1_critic_loss, w1_generator_loss, "w1"),
 }
 
 
 class CriticDivergence(Objective):
-    """One row of DIVERGENCES with a critic d: x [B, *shape] (, labels [B]) -> [B].
-
-    critic_loss = -(bound) + penalty_weight * penalty (default R1 on reals, weight 0.2: the [GWF] 2D recipe);
-    logs: d_real, d_fake (mean critic outputs), the estimate (``fdiv`` or ``w1``), penalty.
-    """
+    """One row of DIVERGENCES with a critic d: x [B, *shape] (, labels [B]) -> [B]; critic_loss = -(bound) +
+    penalty_weight * penalty (default R1, weight 0.2: the [GWF] 2D recipe)."""
 
     def __init__(self, divergence: str, critic: nn.Module, penalty: str | None = "r1", penalty_weight: float = 0.2,
                  reverse: bool = False):

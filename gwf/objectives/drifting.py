@@ -1,19 +1,9 @@
-"""Drifting ([DRIFT], Deng et al. 2026, "Generative Modeling via Drifting") as a baseline field in gwf.
+"""Drifting ([DRIFT] Deng et al. 2026, Algorithm 2) as a baseline field (docs/wflow.md): per temperature T,
 
-Per temperature T (Algorithm 2 of [DRIFT]), with generated queries x, positives y+ (data) and negatives y- (the
-generated batch itself, self-pair masked):
+    A = sqrt(softmax_j(logits) * softmax_i(logits)),  logits = -||x_i - y_j|| / (T s),  y in [y+, y-]
+    V_T(x_i) = sum_j A+_ij (sum_k A-_ik) y+_j - sum_k A-_ik (sum_j A+_ij) y-_k
 
-    logits = -||x_i - y_j|| / (T * s)           over the targets j in [y+, y-]      (Euclidean, not squared)
-    A      = sqrt(softmax_j(logits) * softmax_i(logits))     (geometric mean of row and column softmaxes)
-    W+_ij  = A+_ij * sum_k A-_ik,     W-_ik = A-_ik * sum_j A+_ij
-    V_T(x_i) = sum_j W+_ij y+_j - sum_k W-_ik y-_k          (attraction - repulsion; sum_j W+_ij = sum_k W-_ik, so
-                                                             V_T is translation equivariant)
-
-and V = sum_T V_T / RMS(V_T). Distance scale s: the mean distance ||x_i - y_j|| over all (unmasked) query-target
-pairs of the problem, detached. This is [DRIFT] App. A.6 (features rescaled so that the mean pairwise distance is
-sqrt(D), temperature tau * sqrt(D)) written in the data's units; public reimplementations compute that mean over the
-whole batch with the self pairs included, we compute it per problem (as gwf's W-Flow eps) without the masked pairs.
-RMS normalization is per problem over points and coordinates, with a floor relative to s / sqrt(D).
+and V = sum_T V_T / RMS(V_T); s is the mean distance over the unmasked pairs of the problem, detached.
 """
 
 from __future__ import annotations
@@ -33,11 +23,8 @@ from gwf.ot.sinkhorn import check_point_clouds, fp32_island
 
 def drifting_field_single(dist: Tensor, pos: Tensor, neg: Tensor, temperature: float, scale: Tensor,
                           mask_self: bool) -> Tensor:
-    """One temperature of the Drifting field, unnormalized: V_T [B, N, D] (see the module docstring).
-
-    dist: [B, N, M + K] distances ||x_i - y_j|| from the queries x to [pos, neg] (shared by every temperature);
-    pos: [B, M, D]; neg: [B, K, D] (K = N and neg = x when ``mask_self``); scale: [B].
-    """
+    """One temperature of the field, unnormalized: V_T [B, N, D]. dist: [B, N, M + K] distances from x to
+    [pos, neg]; pos: [B, M, D]; neg: [B, K, D] (neg = x when ``mask_self``); scale: [B]."""
     n, m = dist.shape[1], pos.shape[1]
     logits = -dist / (temperature * scale[:, None, None])
     if mask_self:
@@ -55,9 +42,8 @@ def drifting_field(x: Tensor, pos: Tensor, neg: Tensor | None = None,
                    temperatures: Sequence[float] = DRIFT_TEMPERATURES, rms_normalize: bool = True) -> Tensor:
     """Multi-temperature Drifting field V [B, N, D], detached fp32 (2-D inputs give [N, D]).
 
-    x: [B, N, D] generated samples; pos: [B, M, D] positives; neg: [B, K, D] negatives, or None for the generated
-    batch itself with the self-pair masked (the [DRIFT] default). Each temperature's field is rescaled to unit RMS
-    per problem (``rms_normalize``) before the sum, so |V| ~ sqrt(len(temperatures)) per coordinate.
+    x: [B, N, D]; pos: [B, M, D]; neg: [B, K, D], or None for x itself with the self pair masked (the [DRIFT]
+    default). ``rms_normalize``: each temperature's field has unit RMS per problem before the sum.
     """
     if not temperatures or min(temperatures) <= 0:
         raise ValueError(f"Drifting temperatures must be a non-empty list of positive numbers, got {temperatures}")
@@ -90,9 +76,8 @@ def drifting_field(x: Tensor, pos: Tensor, neg: Tensor | None = None,
 
 
 class Drifting(FieldObjective):
-    """Drifting baseline: generator loss mean || x - stopgrad(x + eta V(x)) ||^2 (per feature set,
-    gwf.objectives.field) with the multi-temperature Drifting field V, negatives = the generated batch with the
-    self-pair masked, per problem."""
+    """Drifting baseline: the field loss of gwf.objectives.field with the Drifting field, negatives = the generated
+    batch with the self pair masked."""
 
     def __init__(self, eta: float = 1.0, temperatures: Sequence[float] = DRIFT_TEMPERATURES,
                  rms_normalize: bool = True, features: FeatureSpec = None, feature_normalize: bool = True):

@@ -1,12 +1,9 @@
-"""Field objectives (W-Flow, Drifting): the generator moves its samples along a velocity field V computed in the
-feature spaces of a frozen encoder phi, one transport problem per (label, token). Data space is the identity
-encoder: one feature set, the raw sample, unscaled. With feature sets k = 1..K ([DRIFT] Sec. 3.5, [WF] Sec. 4):
+"""Field objectives (W-Flow, Drifting): the generator moves its samples along a velocity field V_k computed in each
+feature set k of a frozen encoder phi (data space: the identity encoder), one transport problem per (label, token):
 
-    loss = 1/K sum_k  mean || phi_k(x) / s_k - stopgrad(phi_k(x) / s_k + eta V_k) ||^2
+    loss = 1/K sum_k  mean || phi_k(x) / s_k - stopgrad(phi_k(x) / s_k + eta V_k) ||^2     ([DRIFT] Sec. 3.5)
 
-so dloss/dx = sum_k J_k(x)^T (-2 eta V_k / (K s_k numel_k)): each set pushes the generator along its field pulled
-back through the encoder's Jacobian (autograd does it; the encoder is frozen). s_k (detached) puts the sets on one
-scale (docs/wflow.md); the fields do not depend on it (relative eps, RMS-normalized V).
+s_k (detached) puts the sets on one scale (docs/wflow.md).
 """
 
 from __future__ import annotations
@@ -19,27 +16,26 @@ from torch import Tensor, nn
 from gwf.features import FeatureSpec, build_features
 from gwf.features.base import FeatureEncoder, IdentityFeatures
 from gwf.objectives.base import GenBatch, Objective, RealBatch
-from gwf.ot.velocity import mean_squared_distance
+from gwf.ot.velocity import _mean_squared_distance
 
 
 def attach_encoder(objective: nn.Module, encoder: FeatureEncoder | None) -> None:
-    """``objective.features`` = the frozen encoder (None: the identity, data space). Held outside the module tree
-    on purpose: never trained, never seen by DDP or the optimizers, never in checkpoints (a resumed run rebuilds it
-    from method.features). It follows the samples' device when used."""
+    """``objective.features`` = the frozen encoder (None: the identity). Held outside the module tree: never
+    trained, never seen by DDP or the optimizers, never in checkpoints (rebuilt from method.features)."""
     object.__setattr__(objective, "features", IdentityFeatures() if encoder is None else encoder)
 
 
 def grouped_problems(f: Tensor, num_problems: int) -> Tensor:
-    """Features of L*N samples grouped by label, [L*N, T, C] or [L*N, C] -> [L*T, N, C]: one transport problem per
-    (label, token), label-major (problem l*T + t holds token t of label l's N samples)."""
+    """Features of L*N samples grouped by label, [L*N, T, C] or [L*N, C] -> [L*T, N, C]: problem l*T + t holds
+    token t of label l's N samples."""
     f = f[:, None] if f.dim() == 2 else f
     ln, t, c = f.shape
     return f.reshape(num_problems, ln // num_problems, t, c).transpose(1, 2).reshape(num_problems * t, -1, c)
 
 
 def shared_problems(f: Tensor, num_problems: int) -> Tensor:
-    """Features of U samples shared by every label (guidance's unconditional reals), [U, T, C] or [U, C] ->
-    [L*T, U, C], the same points for every label, in the layout of ``grouped_problems``."""
+    """Features of U samples shared by every label, [U, T, C] or [U, C] -> [L*T, U, C] (``grouped_problems``
+    layout)."""
     f = f[:, None] if f.dim() == 2 else f
     u, t, c = f.shape
     return f.transpose(0, 1)[None].expand(num_problems, t, u, c).reshape(num_problems * t, u, c)
@@ -47,12 +43,9 @@ def shared_problems(f: Tensor, num_problems: int) -> Tensor:
 
 def encode_problems(encoder: FeatureEncoder, x: Tensor, grouped: Mapping[str, Tensor],
                     shared: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
-    """Feature sets of an update's samples, as transport problems.
-
-    x: [L, N, *shape] generated samples (gradient kept); grouped: name -> [L, M, *shape] (per-label reals, the
-    second batch); shared: name -> [U, *shape]. The references are encoded in one call without gradient.
-    Returns ({k: [L*T_k, N, C_k]}, {name: {k: [L*T_k, M, C_k]}}).
-    """
+    """Feature sets of an update's samples as transport problems: ({k: [L*T_k, N, C_k]}, {name: {k: [L*T_k, M,
+    C_k]}}). x: [L, N, *shape] (gradient kept); grouped: name -> [L, M, *shape]; shared: name -> [U, *shape]. The
+    references are encoded in one call without gradient."""
     num_problems = x.shape[0]
     encoder = encoder.to(x.device)  # no-op once there (the encoder is outside the module tree)
     param = next(encoder.parameters(), None)
@@ -73,15 +66,15 @@ def encode_problems(encoder: FeatureEncoder, x: Tensor, grouped: Mapping[str, Te
 
 
 def feature_scale(f_gen: Tensor, targets: list[Tensor]) -> Tensor:
-    """s_k = sqrt(mean over problems of mean_{i, j} ||f_i - t_j||^2 / C), a detached fp32 scalar (>= tiny), as the
-    official W-Flow code divides its features by scale / sqrt(C). f_gen: [B, N, C]; targets: list of [B, M, C]."""
-    msd = mean_squared_distance(f_gen, targets)  # [B], exact and without the [N, M] matrix
+    """s_k = sqrt(mean over problems of mean_{i, j} ||f_i - t_j||^2 / C), a detached fp32 scalar (>= tiny).
+    f_gen: [B, N, C]; targets: list of [B, M, C], already checked by the field."""
+    msd = _mean_squared_distance(f_gen, targets)  # [B]
     return (msd.mean() / f_gen.shape[-1]).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def drift_loss(f_gen: Tensor, velocity: Tensor, eta: float, scale: Tensor | None = None) -> Tensor:
-    """mean || f / s - stopgrad(f / s + eta V) ||^2 in fp32: gradient -2 eta V / (s * numel) w.r.t. f.
-    f_gen: [B, N, C] (with gradient); velocity: [B, N, C] detached; scale: scalar s or None (s = 1)."""
+    """mean || f / s - stopgrad(f / s + eta V) ||^2 in fp32 (gradient -2 eta V / (s * numel) w.r.t. f).
+    f_gen, velocity: [B, N, C]; scale: scalar s or None (s = 1)."""
     f = f_gen.float()
     if scale is not None:
         f = f / scale
@@ -90,11 +83,9 @@ def drift_loss(f_gen: Tensor, velocity: Tensor, eta: float, scale: Tensor | None
 
 
 class FieldObjective(Objective):
-    """Base of W-Flow and Drifting: the loss above, averaged over feature sets. Subclasses say which reals to
-    encode (``references``) and compute one feature set's field (``field``).
-
-    ``features``: None or "identity" (data space), or an encoder spec for ``gwf.features.build_features``, e.g.
-    {"name": "mae", "path": ...}; ``feature_normalize``: rescale each set by s_k (ignored in data space)."""
+    """Base of W-Flow and Drifting: subclasses name the reals to encode (``references``) and compute one feature
+    set's field (``field``). ``features``: a spec for ``gwf.features.build_features`` (None: data space);
+    ``feature_normalize``: rescale each set by s_k (ignored in data space)."""
 
     def __init__(self, eta: float = 1.0, features: FeatureSpec = None, feature_normalize: bool = True):
         super().__init__()

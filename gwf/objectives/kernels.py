@@ -1,21 +1,14 @@
-"""Positive-definite (and conditionally negative-definite) kernels for MMD objectives ([GWF] Algorithm 1).
+"""Kernels for MMD objectives ([GWF] Algorithm 1): k(x [B, N, D], y [B, M, D]) -> K [B, N, M] (2-D inputs: one
+problem), fp32 (fp64 kept) with autocast off, differentiable in x and y.
 
-Every kernel is a pure function  k(x, y) -> K  with
-
-    x: [B, N, D], y: [B, M, D]  ->  K: [B, N, M]   (B independent problems)
-    x: [N, D],    y: [M, D]     ->  K: [N, M]
-
-computed in fp32 (fp64 inputs stay fp64) with autocast off, and differentiable in x and y (the generator loss of
-MMD-JKO back-propagates through k). Bandwidths are floats, per-problem tensors [B], or "median": the median
-heuristic (Gretton et al. 2012), sigma = median pairwise Euclidean distance between x and y (pairs i < j only when
-x is y), per problem and detached. In an MMD, call the kernel once on the pooled sample so that all three blocks
-share one bandwidth (gwf.objectives.mmd does).
+Bandwidths: floats, per-problem tensors [B], or "median" (Gretton et al. 2012: median pairwise distance between x
+and y, pairs i < j when x is y, per problem, detached). An MMD calls the kernel once on the pooled sample so that
+its three blocks share one bandwidth.
 """
 
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Sequence
 
@@ -27,13 +20,6 @@ Bandwidth = float | Tensor | str
 
 # Floor of the median-heuristic bandwidth, so that a batch of identical points stays finite (sigma^2 > 0 in fp32).
 _MEDIAN_FLOOR = 1e-12
-
-
-@contextmanager
-def _fp32_autograd_island(device: torch.device):
-    """Kernels run in fp32 whatever the trainer's autocast, but keep autograd (unlike the OT fp32 island)."""
-    with torch.autocast(device_type=device.type, enabled=False):
-        yield
 
 
 def _as_batched(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, bool]:
@@ -51,11 +37,8 @@ def _as_batched(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, bool]:
 
 
 def squared_distances(x: Tensor, y: Tensor) -> Tensor:
-    """||x_i - y_j||^2: x [B, N, D], y [B, M, D] -> [B, N, M], clamped at 0.
-
-    Uses ||x||^2 + ||y||^2 - 2 <x, y> (one GEMM) after centering both clouds on y's mean, which removes the
-    cancellation error of points far from the origin (distances are translation invariant).
-    """
+    """||x_i - y_j||^2: x [B, N, D], y [B, M, D] -> [B, N, M], clamped at 0; one GEMM after centring both clouds
+    on y's mean (no cancellation for points far from the origin)."""
     center = y.detach().mean(1, keepdim=True)
     x, y = x - center, y - center
     d2 = x.square().sum(-1)[:, :, None] + y.square().sum(-1)[:, None, :] - 2.0 * torch.bmm(x, y.transpose(1, 2))
@@ -89,11 +72,11 @@ def _bandwidth(value: Bandwidth, d2: Tensor, same: bool, name: str) -> Tensor:
 
 
 def _kernel(fn: Callable[[Tensor, Tensor, bool], Tensor]) -> Kernel:
-    """Wrap fn(d2 [B, N, M], x, same) with shape handling and the fp32 island."""
+    """Wrap fn(d2 [B, N, M], same, **params) with shape handling, fp32 and autocast off."""
 
     def wrapped(x: Tensor, y: Tensor, **params) -> Tensor:
         same = x is y
-        with _fp32_autograd_island(x.device):
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 whatever the autocast, with autograd
             xb, yb, unbatched = _as_batched(x, y)
             d2 = squared_distances(xb, yb)
             if same:  # exact zeros on the diagonal: the GEMM form leaves ~1e-7 relative garbage, which
@@ -127,8 +110,8 @@ def multi_gaussian(d2: Tensor, same: bool, sigmas: Sequence[float] = (0.5, 1.0, 
 
 @_kernel
 def imq(d2: Tensor, same: bool, c: Bandwidth = 1.0) -> Tensor:
-    """Inverse multiquadric  k(x, y) = (1 + ||x - y||^2 / c^2)^(-1/2) = c / sqrt(c^2 + ||x - y||^2),  k(x, x) = 1.
-    (Both usual forms are the same function.)  Positive definite."""
+    """Inverse multiquadric  k(x, y) = (1 + ||x - y||^2 / c^2)^(-1/2) = c / sqrt(c^2 + ||x - y||^2).  Positive
+    definite."""
     cc = _bandwidth(c, d2, same, "c")
     return torch.rsqrt(1.0 + d2 / cc.square())
 
@@ -149,10 +132,8 @@ def energy(d2: Tensor, same: bool, beta: float = 1.0) -> Tensor:
     so -||x - y||^beta is conditionally positive definite and its MMD^2 is the energy distance
     2 E||X - Y||^beta - E||X - X'||^beta - E||Y - Y'||^beta (Sejdinovic et al. 2013).
 
-    Exact, with finite gradients at x = y: the "double where" below puts 1 under the power where d2 = 0, so the
-    gradient there is 0 (a subgradient) instead of inf * 0 = nan. An epsilon inside the root, -(d2 + eps)^(beta/2),
-    would do the same but shifts k(x, x) by eps^(beta/2) (0.03 for beta = 0.1, eps = 1e-30) and so biases the
-    V-statistic."""
+    The "double where" puts 1 under the power where d2 = 0: gradient 0 there instead of inf * 0 = nan, and k(x, x)
+    stays exactly 0 (an epsilon inside the root would bias the V-statistic)."""
     if not 0.0 < beta < 2.0:
         raise ValueError(f"energy kernel beta must be in (0, 2), got {beta}")
     positive = d2 > 0

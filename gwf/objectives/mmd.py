@@ -1,8 +1,5 @@
-"""MMD-JKO with a fixed kernel ([GWF] Algorithm 1): the generator descends the unbiased MMD^2 to the data.
-
-The witness function of MMD^2 is closed form, so there is no critic and no adversarial game; with the transport
-term added by the trainer, each generator update is a parametric JKO step on F(mu) = MMD^2_k(mu, nu).
-"""
+"""MMD-JKO with a fixed kernel ([GWF] Algorithm 1): the generator descends the unbiased MMD^2 to the data; no
+critic (the witness is closed form)."""
 
 from __future__ import annotations
 
@@ -38,7 +35,8 @@ def _off_diagonal_mean(k: Tensor) -> Tensor:
 def mmd2_unbiased(x: Tensor, y: Tensor, kernel: Kernel) -> Tensor:
     """Unbiased MMD^2 (U-statistic, Gretton et al. 2012, Lemma 6) per problem: [B] (a scalar for 2-D inputs).
 
-        MMD_u^2 = 1/(N(N-1)) sum_{i != j} k(x_i, x_j) + 1/(M(M-1)) sum_{i != j} k(y_i, y_j) - 2/(NM) sum_{i,j} k(x_i, y_j)
+        MMD_u^2 = 1/(N(N-1)) sum_{i != j} k(x_i, x_j) + 1/(M(M-1)) sum_{i != j} k(y_i, y_j)
+                  - 2/(NM) sum_{i,j} k(x_i, y_j)
 
     x: [B, N, D], y: [B, M, D]. Can be negative; E[MMD_u^2] = MMD^2 exactly.
     """
@@ -55,11 +53,8 @@ def mmd2_biased(x: Tensor, y: Tensor, kernel: Kernel) -> Tensor:
 
 
 class MMD(Objective):
-    """MMD-JKO ([GWF] Algorithm 1): generator loss = mean over the L problems of MMD_u^2(G(z), x_data), fixed kernel.
-
-    ``kernel``: a name of gwf.objectives.kernels.KERNELS; its parameters come either as ``kernel_params`` (a dict,
-    the config's form) or as keyword arguments, e.g. MMD("gaussian", sigma="median").
-    """
+    """Generator loss = mean over the L problems of MMD_u^2(G(z), x_data). ``kernel``: a key of KERNELS, with
+    parameters as ``kernel_params`` (the config's dict) or keywords, e.g. MMD("gaussian", sigma="median")."""
 
     def __init__(self, kernel: str = "gaussian", kernel_params: dict | None = None, **kernel_kwargs):
         super().__init__()

@@ -1,8 +1,5 @@
-"""JKO MMD GAN ([GWF] official code, DESIGN 2.2): MMD^2 with a learned kernel k(a, b) = k_mix(phi(a), phi(b)).
-
-The critic maximizes MMD^2 (critic loss -MMD^2), the generator minimizes it; with the trainer's transport term each
-generator update is a parametric JKO step on the learned-kernel MMD.
-"""
+"""JKO MMD GAN ([GWF]): MMD^2 with a learned kernel k(a, b) = k_mix(phi(a), phi(b)), maximized by the critic and
+minimized by the generator (a parametric JKO step on the learned-kernel MMD)."""
 
 from __future__ import annotations
 
@@ -21,11 +18,8 @@ DEFAULT_BANDWIDTHS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 class MixtureKernelCritic(nn.Module):
-    """The learned kernel: an embedding phi and softmax-weighted Gaussian bandwidths, in ONE module so that the
-    trainer's critic optimizer (objective.critic.parameters()) updates both.
-
-        k(a, b) = sum_s w_s exp(-||phi(a) - phi(b)||^2 / (2 s^2)),   w = softmax(logits)   (sum w = 1)
-    """
+    """The learned kernel k(a, b) = sum_s w_s exp(-||phi(a) - phi(b)||^2 / (2 s^2)), w = softmax(logits), in ONE
+    module so that the trainer's critic optimizer updates phi and w."""
 
     def __init__(self, phi: nn.Module, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
                  embedding_dim: int | None = None):
@@ -66,14 +60,9 @@ class MixtureKernelCritic(nn.Module):
 
 
 class MMDGAN(Objective):
-    """JKO MMD GAN. critic loss = -MMD_u^2 + penalty_weight * GP, generator loss = +MMD_u^2, with the learned
-    kernel of MixtureKernelCritic and the unbiased estimator, per problem, averaged over the L problems.
-
-    ``critic``: the embedding phi, [B, *shape] -> [B, E], E = ``embedding_dim`` (gwf.build builds the critic
-    network with out_dim = method.embedding_dim; None: any E); the objective wraps it with the mixture logits, so
-    ``self.critic`` is a MixtureKernelCritic. ``penalty_weight``: the interpolated penalty of the MMD witness
-    (0 disables it).
-    """
+    """critic loss = -MMD_u^2 + penalty_weight * GP (interpolated penalty of the MMD witness; 0: none), generator
+    loss = +MMD_u^2, averaged over the L problems. ``critic``: the embedding phi [B, *shape] -> [B, E]
+    (E = ``embedding_dim``, None: any), wrapped into a MixtureKernelCritic."""
 
     def __init__(self, critic: nn.Module, embedding_dim: int | None = None,
                  bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS, penalty_weight: float = 0.0):

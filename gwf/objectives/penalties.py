@@ -1,9 +1,6 @@
-"""Gradient penalties on a critic d: x [B, *shape] (, labels [B]) -> [B] ([GWF] official code, DESIGN 2.2).
-
-Every penalty differentiates the critic w.r.t. its input with ``create_graph=True``, so the penalty's own gradient
-reaches the critic's parameters (double backprop). Inputs are detached copies: the penalty never moves samples.
-Randomness (the interpolation weights) comes from the ``rng`` argument.
-"""
+"""Gradient penalties on a critic d: x [B, *shape] (, labels [B]) -> [B] ([GWF]). They differentiate the critic
+w.r.t. detached copies of its input with ``create_graph=True`` (double backprop reaches the critic, never the
+samples); interpolation weights come from ``rng``."""
 
 from __future__ import annotations
 
@@ -74,10 +71,7 @@ def check_penalty_name(name: str | None) -> None:
 def penalty(name: str | None, weight: float, critic: nn.Module, x_real: Tensor, x_fake: Tensor,
             labels: Tensor | None = None, rng: torch.Generator | None = None) -> Tensor:
     """weight * penalty on grouped samples: x_real [L, M, *shape], x_fake [L, N, *shape], labels [L] or None.
-
-    R1 uses all L*M reals, R2 all L*N fakes; interpolation pairs the first K = min(M, N) samples of each problem
-    so that a real and a fake of the same class are mixed. "r1+r2" = R1 + R2, both with ``weight``.
-    """
+    Interpolation pairs the first min(M, N) samples of each problem (same class); "r1+r2" = R1 + R2."""
     check_penalty_name(name)
     if name in (None, "none") or weight == 0:
         return x_real.new_zeros((), dtype=torch.float32)

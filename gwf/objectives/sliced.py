@@ -1,11 +1,8 @@
-"""Sliced-Wasserstein flow (Bonneel et al. 2015; Liutkus et al. 2019; JKO in SW space: Bonet et al. 2022).
+"""Sliced-Wasserstein flow (Bonneel et al. 2015; Liutkus et al. 2019; JKO in SW space: Bonet et al. 2022):
 
     SW_2^2(q, p) = E_theta W_2^2(theta # q, theta # p),   theta uniform on the unit sphere S^{D-1}
 
-In 1-D the optimal plan is monotone, so W_2^2 between two empirical measures is the integral of the squared
-difference of their quantile functions; the projections are drawn from the update's ``rng`` (a stochastic
-objective that resumes exactly). The gradient of the estimate at x_i is (2/N) mean_theta (theta.x_i - y*_i) theta,
-the sliced-Wasserstein flow.
+with exact 1-D W_2^2 (quantile functions) and projections drawn from the update's ``rng``.
 """
 
 from __future__ import annotations

@@ -12,14 +12,8 @@ from gwf.ot.velocity import sinkhorn_velocity
 
 
 class WFlow(FieldObjective):
-    """Generator loss mean || x - stopgrad(x + eta V(x)) ||^2 (per feature set, gwf.objectives.field) with
-
-        V(x) = T_{q->p}(x) - T_{q->q'}(x)                                             ([WF] Sec. 3.3)
-        V~(x) = V(x) + w (T_{q->p(.|c)}(x) - T_{q->p(.|empty)}(x)),  w = alpha - 1     ([WF] Eq. 16)
-
-    ``estimator``: "two_batch" (q' a second batch from the current model), "single" (q' = q unmasked: the self
-    plan is near-diagonal and the repulsion is lost; the ablation) or "masked" (q' = q, self pairs masked).
-    """
+    """The field loss of gwf.objectives.field with the W-Flow velocity (gwf.ot.sinkhorn_velocity), guided with
+    w = alpha - 1 ([WF] Eq. 16) when ``guidance`` and the batch has alpha and unconditional reals."""
 
     def __init__(self, eta: float = 1.0, eps_rel: float = DEFAULT_EPS_REL, engine: str = "own",
                  n_iters: int = DEFAULT_N_ITERS, estimator: str = "two_batch", rms_normalize: bool = True,

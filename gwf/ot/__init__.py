@@ -1,18 +1,24 @@
 """Optimal-transport core of W-Flow: entropic OT, barycentric projections, the W-Flow velocity field.
 
-Pure functions of tensors. Conventions: cost ||x - y||^2 / 2, uniform weights, eps KL(pi | a (x) b)
-(geomloss blur = sqrt(eps)); batched inputs x [B, N, D], y [B, M, D]; fp32 outputs, detached.
+Pure functions of tensors, batched: x [B, N, D], y [B, M, D] are B independent problems; outputs fp32, detached.
+Conventions (docs/conventions.md): cost ||x - y||^2 / 2, uniform weights, OT_eps = min <pi, C> + eps KL(pi | a (x) b)
+(geomloss blur = sqrt(eps)), T_{a->b}(x_i) = E_pi[y | x_i].
 
 ENGINES maps an engine name to a barycentric projection with the common signature
     project(x [B, N, D], y [B, M, D], eps: float | Tensor [B], n_iters=..., mask_diagonal=False) -> T [B, N, D]
 """
 
-from gwf.ot.geomloss_engine import barycentric_projection_geomloss
-from gwf.ot.sinkhorn import DEFAULT_N_ITERS, barycentric_projection, sinkhorn_potentials
+from gwf.ot.geomloss_engine import _barycentric_projection_geomloss, barycentric_projection_geomloss
+from gwf.ot.sinkhorn import DEFAULT_N_ITERS, _barycentric_projection, barycentric_projection, sinkhorn_potentials
 
 ENGINES = {
     "own": barycentric_projection,
     "geomloss": barycentric_projection_geomloss,
+}
+# The built-in engines without input checks, for callers that checked x, y and eps (an fp32 tensor [B]) already.
+_UNCHECKED = {
+    barycentric_projection: _barycentric_projection,
+    barycentric_projection_geomloss: _barycentric_projection_geomloss,
 }
 
 # Imported after ENGINES: velocity looks engines up in gwf.ot.ENGINES.

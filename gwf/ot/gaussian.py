@@ -1,21 +1,7 @@
-"""Closed forms of (entropic) optimal transport between Gaussians, used as test references.
+"""Closed forms of (entropic) OT between Gaussians, as test references (gwf.ot conventions; float64).
 
-Conventions (gwf.ot): cost C(x, y) = ||x - y||^2 / 2, OT_eps(a, b) = min_pi <pi, C> + eps KL(pi | a (x) b).
-
-- Bures: W2^2(N(m1, S1), N(m2, S2)) = ||m1 - m2||^2 + tr S1 + tr S2 - 2 tr (S1^1/2 S2 S1^1/2)^1/2
-  is the usual W2^2 for the cost ||x - y||^2 (NO 1/2): with gwf's cost, OT_0 = W2^2 / 2.
-- Entropic (Janati, Muzellec, Peyre, Cuturi 2020, "Entropic optimal transport between unbalanced Gaussian
-  measures has a closed form", balanced case, Thm. 1). They use the cost ||x - y||^2 and the regularizer
-  2 sigma^2 KL. Multiplying gwf's objective by 2 gives theirs with sigma^2 = eps, hence
-
-      OT_eps = 1/2 [ ||m1 - m2||^2 + tr S1 + tr S2 - tr D + d eps (1 - log(2 eps)) + eps log det(D + eps I) ],
-      D = (4 S1^1/2 S2 S1^1/2 + eps^2 I)^1/2,
-
-  and the optimal plan is Gaussian with cross-covariance Cov(X, Y) = 1/2 S1^1/2 D S1^-1/2 - eps/2 I, so the
-  barycentric projection is affine: T(x) = E[Y | X = x] = m2 + Cov(X, Y)^T S1^-1 (x - m1).
-  Checked numerically in tests/test_ot_sinkhorn.py against Sinkhorn on fine discretizations.
-
-Everything is computed in float64; inputs are means [d] and symmetric positive (semi-)definite covariances [d, d].
+Entropic case: Janati, Muzellec, Peyre, Cuturi 2020, Thm. 1 (balanced), rescaled to gwf's cost and eps; the
+derivation is in docs/conventions.md. Inputs: means [d], symmetric positive (semi-)definite covariances [d, d].
 """
 
 from __future__ import annotations
@@ -52,9 +38,10 @@ def _janati_d(s1: Tensor, s2: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def entropic_ot_gaussians(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, eps: float) -> Tensor:
-    """OT_eps(N(m1, s1), N(m2, s2)) for cost ||x - y||^2 / 2 and regularizer eps KL(pi | a (x) b). 0-d float64.
+    """OT_eps(N(m1, s1), N(m2, s2)), 0-d float64:
 
-    Janati et al. 2020, Thm. 1 (balanced), rescaled to gwf's convention (see the module docstring).
+    1/2 [||m1 - m2||^2 + tr S1 + tr S2 - tr D + d eps (1 - log(2 eps)) + eps log det(D + eps I)],
+    D = (4 S1^1/2 S2 S1^1/2 + eps^2 I)^1/2.
     """
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
@@ -74,7 +61,7 @@ def entropic_ot_gaussians(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, eps: f
 
 
 def entropic_cross_covariance(s1: Tensor, s2: Tensor, eps: float) -> Tensor:
-    """Cov(X, Y) [d, d] under the entropic plan between N(., s1) and N(., s2) (gwf's eps; s1 invertible)."""
+    """Cov(X, Y) = 1/2 S1^1/2 D S1^-1/2 - eps/2 I [d, d] under the entropic plan (s1 invertible)."""
     s1, s2 = _as64(s1, s2)
     big_d, r1 = _janati_d(s1, s2, eps)
     eye = torch.eye(s1.shape[0], dtype=torch.float64)
@@ -84,7 +71,7 @@ def entropic_cross_covariance(s1: Tensor, s2: Tensor, eps: float) -> Tensor:
 def entropic_barycentric_map_gaussians(
     m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """(L [d, d], c [d]) with T_{1->2}(x) = L x + c = m2 + L (x - m1) the entropic barycentric projection."""
+    """(L [d, d], c [d]): T_{1->2}(x) = E[Y | X = x] = L x + c, L = Cov(X, Y)^T S1^-1, c = m2 - L m1."""
     m1, s1, m2, s2 = _as64(m1, s1, m2, s2)
     cov_xy = entropic_cross_covariance(s1, s2, eps)
     slope = cov_xy.T @ torch.linalg.inv(s1)

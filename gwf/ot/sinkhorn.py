@@ -1,19 +1,7 @@
-"""Batched log-domain Sinkhorn for many small entropic OT problems at once (the "own" engine).
+"""Batched log-domain Sinkhorn for many small entropic OT problems at once (the "own" engine; gwf.ot conventions).
 
-Conventions (shared by every engine in gwf.ot):
-- cost C(x, y) = ||x - y||^2 / 2 (geomloss's p = 2 cost), uniform weights a_i = 1/N, b_j = 1/M;
-- OT_eps(a, b) = min_pi <pi, C> + eps KL(pi | a (x) b), so geomloss's blur = sqrt(eps);
-- potentials (f, g) in cost units: pi_ij = a_i b_j exp((f_i + g_j - C_ij) / eps), OT_eps = <a, f> + <b, g>;
-- barycentric projection T_{a->b}(x_i) = E_pi[y | x_i] = sum_j pi_ij y_j / a_i.
-
-Fixed number of iterations (no stopping test), as in the W-Flow code: one iteration = an f-update then a
-g-update, starting from g = 0; the returned f (and the rows of the plan used for T) are recomputed from the
-final g, so row marginals are exact (the same "final extrapolation" as geomloss, and the official code's
-division by the row mass). All work is fp32, outside autocast, without autograd.
-
-Cost: one GEMM for the cost matrix (stored once as the log-kernel -C/eps, 4 bytes per entry: B*N*M*4 bytes),
-one sweep over it per iteration (the row and column log-sum-exps are fused in the same pass over a chunk of
-rows, so the chunk is read from memory once), one GEMM for P @ y. Temporaries are bounded by the chunk size.
+A fixed number of iterations from g = 0, as in the W-Flow code; f and the rows of the plan are recomputed from the
+final g, so row marginals are exact. fp32, outside autocast, without autograd.
 """
 
 from __future__ import annotations
@@ -25,16 +13,10 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from gwf.constants import DEFAULT_N_ITERS  # W-Flow's sinkhorn_num_iter default
+from gwf.constants import DEFAULT_N_ITERS
 
-# Entries of the [B, N, M] matrix processed per chunk: 2^18 fp32 = 1 MiB, so a chunk and its log-sum-exp
-# temporaries stay in the L2/L3 cache (measured ~3-4x faster than one pass over the whole matrix).
+# Entries of the [B, N, M] matrix per chunk: 2^18 fp32 = 1 MiB, so a chunk and its temporaries stay in cache.
 _CHUNK_ENTRIES = 1 << 18
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Input checks and the fp32 island
-# ----------------------------------------------------------------------------------------------------------
 
 
 def check_point_clouds(x: Tensor, y: Tensor, name_x: str = "x", name_y: str = "y") -> None:
@@ -70,21 +52,15 @@ def as_eps(eps: float | Tensor, batch_size: int, device: torch.device) -> Tensor
 
 @contextmanager
 def fp32_island(device: torch.device):
-    """OT runs in fp32 without autograd, whatever the trainer's autocast/precision (DESIGN sec. 4)."""
+    """OT runs in fp32 without autograd, whatever the trainer's autocast/precision."""
     with torch.autocast(device_type=device.type, enabled=False), torch.no_grad():
         yield
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Chunking
-# ----------------------------------------------------------------------------------------------------------
-
-
 def _blocks(batch: int, n: int, m: int, chunk_size: int | None) -> Iterator[tuple[slice, slice]]:
-    """Blocks (problems, rows) tiling [B, N, M] with about _CHUNK_ENTRIES entries each.
+    """Blocks (problems, rows), each a contiguous view of [B, N, M] with about _CHUNK_ENTRIES entries.
 
-    chunk_size = rows per block (None: automatic). When it covers whole problems, several problems share a
-    block; otherwise each block is a range of rows of one problem. Every block is a contiguous view of [B, N, M].
+    chunk_size = rows per block (None: automatic); a block holds several whole problems or rows of one problem.
     """
     rows = chunk_size if chunk_size is not None else max(1, _CHUNK_ENTRIES // max(m, 1))
     if rows < 1:
@@ -97,11 +73,6 @@ def _blocks(batch: int, n: int, m: int, chunk_size: int | None) -> Iterator[tupl
         for b in range(batch):
             for r0 in range(0, n, rows):
                 yield slice(b, b + 1), slice(r0, min(r0 + rows, n))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Core
-# ----------------------------------------------------------------------------------------------------------
 
 
 def _log_kernel(x: Tensor, y: Tensor, eps: Tensor, mask_diagonal: bool, chunk_size: int | None) -> Tensor:
@@ -119,11 +90,7 @@ def _log_kernel(x: Tensor, y: Tensor, eps: Tensor, mask_diagonal: bool, chunk_si
 
 
 def _lse_(buf: Tensor, dim: int) -> Tensor:
-    """log-sum-exp of `buf` along `dim`, computed in place in `buf` (destroyed).
-
-    torch.logsumexp allocates chunk-sized temporaries on every call; large fresh allocations are page-faulted in
-    by the kernel each time (measured: most of the wall time went to system time at N = 1024).
-    """
+    """log-sum-exp of `buf` along `dim`, in place in `buf` (destroyed): no fresh chunk-sized allocation per call."""
     # A slice may be all -inf (a one-row chunk of a masked self problem): clamping its max to the most negative
     # float keeps (-inf) - m = -inf, exp = 0, log 0 = -inf, instead of NaN.
     m = buf.amax(dim=dim, keepdim=True).clamp_(min=torch.finfo(buf.dtype).min)
@@ -142,8 +109,8 @@ def _sinkhorn_loop(logk: Tensor, n_iters: int, chunk_size: int | None) -> tuple[
     """Scaled potentials (alpha, beta) = (f/eps, g/eps) after n_iters (f, g) updates from g = 0.
 
     alpha_i = log M - LSE_j(logk_ij + beta_j),   beta_j = log N - LSE_i(logk_ij + alpha_i).
-    One sweep per iteration: each row chunk gets its new alpha (from the old beta) and, while it is in
-    cache, contributes its partial column log-sum-exp to the new beta (standard alternating Sinkhorn).
+    One sweep per iteration: each row chunk gets its new alpha and, while in cache, adds its partial column
+    log-sum-exp to the new beta.
     """
     batch, n, m = logk.shape
     log_n, log_m = math.log(n), math.log(m)
@@ -177,8 +144,8 @@ def _final_alpha(logk: Tensor, beta: Tensor, chunk_size: int | None) -> Tensor:
     return alpha
 
 
-def _prepare(x: Tensor, y: Tensor, eps, mask_diagonal: bool, n_iters: int):
-    check_point_clouds(x, y)
+def _solve(x: Tensor, y: Tensor, eps: Tensor, n_iters: int, mask_diagonal: bool, chunk_size: int | None):
+    """(logk, beta, y centred, shift) for checked clouds and eps [B]; checks the options."""
     if mask_diagonal:
         if x.shape[1] != y.shape[1]:
             raise ValueError(f"mask_diagonal needs N == M (x and y the same batch), got N={x.shape[1]}, M={y.shape[1]}")
@@ -186,67 +153,46 @@ def _prepare(x: Tensor, y: Tensor, eps, mask_diagonal: bool, n_iters: int):
             raise ValueError("mask_diagonal needs at least 2 points per problem (a masked 1-point plan is empty)")
     if int(n_iters) < 1:
         raise ValueError(f"n_iters must be >= 1, got {n_iters}")
-    eps = as_eps(eps, x.shape[0], x.device)
-    x = x.detach().float()
-    y = y.detach().float()
     # The cost is translation invariant: centre both clouds on y's mean so that ||x||^2 + ||y||^2 - 2<x,y>
     # does not cancel catastrophically in fp32 for data far from the origin (e.g. latents with a large mean).
+    x, y = x.detach().float(), y.detach().float()
     shift = y.mean(dim=1, keepdim=True)  # [B, 1, D]
-    return (x - shift).contiguous(), (y - shift).contiguous(), shift, eps
+    x, y = (x - shift).contiguous(), (y - shift).contiguous()
+    logk = _log_kernel(x, y, eps, mask_diagonal, chunk_size)
+    _, beta = _sinkhorn_loop(logk, int(n_iters), chunk_size)
+    return logk, beta, y, shift
 
 
-def sinkhorn_potentials(
-    x: Tensor,
-    y: Tensor,
-    eps: float | Tensor,
-    n_iters: int = DEFAULT_N_ITERS,
-    mask_diagonal: bool = False,
-    chunk_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Entropic OT dual potentials for B independent problems, fixed number of iterations.
+def sinkhorn_potentials(x: Tensor, y: Tensor, eps: float | Tensor, n_iters: int = DEFAULT_N_ITERS,
+                        mask_diagonal: bool = False, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Entropic OT dual potentials f [B, N], g [B, M] (fp32, detached) for x [B, N, D], y [B, M, D].
 
-    Args:
-        x: [B, N, D] source points (weights 1/N), any float dtype; detached.
-        y: [B, M, D] target points (weights 1/M).
-        eps: float or [B] tensor, entropic regularization (> 0), in cost units (cost ||x - y||^2 / 2).
-        n_iters: number of (f, g) updates; f is then recomputed from the last g (exact row marginals).
-        mask_diagonal: set C_ii = +inf (needs N == M, x and y the same batch): Drifting-style self mask.
-        chunk_size: rows per chunk of the [B, N, M] sweeps (None: automatic). Does not change results.
-
-    Returns:
-        f [B, N], g [B, M] (fp32, detached) with pi_ij = exp((f_i + g_j - C_ij) / eps) / (N M) and
-        OT_eps = mean(f) + mean(g) at convergence.
+    eps: float or [B] tensor (> 0). n_iters (f, g) updates, then f from the last g. mask_diagonal sets C_ii = +inf
+    (N == M, x and y the same batch). chunk_size: rows per chunk of the sweeps (None: automatic; same results).
     """
+    check_point_clouds(x, y)
+    eps = as_eps(eps, x.shape[0], x.device)
     with fp32_island(x.device):
-        x, y, _, eps = _prepare(x, y, eps, mask_diagonal, n_iters)
-        logk = _log_kernel(x, y, eps, mask_diagonal, chunk_size)
-        _, beta = _sinkhorn_loop(logk, int(n_iters), chunk_size)
+        logk, beta, _, _ = _solve(x, y, eps, n_iters, mask_diagonal, chunk_size)
         alpha = _final_alpha(logk, beta, chunk_size)
         return alpha * eps[:, None], beta * eps[:, None]
 
 
-def barycentric_projection(
-    x: Tensor,
-    y: Tensor,
-    eps: float | Tensor,
-    n_iters: int = DEFAULT_N_ITERS,
-    mask_diagonal: bool = False,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Entropic barycentric projection T_{x->y}(x_i) = sum_j pi_ij y_j / a_i for B problems at once.
+def barycentric_projection(x: Tensor, y: Tensor, eps: float | Tensor, n_iters: int = DEFAULT_N_ITERS,
+                           mask_diagonal: bool = False, chunk_size: int | None = None) -> Tensor:
+    """Entropic barycentric projection T [B, N, D] (fp32, detached) of x [B, N, D] onto y [B, M, D].
 
-    Args:
-        x: [B, N, D] source points (any float dtype, detached). y: [B, M, D] target points.
-        eps: float or [B] tensor (> 0), cost units (cost ||x - y||^2 / 2).
-        n_iters, mask_diagonal, chunk_size: as in sinkhorn_potentials.
-
-    Returns:
-        T [B, N, D], fp32, detached: each T(x_i) is a convex combination of the y_j.
+    Arguments as in sinkhorn_potentials; each T(x_i) is a convex combination of the y_j.
     """
+    check_point_clouds(x, y)
+    return _barycentric_projection(x, y, as_eps(eps, x.shape[0], x.device), n_iters, mask_diagonal, chunk_size)
+
+
+def _barycentric_projection(x: Tensor, y: Tensor, eps: Tensor, n_iters: int = DEFAULT_N_ITERS,
+                            mask_diagonal: bool = False, chunk_size: int | None = None) -> Tensor:
+    """barycentric_projection for checked clouds and eps a valid fp32 tensor [B]."""
     with fp32_island(x.device):
-        x, y, shift, eps = _prepare(x, y, eps, mask_diagonal, n_iters)
-        logk = _log_kernel(x, y, eps, mask_diagonal, chunk_size)
-        _, beta = _sinkhorn_loop(logk, int(n_iters), chunk_size)
+        logk, beta, y, shift = _solve(x, y, eps, n_iters, mask_diagonal, chunk_size)
         # Rows of the plan, normalized (= the final f-update): P_ij = softmax_j(logk_ij + beta_j). Computed in
         # place over logk (its last use), so P @ y is one GEMM and no second [B, N, M] buffer is needed.
         for bs, rs in _blocks(*logk.shape, chunk_size):

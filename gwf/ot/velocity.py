@@ -1,28 +1,10 @@
-"""The W-Flow velocity field (Han et al., "One-Step Generative Modeling via Wasserstein Gradient Flows").
+"""The W-Flow velocity field ([WF] Han et al.; docs/wflow.md): the Wasserstein gradient of the Sinkhorn
+divergence S_eps(q, p) at the generated particles x ~ q,
 
-Wasserstein gradient of the Sinkhorn divergence S_eps(q, p) at the generated particles x ~ q:
+    V(x) = T_{q->p}(x) - T_{q->q'}(x)                                       ([WF] Sec. 3.3)
+    V~(x) = V(x) + w (T_{q->p(c)}(x) - T_{q->p(empty)}(x))                  ([WF] Eq. 16)
 
-    V(x) = T_{q->p}(x) - T_{q->q'}(x),      T_{a->b}(x) = E_{pi_eps(a,b)}[y | x]      (DESIGN 2.2)
-
-and, with velocity guidance (W-Flow Eq. 16),
-
-    V~(x) = (T_{q->p(c)} - T_{q->q'}) + w (T_{q->p(c)} - T_{q->p(empty)}).
-
-The generator is then trained towards stopgrad(x + eta V(x)); this module only computes V (detached, fp32).
-
-Relative eps, checked against the official code. The official `drift_loss_ot.py` is not in our code index; we
-read the official train.py and two forks that carry drift_loss_ot.py unchanged (hudsonchen/riesz_flow_hudson,
-KhoiTrant68/cwg-e). There, features are divided by scale / sqrt(S) (S = feature dim) with
-scale^2 = mean_{i, j} ||x_i - t_j||^2 over the generated x and the targets t = [x itself (self pairs included),
-the second batch q', the positives], then eps = R * S with the quadratic cost ||x - y||^2 / 2; in original units
-eps = R * mean ||x_i - t_j||^2 (no factor 1/2), which is `relative_eps` on that target set. Differences, kept on
-purpose: (1) the official scale is one number for the whole batch of one feature map (labels x positions); ours
-is per problem, so that a problem's eps does not depend on which other classes share the batch; (2) their
-train.py defaults to use_quadratic_cost=False (cost ||x - y||, eps = R * sqrt(S)); the paper and gwf use the
-quadratic cost; (3) they sum RMS-normalized fields over several R (R_list, default (0.02, 0.05, 0.2)); gwf
-computes one eps_rel per call (sum calls for a multi-scale field); (4) their RMS normalization uses the RMS over
-all problems of a feature map, with floor sqrt(1e-8) in normalized units; ours is per problem, with the same
-floor expressed in the data's units.
+with relative eps (docs/conventions.md). This module only computes V (detached, fp32).
 """
 
 from __future__ import annotations
@@ -36,23 +18,12 @@ import gwf.ot as _ot  # the engine registry gwf.ot.ENGINES (defined before this 
 from gwf.constants import DEFAULT_EPS_REL, DEFAULT_N_ITERS, ESTIMATORS, RMS_FLOOR_REL
 from gwf.ot.sinkhorn import check_point_clouds, fp32_island
 
-
-# Absolute floor of eps, so that identical points (all distances 0) give a finite problem: any eps > 0 gives the
-# uniform plan there.
+# Absolute floor of eps, so that identical points (all distances 0) give a finite problem.
 _EPS_FLOOR = 1e-12
 
 
-def mean_squared_distance(x: Tensor, y: Tensor | Sequence[Tensor]) -> Tensor:
-    """mean_{i, j} ||x_i - y_j||^2 per problem, [B] fp32, without the [N, M] matrix.
-
-    x: [B, N, D]; y: [B, M, D] or a sequence of such tensors (their union, every point weighted equally).
-    Per target set: mean ||x_i - y_j||^2 = Var(x) + Var(y) + ||mean(x) - mean(y)||^2 (total variances), exact.
-    """
-    ys = [y] if isinstance(y, Tensor) else list(y)
-    if not ys:
-        raise ValueError("relative eps needs at least one target set")
-    for t in ys:
-        check_point_clouds(x, t, "x", "y")
+def _mean_squared_distance(x: Tensor, ys: Sequence[Tensor]) -> Tensor:
+    """mean_squared_distance for checked clouds: Var(x) + Var(y) + ||mean(x) - mean(y)||^2 per target set."""
 
     def mean_and_var(t: Tensor) -> tuple[Tensor, Tensor]:
         t = t.detach().float()
@@ -68,50 +39,43 @@ def mean_squared_distance(x: Tensor, y: Tensor | Sequence[Tensor]) -> Tensor:
         return total / sum(t.shape[1] for t in ys)
 
 
-def relative_eps(x: Tensor, y: Tensor | Sequence[Tensor], eps_rel: float = DEFAULT_EPS_REL) -> Tensor:
-    """eps = eps_rel * mean_{i, j} ||x_i - y_j||^2 per problem: [B] fp32, detached (W-Flow's eps_eff = R * D).
+def mean_squared_distance(x: Tensor, y: Tensor | Sequence[Tensor]) -> Tensor:
+    """mean_{i, j} ||x_i - y_j||^2 per problem, [B] fp32, exact and without the [N, M] matrix.
 
-    x: [B, N, D]; y: [B, M, D] or a sequence of target sets (their union). eps is floored at a tiny positive
-    value so that identical points stay finite.
+    x: [B, N, D]; y: [B, M, D] or a sequence of such tensors (their union, every point weighted equally).
     """
+    ys = [y] if isinstance(y, Tensor) else list(y)
+    if not ys:
+        raise ValueError("relative eps needs at least one target set")
+    for t in ys:
+        check_point_clouds(x, t, "x", "y")
+    return _mean_squared_distance(x, ys)
+
+
+def _check_eps_rel(eps_rel: float) -> None:
     if not eps_rel > 0:
         raise ValueError(f"eps_rel must be > 0, got {eps_rel}")
-    msd = mean_squared_distance(x, y)
-    return (eps_rel * msd).clamp(min=_EPS_FLOOR)
 
 
-def sinkhorn_velocity(
-    x: Tensor,
-    pos: Tensor,
-    neg: Tensor | None = None,
-    *,
-    eps_rel: float = DEFAULT_EPS_REL,
-    engine: str = "own",
-    n_iters: int = DEFAULT_N_ITERS,
-    estimator: str = "two_batch",
-    uncond: Tensor | None = None,
-    guidance_w: float | Tensor | None = None,
-    rms_normalize: bool = True,
-) -> tuple[Tensor, dict]:
-    """W-Flow velocity V(x) = T_{q->p}(x) - T_{q->q'}(x) for B independent problems (e.g. one per class).
+def relative_eps(x: Tensor, y: Tensor | Sequence[Tensor], eps_rel: float = DEFAULT_EPS_REL) -> Tensor:
+    """eps = eps_rel * mean_squared_distance(x, y) per problem, [B] fp32 (floored so identical points stay finite)."""
+    _check_eps_rel(eps_rel)
+    return (eps_rel * mean_squared_distance(x, y)).clamp(min=_EPS_FLOOR)
 
-    Args:
-        x: [B, N, D] generated samples (may require grad: detached here).
-        pos: [B, M, D] positives (data of the problem's class).
-        neg: [B, N2, D] second, independent batch from the current model (no grad); "two_batch" only.
-        eps_rel: eps = eps_rel * mean ||x_i - t_j||^2 per problem, t over [x, neg, pos] (official target set),
-            shared by all the terms of a problem.
-        engine: a key of gwf.ot.ENGINES ("own": fixed-iteration Sinkhorn; "geomloss": eps-scaling).
-        n_iters: Sinkhorn iterations of the own engine (ignored by geomloss).
-        estimator: "two_batch" (q' = neg, W-Flow), "single" (q' = x, no mask: the self plan is nearly diagonal
-            and the repulsion is lost; the ablation), "masked" (q' = x, self pairs masked, Drifting-style;
-            own engine only).
-        uncond: [B, U, D] or [U, D] unconditional reals p(.|empty), for velocity guidance (W-Flow Eq. 16).
-        guidance_w: w, float or [B] tensor; needs `uncond` (and vice versa).
-        rms_normalize: divide V by its RMS over (N, D), per problem (official: unit RMS per feature map).
 
-    Returns:
-        V [B, N, D] (fp32, detached), info: {"eps": [B], "v_rms": [B] RMS of V before normalization}.
+def sinkhorn_velocity(x: Tensor, pos: Tensor, neg: Tensor | None = None, *, eps_rel: float = DEFAULT_EPS_REL,
+                      engine: str = "own", n_iters: int = DEFAULT_N_ITERS, estimator: str = "two_batch",
+                      uncond: Tensor | None = None, guidance_w: float | Tensor | None = None,
+                      rms_normalize: bool = True) -> tuple[Tensor, dict]:
+    """W-Flow velocity V [B, N, D] (fp32, detached) for B independent problems (e.g. one per class).
+
+    x: [B, N, D] generated samples; pos: [B, M, D] positives; neg: [B, N2, D] a second, independent batch from
+    the model ("two_batch" only). eps = relative_eps(x, [x, neg, pos], eps_rel), shared by a problem's terms.
+    engine: a key of gwf.ot.ENGINES; n_iters: iterations of the own engine. estimator: "two_batch" (q' = neg),
+    "single" (q' = x unmasked: the ablation) or "masked" (q' = x, self pairs masked; own engine only).
+    uncond: [B, U, D] or [U, D] unconditional reals, with guidance_w (float or [B]) for velocity guidance.
+    rms_normalize: divide V by its RMS over (N, D), per problem.
+    Returns V and {"eps": [B], "v_rms": [B] RMS of V before normalization}.
     """
     engines = _ot.ENGINES
     if engine not in engines:
@@ -137,12 +101,14 @@ def sinkhorn_velocity(
             w = w.expand(batch)
         if w.shape != (batch,):
             raise ValueError(f"guidance_w must be a float or a [B] = [{batch}] tensor, got {tuple(w.shape)}")
-    project = engines[engine]
+    _check_eps_rel(eps_rel)
+    # Inputs and eps are checked here: the built-in engines run without checking them again.
+    project = _ot._UNCHECKED.get(engines[engine], engines[engine])
 
     with fp32_island(x.device):
         x = x.detach().float()
         targets = [x, pos] if estimator != "two_batch" else [x, neg, pos]
-        eps = relative_eps(x, targets, eps_rel)  # [B], one per problem, shared by all its terms
+        eps = (eps_rel * _mean_squared_distance(x, targets)).clamp(min=_EPS_FLOOR)  # [B], shared by all terms
 
         t_pos = project(x, pos, eps, n_iters=n_iters)  # T_{q->p}
         if estimator == "two_batch":  # T_{q->q'}, q' an independent batch: W-Flow's two-batch estimator
@@ -151,7 +117,7 @@ def sinkhorn_velocity(
             t_self = project(x, x, eps, n_iters=n_iters, mask_diagonal=estimator == "masked")
         v = t_pos - t_self
         del t_self
-        if uncond is not None:  # velocity guidance, W-Flow Eq. 16: + w (T_{q->p(c)} - T_{q->p(empty)})
+        if uncond is not None:  # velocity guidance, [WF] Eq. 16: + w (T_{q->p(c)} - T_{q->p(empty)})
             t_pos.sub_(project(x, uncond, eps, n_iters=n_iters))
             v.add_(w[:, None, None] * t_pos)
         del t_pos
