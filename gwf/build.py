@@ -76,6 +76,8 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int, world_size: int 
     """The GWFModule of a composed config, for data of ``data_shape`` with ``num_classes`` (0: unconditional)."""
     c = OmegaConf.to_container(cfg, resolve=True)
     objective = build_objective(c["method"], data_shape, num_classes, with_encoder)
+    if str(c["trainer"].get("precision", "")).startswith("bf16") and getattr(objective, "features", None) is not None:
+        objective.features.to(torch.bfloat16)  # the frozen encoder: weights and feature maps in bf16
     model = dict(c["model"])
     generator = build_model(model.pop("name"), out_shape=list(data_shape), num_classes=num_classes, **model)
     b = per_rank_batch(c["batch"], world_size, conditional=num_classes > 0)
@@ -91,14 +93,19 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int, world_size: int 
         generator, objective, data_shape=tuple(data_shape), conditioning=conditioning,
         schedule=JKOSchedule(jko["steps"], jko["updates_per_step"], jko.get("updates_first_step")),
         tau=jko["tau"], jko_start=jko.get("start", "generator"),
-        sizes=UpdateSizes(b["gen_per_label"], b["pos_per_label"],
-                          b["uncond_per_update"] if conditioning.guided else 0, b["bank_capacity"]),
+        sizes=UpdateSizes(b["gen_per_label"], b["pos_per_label"], b["uncond_per_update"] if conditioning.guided else 0,
+                          b["bank_capacity"], b.get("label_chunks", 1), bank_dtype(c["data"])),
         optim=OptimConfig(**c["optim"]),
         critic_optim=OptimConfig(**c["critic_optim"]) if objective.critic is not None else None,
         critic_steps=loop.get("critic_steps", 1), generator_steps=loop.get("generator_steps", 1),
         ema_decay=c["ema_decay"], seed=c["seed"], source=make_sampler(c["source"]) if c.get("source") else None,
         config=c,
     )
+
+
+def bank_dtype(data: dict) -> torch.dtype:
+    """The class bank stores samples in the data's dtype (float16 latents, pixels and digits: half of float32)."""
+    return torch.float16 if data.get("dtype") == "float16" else torch.float32
 
 
 def module_from_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[GWFModule, DictConfig]:
@@ -144,6 +151,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     strategy = kwargs.pop("strategy", "auto")
     if isinstance(strategy, dict):
+        if strategy.get("find_unused_parameters", False) is None:  # only a critic's passes leave parameters unused
+            strategy["find_unused_parameters"] = "critic" in cfg.method
         strategy = instantiate(strategy)
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():

@@ -35,10 +35,10 @@ class EvalCallback(L.Callback):
         if trainer.is_global_zero:
             self.evaluator = self.make_evaluator()  # after prepare_data: the evaluator may read prepared files
             previous = Path(trainer.default_root_dir) / "eval.csv"
-            if previous.exists() and int(module.update_count) > 0:  # a resumed run continues its history
+            if previous.exists() and module.update > 0:  # a resumed run continues its history
                 with open(previous) as f:
                     self.rows = [{k: float(v) if k != "update" else int(v) for k, v in r.items()}
-                                 for r in csv.DictReader(f) if int(r["update"]) <= int(module.update_count)]
+                                 for r in csv.DictReader(f) if int(r["update"]) <= module.update]
 
     def _labels(self, module) -> torch.Tensor | None:
         num_classes = module.conditioning.num_classes
@@ -50,7 +50,7 @@ class EvalCallback(L.Callback):
     def evaluate(self, trainer, module) -> dict | None:
         if not trainer.is_global_zero:
             return None
-        update = int(module.update_count)
+        update = module.update
         if self.rows and self.rows[-1]["update"] == update:  # already evaluated at this update
             return self.rows[-1]
         labels = self._labels(module)
@@ -141,7 +141,7 @@ class EvalCallback(L.Callback):
         self.evaluate(trainer, module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        update = int(module.update_count)
+        update = module.update
         if update > 0 and update % self.every_n_updates == 0:
             self.evaluate(trainer, module)
 
@@ -149,7 +149,7 @@ class EvalCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         self.evaluate(trainer, module)
-        final = Path(trainer.default_root_dir) / "samples" / f"update_{int(module.update_count):07d}.png"
+        final = Path(trainer.default_root_dir) / "samples" / f"update_{module.update:07d}.png"
         if final.exists():
             (final.parent / "final.png").write_bytes(final.read_bytes())
         self._log_summary(trainer, module)

@@ -188,11 +188,11 @@ class CheckpointCadence(L.Callback):
         if trainer.is_global_zero:
             for stale in remove_stale_temporaries(self.ckpt_dir):
                 log.info("removed %s, left by a process killed while writing", stale)
-        self._start_update = self._last_saved_update = int(module.update_count)
+        self._start_update = self._last_saved_update = module.update
         self._last_save_time = time.monotonic()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        update = int(module.update_count)
+        update = module.update
         if update == self._last_saved_update:  # no update this batch (bank filling) or already saved
             return
         periodic = bool(self.every_n_updates) and update % self.every_n_updates == 0
@@ -214,13 +214,14 @@ class CheckpointCadence(L.Callback):
                             module.schedule.total_updates, why)
 
     def on_train_end(self, trainer, module) -> None:
-        if int(module.update_count) != self._last_saved_update:
+        if module.update != self._last_saved_update:
             self.save(trainer, module, numbered=False)
 
     def save(self, trainer, module, numbered: bool) -> None:
         """last.ckpt on every call (all ranks take part; rank 0 writes), plus a numbered copy when ``numbered``.
         Under DDP each rank first writes its side file; the barrier makes them all exist before last.ckpt moves."""
-        update = int(module.update_count)
+        update = module.update
+        module.raise_if_nonfinite()  # never save a state reached through a non-finite loss
         if trainer.world_size > 1:
             blob = {"rank": trainer.global_rank, "update": update, "state": module.rank_local_state()}
             atomic_write(lambda f: torch.save(blob, f), rank_state_path(self.ckpt_dir, trainer.global_rank, update))

@@ -42,3 +42,4 @@ LATENTS_SAMPLES_PER_SHARD = 2048
 # (the official MAE feature code's safe_std); MAE checkpoints written by gwf-train-encoder carry this format tag.
 FEATURE_STD_EPS = 1e-6
 MAE_CHECKPOINT_FORMAT = "gwf-mae-v1"
+MAE_ENCODER_FORMAT = "gwf-mae-encoder-v1"  # encoder-only export (EMA weights): what training runs load

@@ -20,19 +20,31 @@ class EMA(nn.Module):
         self.warmup = warmup
         self.model = copy.deepcopy(model).requires_grad_(False).eval()
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._host_updates: int | None = 0  # host copy of num_updates (no device read per update); None: re-read
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_updates = None
+
+    def set_num_updates(self, n: int) -> None:
+        self.num_updates.fill_(n)
+        self._host_updates = int(n)
 
     def current_decay(self) -> float:
-        n = int(self.num_updates)
+        if self._host_updates is None:
+            self._host_updates = int(self.num_updates)
+        n = self._host_updates
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        for p_ema, p in zip(self.model.parameters(), model.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+        buffers = list(self.model.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
         self.num_updates += 1
+        self._host_updates += 1
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

@@ -73,6 +73,11 @@ class JKOProximal(nn.Module):
         # start="noise": T_0 = identity on z (needs noise of the data's size). A buffer, so checkpoints taken before
         # and after the first refresh have the same keys.
         self.register_buffer("from_noise", torch.tensor(start == "noise"))
+        self._host_from_noise: bool | None = start == "noise"  # host copy (no device read per update); None: re-read
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_from_noise = None
 
     @staticmethod
     def _frozen_copy(generator: nn.Module) -> nn.Module:
@@ -86,10 +91,11 @@ class JKOProximal(nn.Module):
         if self.previous is None:
             return
         self.from_noise.fill_(False)
-        for p_prev, p in zip(self.previous.parameters(), generator.parameters()):
-            p_prev.copy_(p)
-        for b_prev, b in zip(self.previous.buffers(), generator.buffers()):
-            b_prev.copy_(b)
+        self._host_from_noise = False
+        torch._foreach_copy_(list(self.previous.parameters()), list(generator.parameters()))
+        buffers = list(self.previous.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(generator.buffers()))
 
     def forward(self, x: Tensor, *gen_inputs, train_mode: bool = True) -> Tensor:
         """Scalar proximal term (0 when tau is None) for ``x = G_theta(*gen_inputs)``: the SAME inputs go through
@@ -97,7 +103,9 @@ class JKOProximal(nn.Module):
         if self.previous is None:
             return x.new_zeros(())
         with torch.no_grad():
-            if bool(self.from_noise):
+            if self._host_from_noise is None:
+                self._host_from_noise = bool(self.from_noise)
+            if self._host_from_noise:
                 z = gen_inputs[0]
                 if z[0].numel() != x[0].numel():
                     raise ValueError(f"jko.start=noise needs noise of the data's size (T_0 = identity), got noise "

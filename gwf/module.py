@@ -4,6 +4,7 @@ nothing here branches on its name."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -30,12 +31,19 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float | None = None
+    impl: str = "auto"  # auto: fused on CUDA (one kernel for all parameters), torch's default elsewhere | fused | foreach
 
-    def build(self, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    def build(self, params, device_type: str = "cpu") -> tuple[torch.optim.Optimizer,
+                                                               torch.optim.lr_scheduler.LRScheduler]:
         optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         if self.name not in optimizers:
             raise ValueError(f"unknown optimizer '{self.name}'; choose one of {sorted(optimizers)}")
-        opt = optimizers[self.name](params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+        impls = {"auto": {"fused": True} if device_type == "cuda" else {}, "fused": {"fused": True},
+                 "foreach": {"foreach": True}}
+        if self.impl not in impls:
+            raise ValueError(f"optim.impl must be one of {sorted(impls)}, got {self.impl!r}")
+        opt = optimizers[self.name](params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay,
+                                    **impls[self.impl])
         warm = max(self.warmup_steps, 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: min(1.0, (n + 1) / warm) if warm else 1.0)
         return opt, sched
@@ -51,6 +59,8 @@ class UpdateSizes:
     pos_per_label: int = 64
     uncond_per_update: int = 0
     bank_capacity: int = 128
+    label_chunks: int = 1  # generator steps run the labels in this many chunks, gradients accumulated
+    bank_dtype: torch.dtype = torch.float32
 
 
 PROGRESS_BAR_KEYS = ("train/gen_loss", "train/v_rms", "train/critic_loss", "train/prox")
@@ -76,30 +86,57 @@ class GWFModule(L.LightningModule):
         self.critic_steps, self.generator_steps = critic_steps, generator_steps  # optimizer steps per update
         self.seed = seed
         self.source = source  # generator input: None (Gaussian noise) or a CPU sampler (n, Generator) -> [n, *shape]
-        self.bank = ClassBank(conditioning.num_classes, sizes.bank_capacity, self.data_shape, sizes.uncond_per_update)
+        labels = conditioning.labels_per_update if conditioning.conditional else 1
+        if not 1 <= sizes.label_chunks <= labels or labels % sizes.label_chunks:
+            raise ValueError(f"batch.label_chunks={sizes.label_chunks} must divide the {labels} label(s) per rank and "
+                             "update (batch.labels_per_update; 1 for unconditional data)")
+        self.bank = ClassBank(conditioning.num_classes, sizes.bank_capacity, self.data_shape, sizes.uncond_per_update,
+                              dtype=sizes.bank_dtype)
         self.register_buffer("update_count", torch.zeros((), dtype=torch.long))
         # Batches consumed from this rank's data stream: a resumed run replays the stream to here (gwf/checkpointing.py)
         self.register_buffer("data_position", torch.zeros((), dtype=torch.long))
+        # First update with a non-finite loss and which loss (0 critic, 1 generator), -1: none; read on the host only
+        # at logs and checkpoints on accelerators (docs/resume.md), at once on CPU.
+        self.register_buffer("_nonfinite", torch.full((2,), -1, dtype=torch.long), persistent=False)
+        # Host copies, so that an update never reads the device: None means "read the buffer again" (after a load).
+        self._host_update: int | None = 0
+        self._bank_ready = False  # every rank's bank can serve an update (it stays so until refill_bank)
+        self.defer_finite_check: bool | None = None  # None: defer on accelerators, check at once on CPU
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_update, self._bank_ready = None, False
+
+    @property
+    def update(self) -> int:
+        """Updates done (``update_count``), from a host copy."""
+        if self._host_update is None:
+            self._host_update = int(self.update_count)
+        return self._host_update
 
     # ----------------------------------------------------------------------------------------------- sampling
     def rng(self, *stream) -> torch.Generator:
         """Generator for the current update, this rank and a named stream."""
-        return make_generator(self.device, self.seed, self.global_rank, int(self.update_count), *stream)
+        return make_generator(self.device, self.seed, self.global_rank, self.update, *stream)
 
     def generate(self, model: nn.Module, labels: Tensor | None, alpha: Tensor | None, n: int,
                  rng: torch.Generator) -> tuple[Tensor, tuple]:
         """n samples per label: x [L, n, *shape] and the generator inputs (z, labels, alpha), flattened to L*n."""
         num_problems = 1 if labels is None else len(labels)
-        z = self.draw_inputs(num_problems * n, model.noise_shape, rng)
+        return self._forward(model, self.draw_inputs(num_problems * n, model.noise_shape, rng), labels, alpha, n)
+
+    def _forward(self, model: nn.Module, z: Tensor, labels: Tensor | None, alpha: Tensor | None,
+                 n: int) -> tuple[Tensor, tuple]:
+        """model on inputs z [L*n, *noise_shape] for n samples per label: x [L, n, *shape] and (z, labels, alpha)."""
         lab = labels.repeat_interleave(n) if labels is not None else None
         alp = alpha.repeat_interleave(n) if alpha is not None else None
         x = model(z, lab, alp)
-        return x.view(num_problems, n, *self.data_shape), (z, lab, alp)
+        return x.view(len(z) // n, n, *self.data_shape), (z, lab, alp)
 
     def draw_inputs(self, n: int, noise_shape: tuple[int, ...], rng: torch.Generator) -> Tensor:
         """Generator inputs [n, *noise_shape]: Gaussian noise, or the source distribution's samples."""
         if self.source is None:
-            return torch.randn(n, *noise_shape, generator=rng, device=self.device)
+            return torch.randn(n, *noise_shape, generator=rng, device=self.device, dtype=self.dtype)
         cpu = torch.Generator().manual_seed(rng.initial_seed())  # samplers draw on the CPU
         return self.source(n, cpu).reshape(n, *noise_shape).to(self.device)
 
@@ -120,33 +157,51 @@ class GWFModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- training
     def configure_optimizers(self):
-        opt_g, sched_g = self.optim.build(self.generator.parameters())
+        opt_g, sched_g = self.optim.build(self.generator.parameters(), self.device.type)
         if self.objective.critic is None:
             return [opt_g], [sched_g]
-        opt_c, sched_c = self.critic_optim.build(self.objective.critic.parameters())
+        opt_c, sched_c = self.critic_optim.build(self.objective.critic.parameters(), self.device.type)
         return [opt_g, opt_c], [sched_g, sched_c]
 
     def _real_batch(self, labels: Tensor | None, rng: torch.Generator) -> RealBatch:
         uncond = self.bank.sample_uncond(self.sizes.uncond_per_update, rng) if self.sizes.uncond_per_update else None
         return RealBatch(self.bank.sample(labels, self.sizes.pos_per_label, rng), uncond, labels)
 
-    def _optimizer_step(self, opt, sched, loss: Tensor, params, grad_clip: float | None) -> Tensor:
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+    def _optimizer_step(self, opt, sched, params, grad_clip: float | None) -> Tensor:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf, foreach=True)
         opt.step()
         sched.step()
         return grad_norm
 
+    _LOSSES = ("critic loss", "generator loss")
+    _ADVICE = ("Lower optim.lr, enable optim.grad_clip, or check the data for NaN/inf, then resume.")
+
     def _check_finite(self, what: str, **terms: Tensor) -> None:
-        if all(torch.isfinite(t).all() for t in terms.values()):
+        """Stop on a non-finite loss. On CPU at once, before any parameter changes; on an accelerator the first
+        such update is recorded on the device and reported by ``raise_if_nonfinite`` (at logs and checkpoints, so
+        a non-finite state is never saved) instead of reading the device at every update."""
+        bad = ~torch.stack([torch.isfinite(t.detach()).all() for t in terms.values()]).all()
+        if not (self.device.type != "cpu" if self.defer_finite_check is None else self.defer_finite_check):
+            if bool(bad):
+                values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                raise FloatingPointError(
+                    f"non-finite {what} at update {self.update} ({values}); no parameter was updated, so the last "
+                    f"checkpoint (checkpoints/last.ckpt in the run directory) is intact. {self._ADVICE}")
             return
-        values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-        raise FloatingPointError(
-            f"non-finite {what} at update {int(self.update_count)} ({values}); no parameter was updated, so the "
-            "last checkpoint (checkpoints/last.ckpt in the run directory) is intact. Lower optim.lr, enable "
-            "optim.grad_clip, or check the data for NaN/inf, then resume."
-        )
+        found = torch.stack([self.update_count, self.update_count * 0 + self._LOSSES.index(what)])  # no host copy
+        self._nonfinite.copy_(torch.where(bad & (self._nonfinite[0] < 0), found, self._nonfinite))
+
+    def raise_if_nonfinite(self) -> None:
+        """Report a non-finite loss recorded on the device (one read of the device). Under DDP the record is
+        combined over the ranks first (every rank calls this at the same update), so all ranks stop together."""
+        record = self._nonfinite
+        if self._trainer is not None and self.trainer.world_size > 1:
+            record = self.trainer.strategy.reduce(record.float(), reduce_op="max").long()  # the latest if several
+        update, which = record.tolist()
+        if update >= 0:
+            raise FloatingPointError(
+                f"non-finite {self._LOSSES[which]} at update {update} (found at update {self.update}); the last "
+                f"checkpoint (checkpoints/last.ckpt in the run directory) is from before it and intact. {self._ADVICE}")
 
     def training_step(self, batch, batch_idx):
         if self.finished:  # resumed after the last update: nothing left to do
@@ -155,11 +210,13 @@ class GWFModule(L.LightningModule):
         x_data, y_data = batch
         self.data_position += 1
         self.bank.push(x_data, y_data if self.conditioning.conditional else None)
-        ready = self.bank.ready(self.sizes.pos_per_label, self.sizes.uncond_per_update)
-        if not self.trainer.strategy.reduce_boolean_decision(ready, all=True):
-            return None  # filling the class bank: no update yet, on every rank alike
+        if not self._bank_ready:  # while the banks fill: one host decision per batch, on every rank alike
+            ready = self.bank.ready(self.sizes.pos_per_label, self.sizes.uncond_per_update)
+            self._bank_ready = self.trainer.strategy.reduce_boolean_decision(ready, all=True)
+            if not self._bank_ready:
+                return None
 
-        update = int(self.update_count)
+        update = self.update
         labels, alpha = self.conditioning.sample(self.rng("conditioning"), self.device)
         real = self._real_batch(labels, self.rng("real"))
         optimizers, schedulers = self.optimizers(), self.lr_schedulers()
@@ -174,28 +231,22 @@ class GWFModule(L.LightningModule):
                                               self.rng("critic", j))
                 loss_c, logs_c = self.objective.critic_loss(x_fake, real, self.rng("penalty", j))
                 self._check_finite("critic loss", critic_loss=loss_c)
+                optimizers[1].zero_grad(set_to_none=True)
+                self.manual_backward(loss_c)
                 logs["train/grad_norm_critic"] = self._optimizer_step(
-                    optimizers[1], schedulers[1], loss_c, self.objective.critic.parameters(),
-                    self.critic_optim.grad_clip)
+                    optimizers[1], schedulers[1], self.objective.critic.parameters(), self.critic_optim.grad_clip)
                 logs.update({"train/critic_loss": loss_c.detach(), **{f"train/{k}": v for k, v in logs_c.items()}})
 
         for j in range(self.generator_steps):
-            x, inputs = self.generate(self.generator, labels, alpha, self.sizes.gen_per_label, self.rng("gen", j))
-            second_rng = self.rng("second", j)
-            gen = GenBatch(x, labels, alpha, sample=lambda: self._second_batch(labels, alpha, second_rng))
-            loss, logs_g = self.objective.generator_loss(gen, real, self.rng("objective", j))
-            prox = self.jko(x.flatten(0, 1), *inputs, train_mode=self.generator.training)
-            self._check_finite("generator loss", gen_loss=loss, prox=prox)
-            logs["train/grad_norm_gen"] = self._optimizer_step(
-                optimizers[0], schedulers[0], loss + prox, self.generator.parameters(), self.optim.grad_clip)
-            logs.update({"train/gen_loss": loss.detach(), "train/prox": prox.detach(),
-                         **{f"train/{k}": v for k, v in logs_g.items()}})
+            logs.update(self._generator_step(optimizers[0], schedulers[0], labels, alpha, real, j))
 
         self.ema.update(self.generator)
         if self.schedule.ends_outer_step(update):
             self.jko.refresh(self.generator)  # G_{theta_k} <- G_theta at the end of outer step k
         self.update_count += 1
+        self._host_update += 1
         if self._logs_due():
+            self.raise_if_nonfinite()
             logs.update({"jko/outer_step": float(self.schedule.locate(update)[0]),
                          "train/lr": schedulers[0].get_last_lr()[0]})
             logs = self._mean_over_ranks(logs)
@@ -204,6 +255,46 @@ class GWFModule(L.LightningModule):
             self.log_dict(shown, on_step=True, prog_bar=True, logger=False)
         if self.finished:
             self.trainer.should_stop = True
+
+    def _generator_step(self, opt, sched, labels: Tensor | None, alpha: Tensor | None, real: RealBatch,
+                        j: int) -> dict:
+        """One generator optimizer step. With ``label_chunks`` > 1 the labels go through the network (with their
+        second batch, positives and the shared guidance reals) in chunks, each chunk's loss weighted by its share
+        of the labels and its gradients accumulated without a DDP all-reduce but for the last chunk: the same
+        update as one pass (objectives whose loss is a mean over problems; batch-norm generators and
+        feature_normalize see per-chunk statistics). The noise of all labels is drawn first, as in one pass."""
+        n, num = self.sizes.gen_per_label, 1 if labels is None else len(labels)
+        z = self.draw_inputs(num * n, self.generator.noise_shape, self.rng("gen", j))
+        second_rng, second_z = self.rng("second", j), []
+        size = num // self.sizes.label_chunks
+        opt.zero_grad(set_to_none=True)
+        for start in range(0, num, size):
+            chunk = slice(start, start + size)
+            lab, alp = (None if labels is None else labels[chunk]), (None if alpha is None else alpha[chunk])
+            rows = slice(chunk.start * n, chunk.stop * n)
+
+            @torch.no_grad()
+            def second_batch(lab=lab, alp=alp, rows=rows) -> Tensor:  # W-Flow's q', drawn for all labels once
+                if not second_z:
+                    second_z.append(self.draw_inputs(num * n, self.generator.noise_shape, second_rng))
+                return self._forward(self.generator, second_z[0][rows], lab, alp, n)[0]
+
+            with self._gradient_sync(start + size == num):
+                x, inputs = self._forward(self.generator, z[rows], lab, alp, n)
+                chunk_real = real if size == num else RealBatch(real.pos[chunk], real.uncond, lab)
+                loss, logs_g = self.objective.generator_loss(GenBatch(x, lab, alp, sample=second_batch), chunk_real,
+                                                             self.rng("objective", j))
+                prox = self.jko(x.flatten(0, 1), *inputs, train_mode=self.generator.training)
+                self._check_finite("generator loss", gen_loss=loss, prox=prox)
+                self.manual_backward(loss + prox if size == num else (loss + prox) * (size / num))
+        grad_norm = self._optimizer_step(opt, sched, self.generator.parameters(), self.optim.grad_clip)
+        return {"train/grad_norm_gen": grad_norm, "train/gen_loss": loss.detach(), "train/prox": prox.detach(),
+                **{f"train/{k}": v for k, v in logs_g.items()}}
+
+    def _gradient_sync(self, sync: bool):
+        """A no-op, or DDP's no_sync: the gradients of a chunk accumulate locally until the last chunk."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return contextlib.nullcontext() if sync or block is None else block()
 
     def _logs_due(self) -> bool:
         """Whether Lightning writes this batch's step metrics: self.log is costly, so values are only handed over
@@ -221,13 +312,9 @@ class GWFModule(L.LightningModule):
         values = self.trainer.strategy.reduce(values, reduce_op="mean")
         return dict(zip(keys, values.unbind()))
 
-    @torch.no_grad()
-    def _second_batch(self, labels, alpha, rng) -> Tensor:
-        return self.generate(self.generator, labels, alpha, self.sizes.gen_per_label, rng)[0]
-
     @property
     def finished(self) -> bool:
-        return int(self.update_count) >= self.schedule.total_updates
+        return self.update >= self.schedule.total_updates
 
     # ----------------------------------------------------------------------------------------------- checkpoint hooks
     def rank_local_state(self) -> dict[str, Tensor]:
@@ -251,3 +338,4 @@ class GWFModule(L.LightningModule):
     def refill_bank(self) -> None:
         """Empty the class bank: it refills from this rank's stream before the next update, on every rank alike."""
         self.bank.reset()
+        self._bank_ready = False

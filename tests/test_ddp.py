@@ -117,3 +117,24 @@ def test_global_batch_is_divided_over_ranks():
         per_rank_batch({**b, "global_size": 1000}, 3, conditional=False)
     with pytest.raises(ValueError, match="not a multiple of batch.gen_per_label=64"):
         per_rank_batch({**b, "global_size": 96 * 2}, 2, conditional=True)
+
+
+def test_two_process_label_chunks_equal_one_pass(tmp_path, digits_dir):
+    """W-Flow on the digits, 2 ranks x 4 labels with guidance: 2 chunks per rank (all-reduce on the last chunk only,
+    DDP's no_sync before) give the one-pass parameters on both ranks; ranks stay identical."""
+    wflow = [f"paths.data_dir={digits_dir.parent}", "data.num_workers=0", "trainer=ddp", "trainer.accelerator=cpu",
+             "trainer.devices=2", "trainer.enable_progress_bar=false", "threads=1", "batch.labels_per_update=4",
+             "batch.gen_per_label=8", "batch.pos_per_label=8", "batch.uncond_per_update=8", "optim.warmup_steps=0",
+             "jko.updates_per_step=4", "eval.every_n_updates=1000", "eval.num_samples=100", "logger=none"]
+    states = {}
+    for chunks in (1, 2):
+        run = tmp_path / f"chunks{chunks}"
+        run_ranks(run, [*wflow, f"batch.label_chunks={chunks}"], torchrun_env)
+        recs = [torch.load(run / f"rank{r}.pt", weights_only=False)["state"] for r in range(2)]
+        for k in recs[0]:
+            if k.startswith(("generator.", "ema.model.")):
+                assert torch.allclose(recs[0][k], recs[1][k], atol=1e-6, rtol=0), k
+        states[chunks] = recs[0]
+    for k, v in states[1].items():
+        if k.startswith(("generator.", "ema.model.")):
+            assert torch.allclose(states[2][k], v, atol=1e-5, rtol=1e-5), k

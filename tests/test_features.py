@@ -295,6 +295,11 @@ def test_mae_trains_its_checkpoint_loads_back_and_resumes(latent_shards, tmp_pat
     x = held_out[:8]
     a, b = enc(x), direct(x)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and so does the encoder-only export written beside it, a fraction of the checkpoint's size
+    export = build_features({"name": "mae", "path": str(tmp_path / "encoder.pt")})
+    c = export(x)
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert (tmp_path / "encoder.pt").stat().st_size < 0.5 * (tmp_path / "mae.pt").stat().st_size
 
     # rerunning the command resumes at step 100 and keeps the history of the first 100 steps
     train_encoder_main(["--out", str(tmp_path), "--data", "digits", "--steps", "104", "--batch-size", "64",

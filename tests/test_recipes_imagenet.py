@@ -65,11 +65,14 @@ def test_recipe_composes_with_the_official_settings(recipe):
     assert c["batch"]["gen_per_label"] == 64 and c["batch"]["pos_per_label"] == want["pos"]
     assert c["batch"]["bank_capacity"] == 128
     assert c["optim"] == dict(name="adamw", lr=want["lr"], betas=[0.9, 0.95], weight_decay=want["wd"],
-                              warmup_steps=want["warmup"], grad_clip=2.0)
+                              warmup_steps=want["warmup"], grad_clip=2.0, impl="auto")
     assert c["ema_decay"] == 0.999 and c["jko"]["tau"] is None
     sched = JKOSchedule(c["jko"]["steps"], c["jko"]["updates_per_step"], c["jko"]["updates_first_step"])
     assert sched.total_updates == want["updates"]
     assert c["method"]["features"]["name"] == "mae" and c["trainer"]["precision"] == "bf16-mixed"
+    # use_remat (L/2, XL/2; gwf also for the Drifting L/2) and grad_accum_steps (the ablation's 4 chunks)
+    assert c["model"]["checkpointing"] == ("blocks" if want["model"] != "dit_b2" else "none")
+    assert c["batch"]["label_chunks"] == (4 if recipe == "imagenet_wflow_ablation" else 1)
     if c["method"]["name"] == "wflow":
         assert c["method"]["estimator"] == "two_batch" and c["method"]["eps_rel"] == want["eps_rel"]
         assert c["method"]["n_iters"] == want["n_iters"] and c["batch"]["alpha_max"] == 4.0
@@ -90,9 +93,10 @@ def _tiny_mae(path):
 def _small(recipe, *extra):
     """The recipe with sizes shrunk for a CPU test (the evaluator is not used by build_module)."""
     model = "dit_tiny" if "dit_tiny" in MODELS else "mlp"
+    chunks = ["batch.label_chunks=2"] if recipe == "imagenet_wflow_ablation" else []  # its 4 chunks, 2 labels here
     return compose_config([f"experiment={recipe}", f"model={model}", "eval=digits", "batch.labels_per_update=2",
                            "batch.gen_per_label=4", "batch.pos_per_label=4", "batch.uncond_per_update=4",
-                           "batch.bank_capacity=8", *extra])
+                           "batch.bank_capacity=8", *chunks, *extra])
 
 
 @pytest.mark.parametrize("recipe", sorted(OFFICIAL))
@@ -136,3 +140,21 @@ def test_ablation_recipe_trains_through_lightning_with_the_encoder_frozen(tmp_pa
     assert int(module.update_count) == 3 and not module.objective.features.training
     assert all(torch.equal(encoder_before[k], v) for k, v in module.objective.features.state_dict().items())
     assert any(not torch.equal(generator_before[k], v) for k, v in module.generator.state_dict().items())
+
+
+def test_frozen_encoder_is_held_in_bf16_under_bf16_trainers_and_the_bank_in_the_data_dtype(tmp_path):
+    path = _tiny_mae(tmp_path / "mae.pt")
+    gpu = build_module(_small("imagenet_b2", f"method.features.path={path}", "trainer=gpu"), SHAPE, NUM_CLASSES)
+    assert {p.dtype for p in gpu.objective.features.parameters()} == {torch.bfloat16}
+    assert gpu.bank.data.dtype == torch.float16  # latents are stored as float16 moments
+    cpu = build_module(_small("imagenet_b2", f"method.features.path={path}", "trainer.precision=32-true"), SHAPE,
+                       NUM_CLASSES)
+    assert {p.dtype for p in cpu.objective.features.parameters()} == {torch.float32}
+    x = torch.randn(2, 3, *SHAPE)
+    pos = torch.randn(2, 4, *SHAPE)
+    from gwf.objectives.base import GenBatch, RealBatch
+
+    loss, _ = gpu.objective.generator_loss(GenBatch(x.requires_grad_(True), torch.arange(2), None, lambda: x.detach()),
+                                           RealBatch(pos, None, torch.arange(2)), torch.Generator())
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(x.grad).all()  # the field and the loss stay fp32

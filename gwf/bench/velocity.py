@@ -2,10 +2,11 @@
 
     gwf-bench-velocity                # full table
     gwf-bench-velocity --quick        # smoke test
-    gwf-bench-velocity --sizes 1024 --dims 4096 --engines own --skip-memory
+    gwf-bench-velocity --sizes 1024 --dims 4096 --engines own own+compile --skip-memory --json rows.json
 
 One problem (B = 1), N = M = N2 points in R^D, two-batch estimator (two OT problems: x -> pos and x -> neg); the
-floor is ``floor_from``'s; the memory row is the own engine's peak RSS in a subprocess.
+floor is ``floor_from``'s; the memory row is the own engine's peak RSS in a subprocess. ``own+compile`` is the own
+engine with its loop through torch.compile (``method.compile``), timed after one untimed compiling call.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ import torch
 
 from gwf.ot import relative_eps, sinkhorn_velocity
 from gwf.constants import DEFAULT_GEOMLOSS_SCALING
-from gwf.ot.sinkhorn import _CHUNK_ENTRIES
+from gwf.ot.sinkhorn import chunk_entries
 
 _QUICK = dict(sizes=[256, 1024], dims=[2, 64], memory=(2048, 64))
+# Engine rows: the own engine eager and through torch.compile (the value: its ``compile`` flag), and geomloss.
+OWN_ENGINES = {"own": False, "own+compile": True}
+ENGINE_ROWS = [*OWN_ENGINES, "geomloss"]
 
 
 DEVICE = torch.device("cpu")  # set by --device
@@ -76,7 +80,7 @@ def floor_parts(x, y, tag: str) -> dict:
     n, m = x.shape[1], y.shape[1]
     buf = torch.empty(1, n, m, device=DEVICE).uniform_(-1.0, 0.0)
     pot = torch.randn(1, m, device=DEVICE)
-    rows = max(1, _CHUNK_ENTRIES // m)
+    rows = max(1, chunk_entries(DEVICE) // m)  # the own engine's chunks on this device
     work = torch.empty(1, min(rows, n), m, device=DEVICE)
 
     def lse_whole():
@@ -123,14 +127,17 @@ def bench_size(engines, n: int, d: int, n_iters: int, repeats: int, budget_s: fl
     """Rows for one (N, D): the own engine is timed interleaved with the floor's parts; geomloss on its own."""
     x, pos, neg = _inputs(n, d)
     fns = {**floor_parts(x, pos, "pos"), **floor_parts(x, neg, "neg")}
-    if "own" in engines:
-        fns["own"] = lambda: sinkhorn_velocity(x, pos, neg, engine="own", n_iters=n_iters)
+    for engine in engines:
+        if engine in OWN_ENGINES:  # the own engine's variants, interleaved with the floor
+            fns[engine] = lambda c=OWN_ENGINES[engine]: sinkhorn_velocity(x, pos, neg, n_iters=n_iters, compile=c)
+            if OWN_ENGINES[engine]:
+                fns[engine]()  # compiles (once per process: dynamic shapes), outside the timings
     t, runs = _timed(fns, repeats, budget_s)
     floor = floor_from(t, ("pos", "neg"), n_iters)
     rows = []
     for engine in engines:
-        if engine == "own":
-            rows.append(dict(engine="own", n=n, d=d, iters=n_iters, seconds=t["own"], floor=floor, runs=runs))
+        if engine in OWN_ENGINES:
+            rows.append(dict(engine=engine, n=n, d=d, iters=n_iters, seconds=t[engine], floor=floor, runs=runs))
         else:
             g, g_runs = _timed({"geomloss": lambda: sinkhorn_velocity(x, pos, neg, engine="geomloss")}, repeats,
                                budget_s)
@@ -182,6 +189,9 @@ def format_table(rows: list[dict], n_iters: int) -> str:
               f"{2 * n_iters} log-sum-exp passes) for the own engine's {n_iters} iterations, measured in the same run; "
               f"geomloss (tensorized, scaling = {DEFAULT_GEOMLOSS_SCALING}) runs its own eps-scaling schedule "
               "(iterations column) and is shown against the same floor."]
+    if any(r["engine"] == "own+compile" for r in rows):
+        lines += ["own+compile: the own engine with its iterations through torch.compile (`method.compile`), "
+                  "timed after one untimed compiling call."]
     return "\n".join(lines)
 
 
@@ -190,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="small subset (smoke test)")
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="N = M = N2")
     p.add_argument("--dims", type=int, nargs="+", default=[2, 64, 4096], help="D")
-    p.add_argument("--engines", nargs="+", default=["own", "geomloss"], choices=["own", "geomloss"])
+    p.add_argument("--engines", nargs="+", default=ENGINE_ROWS, choices=ENGINE_ROWS,
+                   help="own+compile: the own engine's loop through torch.compile (method.compile)")
     p.add_argument("--n-iters", type=int, default=10, help="own engine's Sinkhorn iterations")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=30.0, help="time budget per measurement")
@@ -198,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-size", type=int, nargs=2, default=[16384, 4096], metavar=("N", "D"))
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default, all cores)")
     p.add_argument("--output", help="also write the Markdown to this file")
+    p.add_argument("--json", help="also write the rows (and the memory row) as JSON to this file")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the memory row measures host RSS: CPU only)")
     p.add_argument("--memory-child", type=int, nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -223,9 +235,10 @@ def main(argv: list[str] | None = None) -> None:
         for d in args.dims:
             for row in bench_size(args.engines, n, d, args.n_iters, args.repeats, args.budget_s):
                 rows.append(row)
-                print(f"  {row['engine']:8s} N={n:5d} D={d:5d}: {_fmt_ms(row['seconds'])} ms, floor "
+                print(f"  {row['engine']:11s} N={n:5d} D={d:5d}: {_fmt_ms(row['seconds'])} ms, floor "
                       f"{_fmt_ms(row['floor'])} ms, ratio {row['seconds'] / row['floor']:.2f}", flush=True)
     text = format_table(rows, args.n_iters)
+    mem = None
     if not args.skip_memory:
         n, d = args.memory_size
         mem = memory_row(n, d, args.n_iters)
@@ -239,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.output:
         with open(args.output, "w") as fh:
             fh.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(header=header, n_iters=args.n_iters, rows=rows, memory=mem), fh, indent=1)
 
 
 if __name__ == "__main__":

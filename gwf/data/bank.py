@@ -11,15 +11,20 @@ from torch import Tensor, nn
 
 
 class ClassBank(nn.Module):
-    def __init__(self, num_classes: int, capacity: int, shape: list[int] | tuple[int, ...], uncond_capacity: int = 0):
+    """``dtype``: how samples are stored (the data's, e.g. float16 for latents: half the memory of float32);
+    ``sample`` returns at least float32. Pushes and draws never synchronize with the host, except a push of more
+    than ``capacity`` samples at once."""
+
+    def __init__(self, num_classes: int, capacity: int, shape: list[int] | tuple[int, ...], uncond_capacity: int = 0,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_classes = max(int(num_classes), 1)  # unconditional data = one class, label 0
         self.capacity = int(capacity)
         self.shape = tuple(int(s) for s in shape)
-        self.register_buffer("data", torch.zeros(self.num_classes, self.capacity, *self.shape))
+        self.register_buffer("data", torch.zeros(self.num_classes, self.capacity, *self.shape, dtype=dtype))
         self.register_buffer("count", torch.zeros(self.num_classes, dtype=torch.long))  # samples ever pushed
         self.uncond_capacity = int(uncond_capacity)
-        self.register_buffer("uncond", torch.zeros(self.uncond_capacity, *self.shape))
+        self.register_buffer("uncond", torch.zeros(self.uncond_capacity, *self.shape, dtype=dtype))
         self.register_buffer("uncond_count", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
@@ -30,11 +35,17 @@ class ClassBank(nn.Module):
         x = x.to(self.data.dtype)
         if labels is None or self.num_classes == 1:
             labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
-        for c in labels.unique().tolist():
-            xc = x[labels == c][-self.capacity :]
-            slots = (self.count[c] + torch.arange(len(xc), device=x.device)) % self.capacity
-            self.data[c, slots] = xc
-            self.count[c] += len(xc)
+        if len(x) > self.capacity:  # a class may overflow its ring in one push: keep its last samples (host loop)
+            for c in labels.unique().tolist():
+                xc = x[labels == c][-self.capacity :]
+                slots = (self.count[c] + torch.arange(len(xc), device=x.device)) % self.capacity
+                self.data[c, slots] = xc
+                self.count[c] += len(xc)
+        else:  # every sample gets its own slot: its class's count plus its rank among the batch's samples of it
+            onehot = labels.new_zeros(len(labels), self.num_classes).scatter_(1, labels[:, None], 1)  # [B, C]
+            rank = onehot.cumsum(0).gather(1, labels[:, None])[:, 0] - 1
+            self.data[labels, (self.count[labels] + rank) % self.capacity] = x
+            self.count += onehot.sum(0)
         if self.uncond_capacity:
             xu = x[-self.uncond_capacity :]
             slots = (self.uncond_count + torch.arange(len(xu), device=x.device)) % self.uncond_capacity
@@ -70,18 +81,18 @@ class ClassBank(nn.Module):
         return torch.where((n_valid < m)[:, None], with_repl, without_repl)
 
     def sample(self, labels: Tensor | None, m: int, generator: torch.Generator) -> Tensor:
-        """[L, m, *shape] positives for each label (L = 1 when ``labels`` is None)."""
+        """[L, m, *shape] positives for each label (L = 1 when ``labels`` is None); every label must hold a sample
+        (``ready``: not checked here, which would synchronize with the host)."""
         if labels is None:
             labels = torch.zeros(1, dtype=torch.long, device=self.data.device)
-        n_valid = self.filled(labels)
-        if bool((n_valid == 0).any()):
-            raise RuntimeError(f"class bank has no sample yet for labels {labels[n_valid == 0].tolist()}")
-        idx = self._draw(n_valid, m, generator)
-        return self.data[labels[:, None], idx]
+        idx = self._draw(self.filled(labels), m, generator)
+        return _at_least_fp32(self.data[labels[:, None], idx])
 
     def sample_uncond(self, u: int, generator: torch.Generator) -> Tensor:
-        """[u, *shape] from the unconditional ring buffer."""
+        """[u, *shape] from the unconditional ring buffer (which must hold a sample: ``ready``)."""
         n = self.uncond_count.clamp(max=self.uncond_capacity).view(1)
-        if int(n) == 0:
-            raise RuntimeError("the unconditional bank is empty (batch.uncond_per_update > 0 needs uncond_capacity)")
-        return self.uncond[self._draw(n, u, generator)[0]]
+        return _at_least_fp32(self.uncond[self._draw(n, u, generator)[0]])
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))

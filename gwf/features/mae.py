@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gwf.constants import MAE_CHECKPOINT_FORMAT
+from gwf.constants import MAE_CHECKPOINT_FORMAT, MAE_ENCODER_FORMAT
 from gwf.data.shards import atomic_write
 from gwf.features.base import FeatureEncoder, map_feature_sets
 
@@ -179,6 +179,15 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(lambda f: torch.save(state, f), path)
 
 
+def export_encoder(state: dict) -> dict:
+    """The encoder-only export of a training checkpoint's state: the EMA encoder weights and the config, without the
+    decoder, the raw weights and the optimizer (a training run loads this; it is a fraction of the checkpoint)."""
+    weights = state["ema"] if state.get("ema") is not None else state["model"]
+    return {"format": MAE_ENCODER_FORMAT, "config": state["config"], "data_shape": state["data_shape"],
+            "step": state["step"], "encoder": {k[len("encoder."):]: v for k, v in weights.items()
+                                               if k.startswith("encoder.")}}
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -186,7 +195,7 @@ def load_checkpoint(path: str | Path) -> dict:
             f"no MAE checkpoint at {path}. Train one with `gwf-train-encoder --out DIR paths.data_dir=...` (it writes "
             "DIR/mae.pt) and pass method.features.path=DIR/mae.pt")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != MAE_CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (MAE_CHECKPOINT_FORMAT, MAE_ENCODER_FORMAT):
         raise ValueError(f"{path} is not a gwf MAE checkpoint (format {MAE_CHECKPOINT_FORMAT!r}); make one with "
                          "gwf-train-encoder")
     return state
@@ -201,8 +210,15 @@ def load_mae(path: str | Path, use_ema: bool = True) -> MaskedAutoencoder:
 
 
 def load_mae_features(path: str | Path | None = None, use_ema: bool = True, **feature_kwargs) -> MAEFeatures:
-    """Frozen feature encoder from a gwf-train-encoder checkpoint (the decoder is dropped)."""
+    """Frozen feature encoder from gwf-train-encoder's encoder export (DIR/encoder.pt, the EMA weights) or from its
+    training checkpoint (DIR/mae.pt: the decoder is dropped)."""
     if path in (None, "", "???"):
         raise ValueError("method.features.path is not set: train an encoder with `gwf-train-encoder --out DIR "
-                         "paths.data_dir=<dir of the latent shards>` and pass method.features.path=DIR/mae.pt")
+                         "paths.data_dir=<dir of the latent shards>` and pass method.features.path=DIR/encoder.pt")
+    state = load_checkpoint(path)
+    if state["format"] == MAE_ENCODER_FORMAT:
+        config = state["config"]
+        encoder = ResNetEncoder(config["in_channels"], config["base_channels"], config["layers"])
+        encoder.load_state_dict(state["encoder"])
+        return MAEFeatures(encoder, **feature_kwargs)
     return MAEFeatures(load_mae(path, use_ema).encoder, **feature_kwargs)

@@ -26,13 +26,14 @@ from tqdm import tqdm
 from gwf.build import conf_dir
 from gwf.constants import MAE_CHECKPOINT_FORMAT
 from gwf.ema import EMA
-from gwf.features.mae import MaskedAutoencoder, load_checkpoint, save_checkpoint
+from gwf.features.mae import MaskedAutoencoder, export_encoder, load_checkpoint, save_checkpoint
 from gwf.module import OptimConfig
 from gwf.seeding import make_generator
 
 log = logging.getLogger("gwf")
 
 CHECKPOINT_NAME = "mae.pt"
+ENCODER_NAME = "encoder.pt"  # the encoder-only export that training runs load (method.features.path)
 
 
 def data_config(name: str, overrides: Sequence[str] = (), seed: int = 0) -> DictConfig:
@@ -89,7 +90,7 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
         raise ValueError(f"the MAE encodes [C, H, W] latents or images; the data have shape {list(shape)}")
     torch.manual_seed(seed)
     model = MaskedAutoencoder(shape[0], base_channels, layers, mask_patch).to(device)
-    opt, sched = optim.build(model.parameters())
+    opt, sched = optim.build(model.parameters(), torch.device(device).type)
     ema = EMA(model, ema_decay)
     step, history = 0, []
     if resume and out.exists():
@@ -99,7 +100,7 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
                              f"{model.config} for {list(shape)}; pass another --out or the same settings")
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
-        ema.num_updates.fill_(state["ema_updates"])
+        ema.set_num_updates(state["ema_updates"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), list(state["history"])
@@ -134,7 +135,9 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
         history.append((step, loss.item()))
         bar.set_postfix(loss=f"{history[-1][1]:.4f}")
         if step % save_every == 0 or step == steps:
-            save_checkpoint(out, snapshot())
+            state = snapshot()
+            save_checkpoint(out, state)
+            save_checkpoint(out.with_name(ENCODER_NAME), export_encoder(state))
     return snapshot()
 
 
@@ -178,8 +181,8 @@ def main(argv=None) -> None:
                           ema_decay=args.ema_decay, seed=args.seed, device=args.device, save_every=args.save_every,
                           resume=not args.no_resume, progress=not args.no_progress)
     last = state["history"][-1][1] if state["history"] else float("nan")
-    log.info("MAE checkpoint: %s (step %d, last loss %.4f); use it with method.features='{name: mae, path: %s}'",
-             Path(args.out) / CHECKPOINT_NAME, state["step"], last, Path(args.out) / CHECKPOINT_NAME)
+    log.info("MAE checkpoint: %s (step %d, last loss %.4f); train with method.features.path=%s (its encoder export)",
+             Path(args.out) / CHECKPOINT_NAME, state["step"], last, Path(args.out) / ENCODER_NAME)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import Tensor, nn
 
 from gwf.constants import SD_VAE_LATENT_SHAPE
 from gwf.models.mlp import AlphaEmbedding
 
+CHECKPOINTING = ("none", "blocks", "every_k")
 ROPE_THETA = 10000.0  # rotary base frequency (RoFormer, Su et al. 2021)
 ALPHA_FREQ_DIM = 256  # Fourier features of log(alpha) before the alpha MLP (DiT's timestep embedding size)
 
@@ -152,8 +154,16 @@ class DiTGenerator(nn.Module):
 
     def __init__(self, out_shape: list[int] | tuple[int, ...], num_classes: int = 0, hidden: int = 768,
                  depth: int = 12, num_heads: int = 12, patch: int = 2, mlp_ratio: float = 4.0,
-                 num_cond_tokens: int = 16, out_init_rms: float = 0.1):
+                 num_cond_tokens: int = 16, out_init_rms: float = 0.1, checkpointing: str = "none",
+                 checkpoint_every: int = 2):
         super().__init__()
+        if checkpointing not in CHECKPOINTING or checkpoint_every < 1:
+            raise ValueError(f"model.checkpointing must be one of {CHECKPOINTING} (model.checkpoint_every >= 1), got "
+                             f"{checkpointing!r} ({checkpoint_every})")
+        # Activation checkpointing (the official configs' use_remat): the blocks whose activations are recomputed in
+        # the backward pass instead of saved, "blocks": all, "every_k": every checkpoint_every-th one.
+        self.remat = [checkpointing == "blocks" or (checkpointing == "every_k" and i % checkpoint_every == 0)
+                      for i in range(depth)]
         if len(out_shape) != 3 or out_shape[1] % patch or out_shape[2] % patch:
             raise ValueError(f"the DiT generator takes [C, H, W] with H and W divisible by model.patch={patch}; "
                              f"got out_shape {list(out_shape)}")
@@ -220,8 +230,11 @@ class DiTGenerator(nn.Module):
         c = self.condition(labels, alpha, b, z.device)  # [B, D]
         cond_tokens = self.cond_to_tokens(c).unsqueeze(1) + self.token_emb  # [B, T, D]
         x = torch.cat([cond_tokens, self.patch_embed(patchify(z, self.patch))], dim=1)  # [B, T + N, D]
-        for block in self.blocks:
-            x = block(x, c, self.rope_cos, self.rope_sin)
+        for block, remat in zip(self.blocks, self.remat):
+            if remat and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                x = block(x, c, self.rope_cos, self.rope_sin)
         x = self.final(x[:, cond_tokens.shape[1]:], c)  # drop the conditioning tokens: [B, N, p*p*C]
         return unpatchify(x, self.patch, ch, h, w)
 

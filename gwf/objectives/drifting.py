@@ -25,11 +25,10 @@ def drifting_field_single(dist: Tensor, pos: Tensor, neg: Tensor, temperature: f
                           mask_self: bool) -> Tensor:
     """One temperature of the field, unnormalized: V_T [B, N, D]. dist: [B, N, M + K] distances from x to
     [pos, neg]; pos: [B, M, D]; neg: [B, K, D] (neg = x when ``mask_self``); scale: [B]."""
-    n, m = dist.shape[1], pos.shape[1]
+    m = pos.shape[1]
     logits = -dist / (temperature * scale[:, None, None])
-    if mask_self:
-        idx = torch.arange(n, device=dist.device)
-        logits[:, idx, m + idx] = float("-inf")
+    if mask_self:  # the self pairs (i, m + i): a diagonal view, filled in place (no index tensor)
+        logits.diagonal(offset=m, dim1=1, dim2=2).fill_(float("-inf"))
     # geometric mean of the row and column softmaxes, in the log domain (masked entries -> exactly 0)
     a = (0.5 * (logits.log_softmax(dim=2) + logits.log_softmax(dim=1))).exp()
     a_pos, a_neg = a[:, :, :m], a[:, :, m:]

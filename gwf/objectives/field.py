@@ -83,9 +83,10 @@ def drift_loss(f_gen: Tensor, velocity: Tensor, eta: float, scale: Tensor | None
 
 
 class FieldObjective(Objective):
-    """Base of W-Flow and Drifting: subclasses name the reals to encode (``references``) and compute one feature
-    set's field (``field``). ``features``: a spec for ``gwf.features.build_features`` (None: data space);
-    ``feature_normalize``: rescale each set by s_k (ignored in data space)."""
+    """Base of W-Flow and Drifting: subclasses name the reals to encode (``references``) and compute the fields of
+    the feature sets (``fields``, all sets at once, or ``field``, one set). ``features``: a spec for
+    ``gwf.features.build_features`` (None: data space); ``feature_normalize``: rescale each set by s_k (ignored in
+    data space)."""
 
     def __init__(self, eta: float = 1.0, features: FeatureSpec = None, feature_normalize: bool = True):
         super().__init__()
@@ -102,12 +103,20 @@ class FieldObjective(Objective):
         (one value each) and the target sets of the scale s_k."""
         raise NotImplementedError
 
+    def fields(self, f_gen: dict[str, Tensor], refs: dict[str, dict[str, Tensor]], gen: GenBatch
+               ) -> dict[str, tuple[Tensor, dict[str, Tensor], list[Tensor]]]:
+        """Every feature set at once: f_gen k -> [L*T_k, N, C_k], refs name -> k -> [L*T_k, M, C_k]; returns
+        k -> ``field``'s triple. Here one ``field`` call per set; W-Flow solves all sets in one Sinkhorn loop."""
+        return {k: self.field(f, {n: r[k] for n, r in refs.items()}, gen, f.shape[0] // len(gen.x))
+                for k, f in f_gen.items()}
+
     def generator_loss(self, gen: GenBatch, real: RealBatch, rng: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         f_gen, refs = encode_problems(self.features, gen.x, *self.references(gen, real))
         normalize = self.feature_normalize and not self.features.is_identity
+        results = self.fields(f_gen, refs, gen)
         losses, logs = [], {}
         for k, f in f_gen.items():
-            velocity, info, targets = self.field(f, {n: r[k] for n, r in refs.items()}, gen, f.shape[0] // len(gen.x))
+            velocity, info, targets = results[k]
             losses.append(drift_loss(f, velocity, self.eta, feature_scale(f, targets) if normalize else None))
             for name, value in info.items():
                 logs.setdefault(name, []).append(value)

@@ -4,26 +4,36 @@ from __future__ import annotations
 
 from torch import Tensor
 
+import gwf.ot as _ot
 from gwf.constants import DEFAULT_EPS_REL, DEFAULT_N_ITERS, ESTIMATORS
 from gwf.features import FeatureSpec
 from gwf.objectives.base import GenBatch, RealBatch
 from gwf.objectives.field import FieldObjective
-from gwf.ot.velocity import sinkhorn_velocity
+from gwf.ot.velocity import sinkhorn_velocities
 
 
 class WFlow(FieldObjective):
-    """The field loss of gwf.objectives.field with the W-Flow velocity (gwf.ot.sinkhorn_velocity), guided with
-    w = alpha - 1 ([WF] Eq. 16) when ``guidance`` and the batch has alpha and unconditional reals."""
+    """The field loss of gwf.objectives.field with the W-Flow velocity (gwf.ot.sinkhorn_velocities), guided with
+    w = alpha - 1 ([WF] Eq. 16) when ``guidance`` and the batch has alpha and unconditional reals. The fields of all
+    feature sets are solved together: one Sinkhorn loop per target (positives, second batch, unconditional reals).
+    ``compile``: the own engine's fixed-iteration loop through torch.compile."""
 
     def __init__(self, eta: float = 1.0, eps_rel: float = DEFAULT_EPS_REL, engine: str = "own",
                  n_iters: int = DEFAULT_N_ITERS, estimator: str = "two_batch", rms_normalize: bool = True,
-                 guidance: bool = True, features: FeatureSpec = None, feature_normalize: bool = True):
+                 guidance: bool = True, features: FeatureSpec = None, feature_normalize: bool = True,
+                 compile: bool = False):
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown W-Flow estimator '{estimator}'; choose one of {ESTIMATORS}")
         if not eps_rel > 0:
             raise ValueError(f"method.eps_rel must be > 0, got {eps_rel}")
+        if engine not in _ot.ENGINES:
+            raise ValueError(f"unknown method.engine {engine!r}; valid engines: {sorted(_ot.ENGINES)}")
+        if int(n_iters) < 1:
+            raise ValueError(f"method.n_iters must be >= 1, got {n_iters}")
+        if compile and engine != "own":
+            raise ValueError(f"method.compile compiles the own engine's loop; method.engine is {engine!r}")
         super().__init__(eta, features, feature_normalize)
-        self.eps_rel, self.engine, self.n_iters = eps_rel, engine, n_iters
+        self.eps_rel, self.engine, self.n_iters, self.compile = eps_rel, engine, n_iters, bool(compile)
         self.estimator, self.rms_normalize, self.guidance = estimator, rms_normalize, guidance
 
     def _guided(self, gen: GenBatch, real: RealBatch) -> bool:
@@ -33,12 +43,32 @@ class WFlow(FieldObjective):
         grouped = {"pos": real.pos, **({"neg": gen.sample()} if self.estimator == "two_batch" else {})}
         return grouped, {"uncond": real.uncond} if self._guided(gen, real) else {}
 
+    def fields(self, f_gen: dict[str, Tensor], refs: dict[str, dict[str, Tensor]], gen: GenBatch):
+        return self._fields(f_gen, refs, gen)
+
     def field(self, f: Tensor, refs: dict[str, Tensor], gen: GenBatch, tokens: int):
+        return self._fields({"f": f}, {name: {"f": r} for name, r in refs.items()}, gen)["f"]
+
+    def _fields(self, f_gen: dict[str, Tensor], refs: dict[str, dict[str, Tensor]], gen: GenBatch):
+        """All feature sets in one sinkhorn_velocities call (one Sinkhorn loop per target)."""
+        names = list(f_gen)
         guided = "uncond" in refs
-        velocity, info = sinkhorn_velocity(
-            f, refs["pos"], refs.get("neg"), eps_rel=self.eps_rel, engine=self.engine, n_iters=self.n_iters,
-            estimator=self.estimator, uncond=refs["uncond"] if guided else None,
-            guidance_w=(gen.alpha - 1.0).repeat_interleave(tokens) if guided else None,  # per (label, token)
-            rms_normalize=self.rms_normalize)
-        targets = [f, refs["pos"]] if "neg" not in refs else [f, refs["neg"], refs["pos"]]  # the eps target set
-        return velocity, {"v_rms": info["v_rms"].mean(), "eps": info["eps"].mean()}, targets
+        weights = {}  # w per (label, token), one tensor per token count
+        if guided:
+            for f in f_gen.values():
+                tokens = f.shape[0] // len(gen.x)
+                if tokens not in weights:
+                    weights[tokens] = (gen.alpha - 1.0).repeat_interleave(tokens)
+        velocities, infos = sinkhorn_velocities(
+            [f_gen[k] for k in names], [refs["pos"][k] for k in names],
+            [refs["neg"][k] for k in names] if "neg" in refs else None, eps_rel=self.eps_rel, engine=self.engine,
+            n_iters=self.n_iters, estimator=self.estimator,
+            uncond=[refs["uncond"][k] for k in names] if guided else None,
+            guidance_w=[weights[f_gen[k].shape[0] // len(gen.x)] for k in names] if guided else None,
+            rms_normalize=self.rms_normalize, compile=self.compile)
+        out = {}
+        for k, velocity, info in zip(names, velocities, infos):
+            f = f_gen[k]
+            targets = [f, refs["pos"][k]] if "neg" not in refs else [f, refs["neg"][k], refs["pos"][k]]  # eps's set
+            out[k] = velocity, {"v_rms": info["v_rms"].mean(), "eps": info["eps"].mean()}, targets
+        return out

@@ -9,7 +9,14 @@ ENGINES maps an engine name to a barycentric projection with the common signatur
 """
 
 from gwf.ot.geomloss_engine import _barycentric_projection_geomloss, barycentric_projection_geomloss
-from gwf.ot.sinkhorn import DEFAULT_N_ITERS, _barycentric_projection, barycentric_projection, sinkhorn_potentials
+from gwf.ot.sinkhorn import (
+    DEFAULT_N_ITERS,
+    _barycentric_projection,
+    _barycentric_projections,
+    barycentric_projection,
+    barycentric_projections,
+    sinkhorn_potentials,
+)
 
 ENGINES = {
     "own": barycentric_projection,
@@ -20,17 +27,22 @@ _UNCHECKED = {
     barycentric_projection: _barycentric_projection,
     barycentric_projection_geomloss: _barycentric_projection_geomloss,
 }
+# Engines that solve several sets of problems (same N and M, any B and D) in one loop, unchecked:
+# project(xs, ys, eps [B_k] tensors, n_iters=..., mask_diagonal=False, compile=False) -> [T_k].
+_MULTI_SET = {barycentric_projection: _barycentric_projections}
 
 # Imported after ENGINES: velocity looks engines up in gwf.ot.ENGINES.
-from gwf.ot.velocity import mean_squared_distance, relative_eps, sinkhorn_velocity  # noqa: E402
+from gwf.ot.velocity import mean_squared_distance, relative_eps, sinkhorn_velocities, sinkhorn_velocity  # noqa: E402
 
 __all__ = [
     "DEFAULT_N_ITERS",
     "ENGINES",
     "barycentric_projection",
     "barycentric_projection_geomloss",
+    "barycentric_projections",
     "mean_squared_distance",
     "relative_eps",
     "sinkhorn_potentials",
+    "sinkhorn_velocities",
     "sinkhorn_velocity",
 ]

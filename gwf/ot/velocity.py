@@ -9,7 +9,7 @@ with relative eps (docs/conventions.md). This module only computes V (detached, 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -63,10 +63,32 @@ def relative_eps(x: Tensor, y: Tensor | Sequence[Tensor], eps_rel: float = DEFAU
     return (eps_rel * mean_squared_distance(x, y)).clamp(min=_EPS_FLOOR)
 
 
+def _projector(engine: str, compile: bool) -> Callable[..., list[Tensor]]:
+    """project(xs, ys, eps, n_iters, mask_diagonal=False) -> [T_k] for checked sets: the own engine solves every set
+    in one loop; another engine (gwf.ot.ENGINES, looked up now: tests replace entries) is called once per set."""
+    engine_fn = _ot.ENGINES[engine]
+    multi = _ot._MULTI_SET.get(engine_fn)
+    if multi is not None:
+        return lambda xs, ys, eps, n_iters, **kw: multi(xs, ys, eps, n_iters=n_iters, compile=compile, **kw)
+    if compile:
+        raise ValueError(f"compile=True needs engine='own' (it compiles the own engine's loop), got {engine!r}")
+    single = _ot._UNCHECKED.get(engine_fn, engine_fn)
+    return lambda xs, ys, eps, n_iters, **kw: [single(x, y, e, n_iters=n_iters, **kw) for x, y, e in zip(xs, ys, eps)]
+
+
+def _as_sets(t: Tensor | Sequence[Tensor] | None, count: int, name: str) -> list | None:
+    if t is None:
+        return None
+    sets = [t] if isinstance(t, Tensor) or not isinstance(t, (list, tuple)) else list(t)
+    if len(sets) != count:
+        raise ValueError(f"{name} must give one entry per feature set ({count}), got {len(sets)}")
+    return sets
+
+
 def sinkhorn_velocity(x: Tensor, pos: Tensor, neg: Tensor | None = None, *, eps_rel: float = DEFAULT_EPS_REL,
                       engine: str = "own", n_iters: int = DEFAULT_N_ITERS, estimator: str = "two_batch",
                       uncond: Tensor | None = None, guidance_w: float | Tensor | None = None,
-                      rms_normalize: bool = True) -> tuple[Tensor, dict]:
+                      rms_normalize: bool = True, compile: bool = False) -> tuple[Tensor, dict]:
     """W-Flow velocity V [B, N, D] (fp32, detached) for B independent problems (e.g. one per class).
 
     x: [B, N, D] generated samples; pos: [B, M, D] positives; neg: [B, N2, D] a second, independent batch from
@@ -74,56 +96,92 @@ def sinkhorn_velocity(x: Tensor, pos: Tensor, neg: Tensor | None = None, *, eps_
     engine: a key of gwf.ot.ENGINES; n_iters: iterations of the own engine. estimator: "two_batch" (q' = neg),
     "single" (q' = x unmasked: the ablation) or "masked" (q' = x, self pairs masked; own engine only).
     uncond: [B, U, D] or [U, D] unconditional reals, with guidance_w (float or [B]) for velocity guidance.
-    rms_normalize: divide V by its RMS over (N, D), per problem.
+    rms_normalize: divide V by its RMS over (N, D), per problem. compile: the own engine's loop through
+    torch.compile (same V within fp32 rounding).
     Returns V and {"eps": [B], "v_rms": [B] RMS of V before normalization}.
     """
+    vs, infos = sinkhorn_velocities(
+        [x], [pos], None if neg is None else [neg], eps_rel=eps_rel, engine=engine, n_iters=n_iters,
+        estimator=estimator, uncond=None if uncond is None else [uncond],
+        guidance_w=None if guidance_w is None else [guidance_w], rms_normalize=rms_normalize, compile=compile)
+    return vs[0], infos[0]
+
+
+def sinkhorn_velocities(xs: Sequence[Tensor], pos: Sequence[Tensor], neg: Sequence[Tensor] | None = None, *,
+                        eps_rel: float = DEFAULT_EPS_REL, engine: str = "own", n_iters: int = DEFAULT_N_ITERS,
+                        estimator: str = "two_batch", uncond: Sequence[Tensor] | None = None,
+                        guidance_w: Sequence[float | Tensor] | None = None, rms_normalize: bool = True,
+                        compile: bool = False) -> tuple[list[Tensor], list[dict]]:
+    """sinkhorn_velocity of K sets of problems (e.g. the feature sets of an update) at once: set k is x_k
+    [B_k, N, D_k] with pos_k [B_k, M, D_k], neg_k [B_k, N2, D_k], uncond_k [B_k, U, D_k] or [U, D_k] and
+    guidance_w_k (float or [B_k]); N, M, N2, U are shared by the sets, B_k and D_k are free. The own engine
+    solves each target (pos, q', uncond) of every set in one Sinkhorn loop. Returns ([V_k], [info_k]).
+
+    Checks only metadata: no host synchronization (guidance_w given as tensors on x's device)."""
     engines = _ot.ENGINES
     if engine not in engines:
         raise ValueError(f"unknown engine {engine!r}; valid engines: {sorted(engines)}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; valid estimators: {list(ESTIMATORS)}")
-    check_point_clouds(x, pos, "x", "pos")
+    xs = list(xs)
+    if not xs:
+        raise ValueError("sinkhorn_velocities needs at least one set")
+    pos, neg = _as_sets(pos, len(xs), "pos"), _as_sets(neg, len(xs), "neg")
+    uncond, guidance_w = _as_sets(uncond, len(xs), "uncond"), _as_sets(guidance_w, len(xs), "guidance_w")
+    for x, p in zip(xs, pos):
+        check_point_clouds(x, p, "x", "pos")
     if estimator == "two_batch":
         if neg is None:
             raise ValueError("estimator='two_batch' needs neg, a second independent batch [B, N2, D] from the model")
-        check_point_clouds(x, neg, "x", "neg")
+        for x, q in zip(xs, neg):
+            check_point_clouds(x, q, "x", "neg")
     if estimator == "masked" and engine != "own":
         raise ValueError(f"estimator='masked' needs engine='own' ({engine!r} cannot mask the self pairs)")
     if (uncond is None) != (guidance_w is None):
         raise ValueError("velocity guidance needs both uncond and guidance_w (or neither)")
-    batch = x.shape[0]
+    ws = None
     if uncond is not None:
-        if uncond.dim() == 2:  # one unconditional batch shared by every problem
-            uncond = uncond.expand(batch, *uncond.shape)
-        check_point_clouds(x, uncond, "x", "uncond")
-        w = torch.as_tensor(guidance_w, dtype=torch.float32, device=x.device).detach().reshape(-1)
-        if w.numel() == 1:
-            w = w.expand(batch)
-        if w.shape != (batch,):
-            raise ValueError(f"guidance_w must be a float or a [B] = [{batch}] tensor, got {tuple(w.shape)}")
+        ws = []
+        for k, (x, w) in enumerate(zip(xs, guidance_w)):
+            batch = x.shape[0]
+            if uncond[k].dim() == 2:  # one unconditional batch shared by every problem
+                uncond[k] = uncond[k].expand(batch, *uncond[k].shape)
+            check_point_clouds(x, uncond[k], "x", "uncond")
+            w = torch.as_tensor(w, dtype=torch.float32, device=x.device).detach().reshape(-1)
+            if w.numel() == 1:
+                w = w.expand(batch)
+            if w.shape != (batch,):
+                raise ValueError(f"guidance_w must be a float or a [B] = [{batch}] tensor, got {tuple(w.shape)}")
+            ws.append(w)
     _check_eps_rel(eps_rel)
-    # Inputs and eps are checked here: the built-in engines run without checking them again.
-    project = _ot._UNCHECKED.get(engines[engine], engines[engine])
+    # Inputs are checked here and eps is made here (> 0 by construction): the engines run without checks.
+    project = _projector(engine, compile)
 
-    with fp32_island(x.device):
-        x = x.detach().float()
-        targets = [x, pos] if estimator != "two_batch" else [x, neg, pos]
-        eps = (eps_rel * _mean_squared_distance(x, targets)).clamp(min=_EPS_FLOOR)  # [B], shared by all terms
+    with fp32_island(xs[0].device):
+        xs = [x.detach().float() for x in xs]
+        eps = []
+        for k, x in enumerate(xs):
+            targets = [x, pos[k]] if estimator != "two_batch" else [x, neg[k], pos[k]]
+            eps.append((eps_rel * _mean_squared_distance(x, targets)).clamp(min=_EPS_FLOOR))  # [B_k], all terms
 
-        t_pos = project(x, pos, eps, n_iters=n_iters)  # T_{q->p}
+        t_pos = project(xs, pos, eps, n_iters)  # T_{q->p}
         if estimator == "two_batch":  # T_{q->q'}, q' an independent batch: W-Flow's two-batch estimator
-            t_self = project(x, neg, eps, n_iters=n_iters)
+            t_self = project(xs, neg, eps, n_iters)
         else:  # q' = q: nearly diagonal plan ("single"), or its diagonal masked (Drifting-style "masked")
-            t_self = project(x, x, eps, n_iters=n_iters, mask_diagonal=estimator == "masked")
-        v = t_pos - t_self
+            t_self = project(xs, xs, eps, n_iters, mask_diagonal=estimator == "masked")
+        vs = [tp - ts for tp, ts in zip(t_pos, t_self)]
         del t_self
         if uncond is not None:  # velocity guidance, [WF] Eq. 16: + w (T_{q->p(c)} - T_{q->p(empty)})
-            t_pos.sub_(project(x, uncond, eps, n_iters=n_iters))
-            v.add_(w[:, None, None] * t_pos)
+            for v, tp, tu, w in zip(vs, t_pos, project(xs, uncond, eps, n_iters), ws):
+                tp.sub_(tu)
+                v.add_(w[:, None, None] * tp)
         del t_pos
 
-        v_rms = v.square().mean(dim=(1, 2)).sqrt()  # [B]
-        if rms_normalize:
-            floor = RMS_FLOOR_REL * (eps / (eps_rel * x.shape[2])).sqrt()
-            v.div_(torch.maximum(v_rms, floor).clamp(min=torch.finfo(torch.float32).tiny)[:, None, None])
-    return v, {"eps": eps, "v_rms": v_rms}
+        infos = []
+        for v, e, x in zip(vs, eps, xs):
+            v_rms = v.square().mean(dim=(1, 2)).sqrt()  # [B]
+            if rms_normalize:
+                floor = RMS_FLOOR_REL * (e / (eps_rel * x.shape[2])).sqrt()
+                v.div_(torch.maximum(v_rms, floor).clamp(min=torch.finfo(torch.float32).tiny)[:, None, None])
+            infos.append({"eps": e, "v_rms": v_rms})
+    return vs, infos

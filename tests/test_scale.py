@@ -1,0 +1,134 @@
+"""GPU-scale features, checked on CPU: label-chunk gradient accumulation equals the one-pass update, an update reads
+nothing back from the device (no host synchronization), the class bank's sync-free push equals the ring-buffer rule,
+non-finite losses are caught without a per-update read, and the DDP and optimizer settings follow the method."""
+
+import lightning as L
+import pytest
+import torch
+
+from gwf import build
+from gwf.bench.counting import OpCounter, optimizer_step_counters
+from gwf.data.bank import ClassBank
+from gwf.module import OptimConfig
+from gwf.train import train
+from tests.conftest import compose_config
+
+TINY = ["data.num_workers=0", "logger=none", "trainer.enable_progress_bar=false", "eval.every_n_updates=1000",
+        "eval.num_samples=100", "batch.labels_per_update=4", "batch.gen_per_label=8", "batch.pos_per_label=8",
+        "batch.uncond_per_update=8", "optim.warmup_steps=0", "jko.updates_per_step=3", "threads=1"]
+
+
+def _generator_state(run_dir):
+    """Generator, EMA and bank, and the generator optimizer's moments (linear in the gradients: Adam's update is
+    nearly scale-free, its first moment is not)."""
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(("generator.", "ema.model.", "bank."))}
+    for i, s in ckpt["optimizer_states"][0]["state"].items():
+        state.update({f"adam.{i}.exp_avg": s["exp_avg"], f"adam.{i}.exp_avg_sq": s["exp_avg_sq"]})
+    return state
+
+
+@pytest.mark.parametrize("extra", [[], ["method.features=null", "jko.tau=0.5"]])
+def test_label_chunks_give_the_one_pass_update(digits_dir, tmp_path, extra):
+    """fp64, W-Flow with guidance and the second batch, 4 labels in 4 chunks vs one pass, 3 updates (the JKO term
+    too in the second case): the same generator, EMA and bank to 1e-6 (the transport itself runs in fp32)."""
+    base = [f"paths.data_dir={digits_dir.parent}", *TINY, "trainer.precision=64-true", *extra]
+    train(compose_config(base), tmp_path / "one")
+    train(compose_config([*base, "batch.label_chunks=4"]), tmp_path / "chunks")
+    a, b = _generator_state(tmp_path / "one"), _generator_state(tmp_path / "chunks")
+    assert a.keys() == b.keys() and a["generator.out.weight"].dtype == torch.float64
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-9, msg=k)
+    L.seed_everything(0)  # as train() does before building: the initial generator
+    initial = build.build_module(compose_config(base), (1, 8, 8), 10).generator.out.weight.double()
+    changed = (a["generator.out.weight"] - initial).abs().max()
+    assert changed > 1e-4  # the updates moved the generator: the comparison is not between two initial states
+
+
+def test_label_chunks_must_divide_the_labels():
+    with pytest.raises(ValueError, match="batch.label_chunks=3 must divide the 4 label"):
+        build.build_module(compose_config([*TINY, "batch.label_chunks=3"]), (1, 8, 8), 10)
+
+
+class _CountOneUpdate(L.Callback):
+    """OpCounter around the first full update after the class bank is filled (training_step to EMA)."""
+
+    def __init__(self):
+        self.counter = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if module._bank_ready and module.update == 2 and self.counter is None:
+            optimizers = trainer.optimizers
+            self.counter = OpCounter(host_tensors=optimizer_step_counters(optimizers)).__enter__()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.counter is not None and module.update == 3:
+            self.counter.__exit__(None, None, None)
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_a_wflow_update_of_a_tiny_dit_never_reads_the_device(digits_dir, chunks):
+    """The hot path of a W-Flow update (class bank, conditioning, DiT generator, second batch, guidance, transport,
+    loss, backward, optimizer, EMA, non-finite check) issues no host synchronization, counted by the benchmark's
+    mode; the optimizer's step counters are host tensors on a GPU too."""
+    cfg = compose_config([f"paths.data_dir={digits_dir.parent}", *TINY, "model=dit_tiny", "model.patch=4",
+                          f"batch.label_chunks={chunks}", "optim.impl=fused"])
+    dm = build.build_datamodule(cfg)
+    module = build.build_module(cfg, dm.shape, dm.num_classes)
+    module.defer_finite_check = True  # the accelerator path
+    count = _CountOneUpdate()
+    L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, max_steps=-1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1000,
+              callbacks=[count]).fit(module, datamodule=dm)
+    assert count.counter is not None and count.counter.ops > 500  # it counted a real update
+    assert count.counter.syncs == 0, dict(count.counter.sync_counts)
+
+
+def test_bank_push_without_host_reads_follows_the_ring_rule():
+    """The vectorized push equals the per-class loop (each class keeps its latest samples, slots in arrival order)
+    and reads nothing from the device."""
+    g = torch.Generator().manual_seed(0)
+    bank, reference = ClassBank(5, 6, (2,)), ClassBank(5, 6, (2,))
+    for _ in range(7):
+        labels = torch.randint(0, 5, (6,), generator=g)
+        x = torch.randn(6, 2, generator=g)
+        with OpCounter() as counter:
+            bank.push(x, labels)
+        assert counter.syncs == 0
+        for c in labels.unique().tolist():  # the rule, written out
+            for row in x[labels == c]:
+                reference.data[c, reference.count[c] % 6] = row
+                reference.count[c] += 1
+    assert torch.equal(bank.count, reference.count) and torch.equal(bank.data, reference.data)
+    fp16 = ClassBank(2, 4, (3,), dtype=torch.float16)
+    fp16.push(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    assert fp16.data.dtype == torch.float16 and fp16.sample(None, 2, g).dtype == torch.float32
+
+
+def test_non_finite_loss_is_recorded_on_the_device_and_reported_before_a_save():
+    module = build.build_module(compose_config(["experiment=toy2d_wflow"]), (2,), 0)
+    module.defer_finite_check = True
+    module._host_update = 7
+    module.update_count.fill_(7)
+    with OpCounter() as counter:
+        module._check_finite("generator loss", gen_loss=torch.tensor(float("nan")), prox=torch.tensor(0.0))
+        module._check_finite("generator loss", gen_loss=torch.tensor(1.0), prox=torch.tensor(0.0))
+    assert counter.syncs == 0
+    with pytest.raises(FloatingPointError, match="non-finite generator loss at update 7.*last.ckpt"):
+        module.raise_if_nonfinite()
+
+
+def test_ddp_and_optimizer_settings_follow_the_method(tmp_path):
+    for method, unused in (("wflow", False), ("kl", True)):
+        cfg = compose_config(["experiment=gwf_2d", f"method={method}", "trainer=ddp", "trainer.accelerator=cpu"])
+        trainer = build.build_trainer(cfg, tmp_path, [], [])
+        assert trainer.strategy._ddp_kwargs["find_unused_parameters"] is unused
+        assert trainer.strategy._ddp_kwargs["gradient_as_bucket_view"] is True
+    w = torch.nn.Parameter(torch.ones(3))
+    for impl, key in (("fused", "fused"), ("foreach", "foreach")):
+        opt, _ = OptimConfig(impl=impl).build([w])
+        assert opt.defaults[key] is True
+    assert OptimConfig().build([w], "cuda")[0].defaults["fused"] is True  # auto: fused on CUDA
+    with pytest.raises(ValueError, match="optim.impl"):
+        OptimConfig(impl="jit").build([w])
