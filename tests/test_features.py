@@ -117,7 +117,8 @@ def test_feature_gradient_is_the_chain_rule_through_a_linear_encoder(normalize):
     v, _ = sinkhorn_velocity(fx, fpos, fneg, uncond=func, guidance_w=alpha - 1)
     s = (mean_squared_distance(fx, [fx, fneg, fpos]).mean() / c).sqrt() if normalize else torch.tensor(1.0)
     expected = ((-2 * eta / (s * fx.numel())) * v) @ a  # [L, N, D]: V pulled back through A^T
-    torch.testing.assert_close(grad.flatten(2), expected, rtol=1e-4, atol=1e-10)
+    # atol: fp32 rounding of f - sg(f + eta V) (relative ~1e-7 to f), pulled back through A^T; ~3e-7 of max |grad|
+    torch.testing.assert_close(grad.flatten(2), expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
     torch.testing.assert_close(loss, torch.tensor(eta**2) * v.square().mean(), rtol=1e-5, atol=0)  # |V| RMS 1
 
 

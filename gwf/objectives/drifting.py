@@ -19,6 +19,7 @@ from gwf.objectives.base import GenBatch, RealBatch
 from gwf.objectives.field import FieldObjective
 from gwf.objectives.kernels import squared_distances
 from gwf.ot.sinkhorn import check_point_clouds, fp32_island
+from gwf.ot.velocity import _mean_squared_distance
 
 
 def drifting_field_single(dist: Tensor, pos: Tensor, neg: Tensor, temperature: float, scale: Tensor,
@@ -90,4 +91,5 @@ class Drifting(FieldObjective):
 
     def field(self, f: Tensor, refs: dict[str, Tensor], gen: GenBatch, tokens: int):
         velocity = drifting_field(f, refs["pos"], None, self.temperatures, self.rms_normalize)
-        return velocity, {"v_rms": velocity.square().mean().sqrt()}, [f, refs["pos"]]
+        msd = _mean_squared_distance(f, [f, refs["pos"]])  # the targets of the scale s_k
+        return velocity, {"v_rms": velocity.square().mean((1, 2)).sqrt()}, msd

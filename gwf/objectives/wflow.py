@@ -43,32 +43,19 @@ class WFlow(FieldObjective):
         grouped = {"pos": real.pos, **({"neg": gen.sample()} if self.estimator == "two_batch" else {})}
         return grouped, {"uncond": real.uncond} if self._guided(gen, real) else {}
 
-    def fields(self, f_gen: dict[str, Tensor], refs: dict[str, dict[str, Tensor]], gen: GenBatch):
+    def fields(self, f_gen: list[Tensor], refs: dict[str, list[Tensor]], gen: GenBatch):
         return self._fields(f_gen, refs, gen)
 
     def field(self, f: Tensor, refs: dict[str, Tensor], gen: GenBatch, tokens: int):
-        return self._fields({"f": f}, {name: {"f": r} for name, r in refs.items()}, gen)["f"]
+        return self._fields([f], {name: [r] for name, r in refs.items()}, gen)[0]
 
-    def _fields(self, f_gen: dict[str, Tensor], refs: dict[str, dict[str, Tensor]], gen: GenBatch):
-        """All feature sets in one sinkhorn_velocities call (one Sinkhorn loop per target)."""
-        names = list(f_gen)
+    def _fields(self, f_gen: list[Tensor], refs: dict[str, list[Tensor]], gen: GenBatch):
+        """All widths in one sinkhorn_velocities call (one Sinkhorn loop per target)."""
         guided = "uncond" in refs
-        weights = {}  # w per (label, token), one tensor per token count
-        if guided:
-            for f in f_gen.values():
-                tokens = f.shape[0] // len(gen.x)
-                if tokens not in weights:
-                    weights[tokens] = (gen.alpha - 1.0).repeat_interleave(tokens)
+        weights = [(gen.alpha - 1.0).repeat_interleave(f.shape[0] // len(gen.x)) for f in f_gen] if guided else None
         velocities, infos = sinkhorn_velocities(
-            [f_gen[k] for k in names], [refs["pos"][k] for k in names],
-            [refs["neg"][k] for k in names] if "neg" in refs else None, eps_rel=self.eps_rel, engine=self.engine,
-            n_iters=self.n_iters, estimator=self.estimator,
-            uncond=[refs["uncond"][k] for k in names] if guided else None,
-            guidance_w=[weights[f_gen[k].shape[0] // len(gen.x)] for k in names] if guided else None,
+            f_gen, refs["pos"], refs.get("neg"), eps_rel=self.eps_rel, engine=self.engine, n_iters=self.n_iters,
+            estimator=self.estimator, uncond=refs["uncond"] if guided else None, guidance_w=weights,
             rms_normalize=self.rms_normalize, compile=self.compile)
-        out = {}
-        for k, velocity, info in zip(names, velocities, infos):
-            f = f_gen[k]
-            targets = [f, refs["pos"][k]] if "neg" not in refs else [f, refs["neg"][k], refs["pos"][k]]  # eps's set
-            out[k] = velocity, {"v_rms": info["v_rms"].mean(), "eps": info["eps"].mean()}, targets
-        return out
+        # the scale's targets are eps's: [f, neg, pos] (two_batch) or [f, pos]
+        return [(v, {"v_rms": info["v_rms"], "eps": info["eps"]}, info["msd"]) for v, info in zip(velocities, infos)]

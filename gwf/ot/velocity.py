@@ -98,7 +98,8 @@ def sinkhorn_velocity(x: Tensor, pos: Tensor, neg: Tensor | None = None, *, eps_
     uncond: [B, U, D] or [U, D] unconditional reals, with guidance_w (float or [B]) for velocity guidance.
     rms_normalize: divide V by its RMS over (N, D), per problem. compile: the own engine's loop through
     torch.compile (same V within fp32 rounding).
-    Returns V and {"eps": [B], "v_rms": [B] RMS of V before normalization}.
+    Returns V and {"eps": [B], "v_rms": [B] RMS of V before normalization, "msd": [B] the mean squared distance
+    that eps is relative to}.
     """
     vs, infos = sinkhorn_velocities(
         [x], [pos], None if neg is None else [neg], eps_rel=eps_rel, engine=engine, n_iters=n_iters,
@@ -159,10 +160,9 @@ def sinkhorn_velocities(xs: Sequence[Tensor], pos: Sequence[Tensor], neg: Sequen
 
     with fp32_island(xs[0].device):
         xs = [x.detach().float() for x in xs]
-        eps = []
-        for k, x in enumerate(xs):
-            targets = [x, pos[k]] if estimator != "two_batch" else [x, neg[k], pos[k]]
-            eps.append((eps_rel * _mean_squared_distance(x, targets)).clamp(min=_EPS_FLOOR))  # [B_k], all terms
+        msds = [_mean_squared_distance(x, [x, pos[k]] if estimator != "two_batch" else [x, neg[k], pos[k]])
+                for k, x in enumerate(xs)]  # [B_k], over all the terms' targets
+        eps = [(eps_rel * msd).clamp(min=_EPS_FLOOR) for msd in msds]
 
         t_pos = project(xs, pos, eps, n_iters)  # T_{q->p}
         if estimator == "two_batch":  # T_{q->q'}, q' an independent batch: W-Flow's two-batch estimator
@@ -178,10 +178,10 @@ def sinkhorn_velocities(xs: Sequence[Tensor], pos: Sequence[Tensor], neg: Sequen
         del t_pos
 
         infos = []
-        for v, e, x in zip(vs, eps, xs):
+        for v, e, x, msd in zip(vs, eps, xs, msds):
             v_rms = v.square().mean(dim=(1, 2)).sqrt()  # [B]
             if rms_normalize:
                 floor = RMS_FLOOR_REL * (e / (eps_rel * x.shape[2])).sqrt()
                 v.div_(torch.maximum(v_rms, floor).clamp(min=torch.finfo(torch.float32).tiny)[:, None, None])
-            infos.append({"eps": e, "v_rms": v_rms})
+            infos.append({"eps": e, "v_rms": v_rms, "msd": msd})
     return vs, infos
