@@ -39,7 +39,7 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - decay)  # no_grad: no detach
         buffers = list(self.model.buffers())
         if buffers:
             torch._foreach_copy_(buffers, list(model.buffers()))

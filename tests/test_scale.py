@@ -132,3 +132,23 @@ def test_ddp_and_optimizer_settings_follow_the_method(tmp_path):
     assert OptimConfig().build([w], "cuda")[0].defaults["fused"] is True  # auto: fused on CUDA
     with pytest.raises(ValueError, match="optim.impl"):
         OptimConfig(impl="jit").build([w])
+
+
+def test_ema_update_is_one_foreach_lerp_with_the_warm_up_decay():
+    """ema <- d_n ema + (1 - d_n) raw with d_n = min(decay, (1 + n) / (10 + n)), for every parameter in one
+    _foreach_lerp_ (no per-parameter op), while the raw weights require grad."""
+    from gwf.ema import EMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    ema = EMA(model, decay=0.9)
+    before = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.set_num_updates(20)  # d = min(0.9, 21 / 30) = 0.7
+    with OpCounter() as counter:
+        ema.update(model)
+    assert counter.op_counts["_foreach_lerp_"] == 1 and counter.ops <= 3, counter.op_counts
+    for old, new, raw in zip(before, ema.model.parameters(), model.parameters()):
+        torch.testing.assert_close(new, 0.7 * old + 0.3 * raw.detach(), rtol=1e-6, atol=1e-7)
+    assert int(ema.num_updates) == 21 and ema.current_decay() == pytest.approx(22 / 31)
