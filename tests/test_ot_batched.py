@@ -4,6 +4,8 @@ within fp32 rounding), fp32 matmuls pinned inside the fp32 island, chunks sized 
 
 import gwf  # noqa: F401  (first: torchvision workaround)
 
+import contextlib
+
 import pytest
 import torch
 
@@ -15,7 +17,8 @@ from gwf.objectives.drifting import Drifting
 from gwf.objectives.field import FieldObjective, attach_encoder
 from gwf.objectives.wflow import WFlow
 from gwf.ot import barycentric_projection, barycentric_projections, sinkhorn_velocities, sinkhorn_velocity
-from gwf.ot.sinkhorn import _DEVICE_CHUNK_ENTRIES, _blocks, chunk_entries, fp32_island
+from gwf.ot.sinkhorn import (_DEVICE_CHUNK_ENTRIES, _blocks, _log_kernels, _sinkhorn_loop, _sinkhorn_loop_rows,
+                             as_on_accelerator, chunk_entries, fp32_island, row_frame_loop, sinkhorn_potentials)
 from tests.conftest import compose_config
 
 L, N, M, U, SHAPE = 3, 12, 16, 10, (4, 8, 8)
@@ -142,15 +145,21 @@ def test_one_sinkhorn_loop_per_target_whatever_the_number_of_feature_sets():
     """The log-sum-exp sweeps (exp_ kernels) of an update do not grow with the feature sets: three sets of 1, 64 and
     1 tokens cost the same sweeps as data space (one set), while the per-set path pays them three times."""
     x, neg, pos, unc, alpha, w = _batch()
-    counts = {}
-    for name, objective in (("data", WFlow()), ("features", _objective(WFlow, Tokens(w))),
-                            ("per_set", _objective(PerSetWFlow, Tokens(w)))):
-        with OpCounter() as counter:
-            _loss(objective, x, neg, pos, unc, alpha)
-        counts[name] = counter.op_counts["exp_"]
-    # 3 targets (positives, second batch, unconditional) x (20 iterations x 2 sweeps + the plan's rows)
-    assert counts["data"] == counts["features"] == 3 * (2 * 20 + 1)
-    assert counts["per_set"] == 3 * counts["features"]
+    for accelerator in (True, False):
+        counts = {}
+        for name, objective in (("data", WFlow()), ("features", _objective(WFlow, Tokens(w))),
+                                ("per_set", _objective(PerSetWFlow, Tokens(w)))):
+            with OpCounter() as counter, as_on_accelerator() if accelerator else contextlib.nullcontext():
+                _loss(objective, x, neg, pos, unc, alpha)
+            counts[name] = counter.op_counts["exp_"]
+        # 3 targets (positives, second batch, unconditional) x 20 iterations x (log domain: 2 sweeps + the plan's
+        # rows; CPU row frame: 1 sweep, the plan from the last one, a log-domain column sweep where one underflows)
+        if accelerator:
+            assert counts["data"] == counts["features"] == 3 * (2 * 20 + 1), counts
+            assert counts["per_set"] == 3 * counts["features"]
+        else:
+            assert 3 * 20 <= min(counts.values()) and max(counts["data"], counts["features"]) <= 3 * 20 + 3, counts
+            assert counts["per_set"] >= 3 * 3 * 20
 
 
 class Slices(FeatureEncoder):
@@ -191,10 +200,16 @@ def test_training_path_has_no_host_synchronization(cls, kwargs, encoder):
     engine that reads eps per problem)."""
     x, neg, pos, unc, alpha, w = _batch(1)
     objective = _objective(cls, Tokens(w) if encoder else None, **kwargs)
-    with OpCounter() as counter:
+    with OpCounter() as counter, as_on_accelerator():
         loss, grad, _ = _loss(objective, x, neg, pos, unc, alpha)
     assert counter.syncs == 0, counter.sync_counts
     assert counter.ops > 100 and torch.isfinite(loss) and torch.isfinite(grad).all()
+    # On the CPU the row-frame loop reads one underflow flag per iteration (free there): 20 per Sinkhorn loop
+    with OpCounter() as counter:
+        loss_cpu, grad_cpu, _ = _loss(objective, x, neg, pos, unc, alpha)
+    loops = 0 if cls is Drifting else 3 - (not kwargs.get("guidance", True))  # positives, second batch or self, uncond
+    assert counter.sync_counts == ({"_local_scalar_dense": 20 * loops} if loops else {}), counter.sync_counts
+    torch.testing.assert_close(loss_cpu, loss, rtol=1e-5, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -276,6 +291,11 @@ def test_fp32_island_pins_fp32_matmul_and_restores_the_user_setting(user):
 
 def test_chunks_are_a_cpu_cache_device_and_a_memory_budget_elsewhere():
     assert chunk_entries(torch.device("cpu")) == 1 << 18  # 1 MiB of fp32: a chunk stays in cache
+    assert row_frame_loop(torch.device("cpu")) and not row_frame_loop(torch.device("cuda"))
+    with as_on_accelerator():  # what gwf-bench-step and the sync tests count on CPU tensors
+        assert chunk_entries(torch.device("cpu")) == _DEVICE_CHUNK_ENTRIES
+        assert not row_frame_loop(torch.device("cpu"))
+    assert row_frame_loop(torch.device("cpu"))
     assert chunk_entries(torch.device("cuda")) == _DEVICE_CHUNK_ENTRIES == 1 << 28
     # an ImageNet update: 2 labels x 6,103 (feature set, token) problems of 64 x 64 -> one block on the GPU
     assert len(list(_blocks(2 * 6103, 64, 64, None, chunk_entries(torch.device("cuda"))))) == 1
@@ -283,3 +303,65 @@ def test_chunks_are_a_cpu_cache_device_and_a_memory_budget_elsewhere():
     # 16384^2 entries per problem do not fit the budget: row chunks of 2^28 / 16384 rows
     assert len(list(_blocks(1, 16384, 16384, None, chunk_entries(torch.device("cuda"))))) == 1
     assert len(list(_blocks(2, 32768, 16384, None, chunk_entries(torch.device("cuda"))))) == 4
+
+
+# --------------------------------------------------------------------------------------------------------
+# The CPU's row-frame loop = the log-domain loop
+# --------------------------------------------------------------------------------------------------------
+
+
+def _kernel(x, y, eps, mask=False):
+    shift = y.mean(1, keepdim=True)
+    return _log_kernels([(x - shift) / eps[:, None, None]], [y - shift], eps, mask)
+
+
+@pytest.mark.parametrize("n, m, chunk_size, mask", [(40, 33, None, False), (40, 33, 7, False), (33, 33, 1, True),
+                                                    (300, 280, None, True)])
+def test_row_frame_loop_equals_the_log_domain_loop(n, m, chunk_size, mask):
+    """Same iterations: potentials to fp32 rounding (in units of eps), the kept plan's projection too."""
+    xs, ys, eps = _sets(6, (4,), (5,), n, m)
+    x, y, e = xs[0], (xs[0] if mask else ys[0]), eps[0]
+    for n_iters in (1, 2, 25):
+        a_log, b_log = _sinkhorn_loop(_kernel(x, y, e, mask), n_iters, chunk_size)
+        a_row, b_row, q = _sinkhorn_loop_rows(_kernel(x, y, e, mask), n_iters, chunk_size)
+        assert q is None
+        torch.testing.assert_close(a_row, a_log, atol=2e-5, rtol=1e-6)
+        torch.testing.assert_close(b_row, b_log, atol=2e-5, rtol=1e-6)
+        t = barycentric_projection(x, y, e, n_iters=n_iters, mask_diagonal=mask, chunk_size=chunk_size)
+        with as_on_accelerator():
+            t_log = barycentric_projection(x, y, e, n_iters=n_iters, mask_diagonal=mask, chunk_size=chunk_size)
+        torch.testing.assert_close(t, t_log, atol=1e-5, rtol=1e-5)
+
+
+def test_row_frame_loop_takes_the_log_domain_for_underflowing_columns():
+    """A target point far from every source point with a small eps: in every row frame its column underflows (E = 0)
+    at the first iterations, so those iterations update it in the log domain; the last one, if it underflows,
+    makes the log-kernel again and the plan goes the log-domain way. Potentials as close to a float64 run as fp32
+    allows at |beta| ~ 350 (the log-domain loop's own error is up to 4x larger here), same plan as the log domain."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 30, 3, generator=g)
+    y = torch.randn(2, 25, 3, generator=g)
+    y[:, 0] += 12.0  # 0.5 * 12^2 / 0.5 = 144 nats from every x: exp(-144) underflows fp32
+    eps = torch.tensor([0.5, 0.8])
+    for n_iters in (1, 3, 40):
+        with fp32_island(x.device):
+            logk = _kernel(x, y, eps)
+            a, b, q = _sinkhorn_loop_rows(logk, n_iters, None, keep_plan=True,
+                                          rebuild=lambda: _kernel(x, y, eps))
+            a64, b64 = _sinkhorn_loop(_kernel(x.double(), y.double(), eps.double()), n_iters, None)
+        assert torch.isfinite(b).all() and (q is None) == (n_iters == 1)  # 1 iteration: the last one underflowed
+        tol = 1e-6 * float(b64.abs().max())  # ~3.5e-4: fp32 rounding of potentials of this size
+        torch.testing.assert_close(a.double(), a64, atol=tol, rtol=0)
+        torch.testing.assert_close(b.double(), b64, atol=tol, rtol=0)
+        if q is None:
+            torch.testing.assert_close(logk, _kernel(x, y, eps))  # the log-kernel again, for the plan
+        t = barycentric_projection(x, y, eps, n_iters=n_iters)
+        with as_on_accelerator():
+            t_log = barycentric_projection(x, y, eps, n_iters=n_iters)
+        assert torch.isfinite(t).all()
+        torch.testing.assert_close(t, t_log, atol=1e-4, rtol=0)
+        f, gg = sinkhorn_potentials(x, y, eps, n_iters=n_iters)
+        with as_on_accelerator():  # fp32 both: the log domain's own error is the larger, up to 4 tol (x eps)
+            f_log, g_log = sinkhorn_potentials(x, y, eps, n_iters=n_iters)
+        torch.testing.assert_close(f, f_log, atol=5 * tol * float(eps.max()), rtol=0)
+        torch.testing.assert_close(gg, g_log, atol=5 * tol * float(eps.max()), rtol=0)

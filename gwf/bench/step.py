@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from gwf.bench.counting import OpCounter, optimizer_step_counters
+from gwf.ot.sinkhorn import as_on_accelerator
 
 GIB = 2**30
 H100_BF16, H100_FP32, UTILISATION = 989e12, 67e12, 0.6  # dense FLOP/s (SXM, no sparsity) and the assumed efficiency
@@ -56,8 +57,8 @@ ASSUMPTIONS = [
     "alive during training_step (one count per storage; 512 B rounding ignored); allocator fragmentation "
     "(reserved > allocated), the CUDA context, cuDNN/cuBLAS workspaces and NCCL buffers are not counted",
     "the update runs as on a GPU: CPU autocast with CUDA's fp32 op list emulated, the fused optimizer (optim.impl "
-    "auto picks it on CUDA), the transport's sweeps chunked by the accelerator's workspace budget (not by the CPU "
-    "cache) and the non-finite check deferred (module.defer_finite_check)",
+    "auto picks it on CUDA), the transport in its accelerator form (gwf.ot.sinkhorn.as_on_accelerator: the "
+    "log-domain loop, chunked by the workspace budget, not the CPU's row-frame loop chunked by the cache) and the non-finite check deferred (module.defer_finite_check)",
     "transients measured on fake tensors at 1 and 2 label chunks' worth of labels per rank and extrapolated "
     "affinely in the labels (the direct full-batch measurement is printed beside it)",
     f"floor time = FLOPs / ({H100_BF16 / 1e12:.0f} TFLOP/s bf16 dense x {UTILISATION:.0%}); the fp32-aware floor "
@@ -140,15 +141,6 @@ def fake_tensors():
         warnings.simplefilter("ignore")
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             yield mode
-
-
-def accelerator_chunks():
-    """The transport's sweeps chunked as on an accelerator (gwf.ot.sinkhorn.chunk_entries of a CUDA device), while the
-    tensors of this benchmark live on the CPU."""
-    from gwf.ot import sinkhorn
-
-    entries = sinkhorn.chunk_entries(torch.device("cuda"))
-    return mock.patch.object(sinkhorn, "chunk_entries", lambda device: entries)
 
 
 def attach_trainer(module, precision: str):
@@ -281,7 +273,7 @@ def count_update(cfg, counter_cls=SiteCounter, seed: int = 0):
     for c0 in range(0, max(num_classes, 1), 64):  # fill every class: an update needs all of them ready
         labels = torch.arange(c0, min(c0 + 64, max(num_classes, 1))).repeat_interleave(module.bank.capacity)
         module.bank.push(torch.randn(len(labels), *shape, generator=g), labels if num_classes else None)
-    with warnings.catch_warnings(), accelerator_chunks():
+    with warnings.catch_warnings(), as_on_accelerator():
         warnings.simplefilter("ignore")
         training_step(module, trainer, data_batch(cfg, g), 0)
         counter = counter_cls(host_tensors=optimizer_step_counters(trainer.optimizers))
@@ -451,7 +443,7 @@ def measure(cfg, labels: int, count: bool = False) -> dict:
     shape, num_classes = tuple(cfg.data.shape), int(cfg.data.num_classes)
     gc.collect()  # the garbage collector must not free fake tensors (below); real garbage goes now
     gc.disable()
-    with fake_tensors(), FakeHostReads() as reads, accelerator_chunks(), contextlib.ExitStack() as cleanup:
+    with fake_tensors(), FakeHostReads() as reads, as_on_accelerator(), contextlib.ExitStack() as cleanup:
         cleanup.callback(gc.enable)
         module = build_module(as_on_gpu(cfg, {"batch.labels_per_update": labels}), shape, num_classes)
         trainer = attach_trainer(module, str(cfg.trainer.precision))

@@ -5,13 +5,16 @@
     gwf-bench-velocity --sizes 1024 --dims 4096 --engines own own+compile --skip-memory --json rows.json
 
 One problem (B = 1), N = M = N2 points in R^D, two-batch estimator (two OT problems: x -> pos and x -> neg); the
-floor is ``floor_from``'s; the memory row is the own engine's peak RSS in a subprocess. ``own+compile`` is the own
-engine with its loop through torch.compile (``method.compile``), timed after one untimed compiling call.
+floor is ``floor_from``'s; the memory row is the own engine's peak RSS in a subprocess. ``own`` is the own engine as
+it runs on the device (on the CPU its row-frame loop), ``own-logdomain`` the same engine in the log-domain form (an
+accelerator's form; the CPU's before the row-frame loop), ``own+compile`` the log-domain loop through torch.compile
+(``method.compile``), timed after one untimed compiling call.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -19,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 
 import gwf  # noqa: F401  (torchvision workaround before anything else)
 
@@ -27,11 +31,13 @@ import torch
 
 from gwf.ot import relative_eps, sinkhorn_velocity
 from gwf.constants import DEFAULT_GEOMLOSS_SCALING
-from gwf.ot.sinkhorn import chunk_entries
+from gwf.ot.sinkhorn import chunk_entries, log_domain_loop, row_frame_loop
 
 _QUICK = dict(sizes=[256, 1024], dims=[2, 64], memory=(2048, 64))
-# Engine rows: the own engine eager and through torch.compile (the value: its ``compile`` flag), and geomloss.
-OWN_ENGINES = {"own": False, "own+compile": True}
+# Engine rows: the own engine as it runs on the device, in the log-domain form (the CPU's form before the row-frame
+# loop; an accelerator's always), with its loop through torch.compile (value: compile flag, log-domain form), and
+# geomloss.
+OWN_ENGINES = {"own": (False, False), "own-logdomain": (False, True), "own+compile": (True, False)}
 ENGINE_ROWS = [*OWN_ENGINES, "geomloss"]
 
 
@@ -97,22 +103,24 @@ def floor_parts(x, y, tag: str) -> dict:
             mx = t.amax(dim=-1, keepdim=True)
             t.sub_(mx).exp_().sum(dim=-1).log_().add_(mx[..., 0])
 
+    weights = torch.rand(1, 1, n, device=DEVICE)
     return {
         f"cost/{tag}": lambda: torch.bmm(x, y.transpose(1, 2)),
         f"proj/{tag}": lambda: torch.bmm(buf, y),
         f"lse_whole/{tag}": lse_whole,
         f"lse_chunked/{tag}": lse_chunked,
         f"lse_in_place/{tag}": lse_chunked_in_place,
+        f"gemv/{tag}": lambda: torch.bmm(weights, buf),  # the row-frame column update: sum_i w_i E_ij
     }
 
 
-def floor_from(t: dict, tags, n_iters: int) -> float:
-    """Floor = sum over the terms of cost GEMM (x @ y^T) + projection GEMM (P @ y) + 2 n_iters x the fastest
-    log-sum-exp pass over the [N, M] matrix (whole, chunked, or chunked in place as the own engine does)."""
-    return sum(
-        t[f"cost/{g}"] + t[f"proj/{g}"] + 2 * n_iters * min(t[f"lse_{v}/{g}"] for v in ("whole", "chunked", "in_place"))
-        for g in tags
-    )
+def floor_from(t: dict, tags, n_iters: int, row_frame: bool = False) -> float:
+    """Floor = sum over the terms of cost GEMM (x @ y^T) + projection GEMM (P @ y) + per iteration: the log-domain
+    form's 2 log-sum-exp passes over the [N, M] matrix (the fastest: whole, chunked, or chunked in place as the own
+    engine does), the row-frame form's 1 and a matrix-vector product."""
+    lse = {g: min(t[f"lse_{v}/{g}"] for v in ("whole", "chunked", "in_place")) for g in tags}
+    per_iter = {g: lse[g] + t[f"gemv/{g}"] if row_frame else 2 * lse[g] for g in tags}
+    return sum(t[f"cost/{g}"] + t[f"proj/{g}"] + n_iters * per_iter[g] for g in tags)
 
 
 def _geomloss_iters(x, y, eps: float, scaling: float) -> int:
@@ -123,26 +131,33 @@ def _geomloss_iters(x, y, eps: float, scaling: float) -> int:
     return 2 + len(np.arange(2 * math.log(diameter), 2 * math.log(blur), 2 * math.log(scaling)))
 
 
+def _own(x, pos, neg, n_iters: int, compile: bool, log_domain: bool):
+    with log_domain_loop() if log_domain else contextlib.nullcontext():
+        return sinkhorn_velocity(x, pos, neg, n_iters=n_iters, compile=compile)
+
+
 def bench_size(engines, n: int, d: int, n_iters: int, repeats: int, budget_s: float) -> list[dict]:
     """Rows for one (N, D): the own engine is timed interleaved with the floor's parts; geomloss on its own."""
     x, pos, neg = _inputs(n, d)
     fns = {**floor_parts(x, pos, "pos"), **floor_parts(x, neg, "neg")}
     for engine in engines:
         if engine in OWN_ENGINES:  # the own engine's variants, interleaved with the floor
-            fns[engine] = lambda c=OWN_ENGINES[engine]: sinkhorn_velocity(x, pos, neg, n_iters=n_iters, compile=c)
-            if OWN_ENGINES[engine]:
+            fns[engine] = partial(_own, x, pos, neg, n_iters, *OWN_ENGINES[engine])
+            if OWN_ENGINES[engine][0]:
                 fns[engine]()  # compiles (once per process: dynamic shapes), outside the timings
     t, runs = _timed(fns, repeats, budget_s)
-    floor = floor_from(t, ("pos", "neg"), n_iters)
     rows = []
     for engine in engines:
         if engine in OWN_ENGINES:
-            rows.append(dict(engine=engine, n=n, d=d, iters=n_iters, seconds=t[engine], floor=floor, runs=runs))
+            row_frame = row_frame_loop(DEVICE) and engine == "own"
+            rows.append(dict(engine=engine, n=n, d=d, iters=n_iters, seconds=t[engine],
+                             floor=floor_from(t, ("pos", "neg"), n_iters, row_frame), runs=runs))
         else:
             g, g_runs = _timed({"geomloss": lambda: sinkhorn_velocity(x, pos, neg, engine="geomloss")}, repeats,
                                budget_s)
             iters = _geomloss_iters(x, pos, float(relative_eps(x, [x, neg, pos])[0]), DEFAULT_GEOMLOSS_SCALING)
-            rows.append(dict(engine=engine, n=n, d=d, iters=iters, seconds=g["geomloss"], floor=floor, runs=g_runs))
+            rows.append(dict(engine=engine, n=n, d=d, iters=iters, seconds=g["geomloss"],
+                             floor=floor_from(t, ("pos", "neg"), n_iters), runs=g_runs))
     return rows
 
 
@@ -185,13 +200,18 @@ def format_table(rows: list[dict], n_iters: int) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['engine']} | {r['n']} | {r['d']} | {r['iters']} | {_fmt_ms(r['seconds'])} | "
               f"{_fmt_ms(r['floor'])} | {r['seconds'] / r['floor']:.2f} | {r['runs']} |" for r in rows]
+    row_frame = row_frame_loop(DEVICE)
     lines += ["", f"Two-batch velocity (two OT problems), B = 1. Floor = 2 x (cost GEMM + projection GEMM + "
-              f"{2 * n_iters} log-sum-exp passes) for the own engine's {n_iters} iterations, measured in the same run; "
-              f"geomloss (tensorized, scaling = {DEFAULT_GEOMLOSS_SCALING}) runs its own eps-scaling schedule "
-              "(iterations column) and is shown against the same floor."]
+              f"{2 * n_iters} log-sum-exp passes) for the own engine's {n_iters} iterations in the log-domain form"
+              + (f" (own, in the CPU's row-frame form: {n_iters} log-sum-exp passes and {n_iters} matrix-vector "
+                 "products)" if row_frame else "") + f", measured in the same run; geomloss (tensorized, scaling = "
+              f"{DEFAULT_GEOMLOSS_SCALING}) runs its own eps-scaling schedule (iterations column) and is shown "
+              "against the log-domain floor."]
+    if any(r["engine"] == "own-logdomain" for r in rows):
+        lines += ["own-logdomain: the own engine in the log-domain form (the form of accelerators)."]
     if any(r["engine"] == "own+compile" for r in rows):
-        lines += ["own+compile: the own engine with its iterations through torch.compile (`method.compile`), "
-                  "timed after one untimed compiling call."]
+        lines += ["own+compile: the own engine with its log-domain iterations through torch.compile "
+                  "(`method.compile`), timed after one untimed compiling call."]
     return "\n".join(lines)
 
 

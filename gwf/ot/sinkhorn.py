@@ -4,6 +4,17 @@ A fixed number of iterations from g = 0, as in the W-Flow code; f and the rows o
 final g, so row marginals are exact. fp32, outside autocast, without autograd, with fp32 matmuls. Several sets of
 problems that share N and M (feature sets of different dimensions) go through one loop: each set builds its own
 log-kernel -C/eps (its own GEMM) into one [sum B_k, N, M] buffer, and projects onto its own targets at the end.
+
+Two forms of the same iteration. On an accelerator, the log-domain form: two log-sum-exp sweeps per iteration, no
+host synchronization. On the CPU, the "row-frame" form (bound by the exponentials, so it computes half as many):
+the row sweep keeps E_ij = exp(logk_ij + beta_j - r_i) (r_i its row maximum), which gives alpha, and the column
+update is a matrix-vector product with these E, w_i = M / sum_j E_ij in [1, M]:
+
+    LSE_i(logk_ij + alpha_i) = log(sum_i E_ij w_i) - beta_j,   so   beta_j <- beta_j + log N - log(sum_i E_ij w_i).
+
+Exact unless a column's entries underflow in every row frame (a column far from every x, early in the loop): those
+iterations redo the column update in the log domain. The last iteration's E, kept in place of the log-kernel, gives
+the plan's rows without another exponential.
 """
 
 from __future__ import annotations
@@ -24,10 +35,41 @@ _CHUNK_ENTRIES = 1 << 18
 _DEVICE_CHUNK_ENTRIES = 1 << 28
 
 
+_FORCED = {"log_domain": False, "accelerator": False}
+
+
+@contextmanager
+def _forcing(key: str) -> Iterator[None]:
+    saved = _FORCED[key]
+    _FORCED[key] = True
+    try:
+        yield
+    finally:
+        _FORCED[key] = saved
+
+
+def as_on_accelerator():
+    """Inside, the transport takes an accelerator's path (the log-domain loop, chunks by the memory budget) whatever
+    the tensors' device: how gwf-bench-step and the tests count on the CPU what a GPU would run."""
+    return _forcing("accelerator")
+
+
+def log_domain_loop():
+    """Inside, the loop runs in the log-domain form on every device (the CPU keeps its cache-sized chunks): the
+    form accelerators run, timed on the CPU by gwf-bench-velocity's ``own-logdomain`` row."""
+    return _forcing("log_domain")
+
+
 def chunk_entries(device: torch.device) -> int:
     """Entries of the [B, N, M] matrix per chunk of a sweep on ``device`` (a cache size on CPU, a memory budget
     elsewhere)."""
-    return _CHUNK_ENTRIES if device.type == "cpu" else _DEVICE_CHUNK_ENTRIES
+    return _CHUNK_ENTRIES if device.type == "cpu" and not _FORCED["accelerator"] else _DEVICE_CHUNK_ENTRIES
+
+
+def row_frame_loop(device: torch.device) -> bool:
+    """Whether the loop on ``device`` runs in the row-frame form (CPU: half the exponentials, a host check per
+    iteration for underflow) or the log-domain form (accelerators: no host synchronization)."""
+    return device.type == "cpu" and not (_FORCED["accelerator"] or _FORCED["log_domain"])
 
 
 def check_point_clouds(x: Tensor, y: Tensor, name_x: str = "x", name_y: str = "y") -> None:
@@ -116,29 +158,30 @@ def _block_list(logk: Tensor, chunk_size: int | None) -> list[tuple[slice, slice
     return list(_blocks(*logk.shape, chunk_size, chunk_entries(logk.device)))
 
 
-def _log_kernels(xs: Sequence[Tensor], ys: Sequence[Tensor], eps: Tensor, mask_diagonal: bool,
-                 chunk_size: int | None) -> Tensor:
-    """-C/eps [sum B_k, N, M] of the sets (x_k [B_k, N, D_k], y_k [B_k, M, D_k]), eps [sum B_k]; each set one GEMM
-    <x_i, y_j> into its rows, then C = ||x||^2/2 + ||y||^2/2 - <x, y> (clamped so C >= 0) in one sweep."""
-    hx = [torch.linalg.vector_norm(x, dim=-1) for x in xs]  # [B_k, N] (no [B, N, D] temporary)
-    hy = [torch.linalg.vector_norm(y, dim=-1) for y in ys]  # [B_k, M]
-    hx = (hx[0] if len(xs) == 1 else torch.cat(hx)).square_().mul_(0.5)
-    hy = (hy[0] if len(ys) == 1 else torch.cat(hy)).square_().mul_(0.5)
-    inv_eps = (1.0 / eps)[:, None, None]
-    if len(xs) == 1:
-        logk = torch.bmm(xs[0], ys[0].transpose(1, 2))  # [B, N, M] = <x_i, y_j>
-    else:
-        logk = xs[0].new_empty(eps.shape[0], xs[0].shape[1], ys[0].shape[1])
-        start = 0
-        for x, y in zip(xs, ys):
-            torch.bmm(x, y.transpose(1, 2), out=logk[start : start + x.shape[0]])
-            start += x.shape[0]
-    for bs, rs in _block_list(logk, chunk_size):
-        blk = logk[bs, rs]  # a view: in-place ops write into logk
-        blk.sub_(hx[bs, rs, None]).sub_(hy[bs, None, :]).clamp_(max=0.0).mul_(inv_eps[bs])
+def _log_kernels(xs: Sequence[Tensor], ys: Sequence[Tensor], eps: Tensor, mask_diagonal: bool) -> Tensor:
+    """Log-kernels [sum B_k, N, M] of the sets (x_k / eps [B_k, N, D_k], y_k [B_k, M, D_k]; x already divided by its
+    problem's eps [sum B_k]), one GEMM per set:
+
+        logk_ij = <x_i / eps, y_j> - ||y_j||^2 / (2 eps) = -C_ij / eps + ||x_i||^2 / (2 eps).
+
+    The row constant ||x_i||^2 / (2 eps) shifts alpha_i only (``row_offsets``): beta and the plan do not see it."""
+    logk = xs[0].new_empty(eps.shape[0], xs[0].shape[1], ys[0].shape[1])
+    start = 0
+    for x, y in zip(xs, ys):
+        b = x.shape[0]
+        half_y2 = torch.linalg.vector_norm(y, dim=-1).square_().div_(eps[start : start + b, None]).mul_(-0.5)
+        torch.baddbmm(half_y2[:, None, :], x, y.transpose(1, 2), out=logk[start : start + b])  # [B_k, N, M]
+        start += b
     if mask_diagonal:  # Drifting-style self-pair mask: C_ii = +inf
         logk.diagonal(dim1=1, dim2=2).fill_(-math.inf)
     return logk
+
+
+def row_offsets(xs: Sequence[Tensor], eps: Tensor) -> Tensor:
+    """||x_i||^2 / (2 eps) [sum B_k, N] of the sets x_k / eps: alpha = alpha' + this, for the potential alpha' of
+    ``_log_kernels``."""
+    half_x2 = [torch.linalg.vector_norm(x, dim=-1).square_().mul_(0.5) for x in xs]  # ||x / eps||^2 / 2
+    return torch.cat(half_x2).mul_(eps[:, None])
 
 
 def _lse_(buf: Tensor, dim: int) -> Tensor:
@@ -183,6 +226,72 @@ def _sinkhorn_loop(logk: Tensor, n_iters: int, chunk_size: int | None) -> tuple[
         if acc is not None:
             beta = log_n - acc
     return alpha, beta
+
+
+def _column_update(logk: Tensor, alpha: Tensor, blocks, work: Tensor) -> Tensor:
+    """beta_j = log N - LSE_i(logk_ij + alpha_i) in the log domain, sweeping the row blocks."""
+    batch, n, m = logk.shape
+    acc = alpha.new_full((batch, m), -math.inf)
+    for bs, rs in blocks:
+        blk = logk[bs, rs]
+        part = _lse_(torch.add(blk, alpha[bs, rs, None], out=work[: blk.numel()].view(blk.shape)), dim=1)  # [b, M]
+        acc[bs] = torch.logaddexp(acc[bs], part)
+    return acc.neg_().add_(math.log(n))
+
+
+def _sinkhorn_loop_rows(logk: Tensor, n_iters: int, chunk_size: int | None, keep_plan: bool = False,
+                        rebuild=None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """_sinkhorn_loop in the row-frame form (module docstring): (alpha, beta, q), half the exponentials.
+
+    keep_plan: the last iteration leaves E_ij = exp(logk_ij + beta_j - r_i) in place of logk, and q [B, M] =
+    exp(beta_new - beta_old), so that the plan's rows are E_ij q_j normalized (``_plan_from_rows``); q is None (and
+    logk the log-kernel again, made by ``rebuild()``) when that last iteration needed the log-domain column update.
+    Reads a flag back per iteration: for the CPU, where that costs nothing.
+    """
+    batch, n, m = logk.shape
+    log_n, log_m = math.log(n), math.log(m)
+    blocks = _block_list(logk, chunk_size)
+    work = _workspace(logk, blocks)
+    alpha, beta = logk.new_empty(batch, n), logk.new_zeros(batch, m)
+    col = logk.new_empty(batch, 1, m)
+    # A column sum below this may have lost terms to underflow (E < the smallest normal, times w <= M, N rows): it
+    # is then at most eps-relative wrong; below, the column is updated in the log domain instead.
+    tiny = n * m * torch.finfo(logk.dtype).tiny / torch.finfo(logk.dtype).eps
+    for it in range(n_iters):
+        in_place = keep_plan and it == n_iters - 1
+        col.zero_()
+        for bs, rs in blocks:
+            blk = logk[bs, rs]
+            e = blk.add_(beta[bs, None, :]) if in_place else torch.add(
+                blk, beta[bs, None, :], out=work[: blk.numel()].view(blk.shape))
+            r = e.amax(dim=-1, keepdim=True)  # finite: every row has an unmasked entry
+            rowsum = e.sub_(r).exp_().sum(dim=-1, keepdim=True)  # [b, rows, 1], in [1, M]
+            alpha[bs, rs] = rowsum.log().add_(r).squeeze(-1).neg_().add_(log_m)
+            w = rowsum.reciprocal_().mul_(m).view(e.shape[0], 1, e.shape[1])  # [b, 1, rows], canonical strides:
+            col[bs] += torch.bmm(w, e)  # sum_i E_ij w_i; a transposed view would change the kernel with b
+        sums = col.squeeze(1)
+        bad = sums < tiny
+        if bool(bad.any()):
+            if in_place:  # the log-kernel was overwritten: make it again, the plan takes the log-domain way
+                logk.copy_(rebuild())
+                return alpha, torch.where(bad, _column_update(logk, alpha, blocks, work),
+                                          beta + (log_n - sums.log())), None
+            beta = torch.where(bad, _column_update(logk, alpha, blocks, work), beta + (log_n - sums.log()))
+        else:
+            beta = beta + (log_n - sums.log())
+    return alpha, beta, (sums.reciprocal().mul_(n) if keep_plan else None)
+
+
+def _plan_from_rows(e: Tensor, q: Tensor, ys: Sequence[Tensor], shifts: Sequence[Tensor]) -> list[Tensor]:
+    """T_k = (E q-weighted rows, normalized) @ y_k + shift_k from ``_sinkhorn_loop_rows(keep_plan=True)``: one GEMM
+    per set against q y (in place in y) and a matrix-vector product against q (each row's normalizer)."""
+    out, start = [], 0
+    for y, shift in zip(ys, shifts):
+        b = y.shape[0]
+        qk, ek = q[start : start + b, :, None], e[start : start + b]  # [b, M, 1], [b, N, M]
+        out.append(torch.bmm(ek, y.mul_(qk)).div_(torch.bmm(ek, qk)).add_(shift))  # y: _solve's copy, last use
+        start += b
+    return out
 
 
 def _lse(t: Tensor, dim: int) -> Tensor:
@@ -243,25 +352,31 @@ def _check_options(xs: Sequence[Tensor], ys: Sequence[Tensor], n_iters: int, mas
 
 
 def _solve(xs: Sequence[Tensor], ys: Sequence[Tensor], eps: Sequence[Tensor], n_iters: int, mask_diagonal: bool,
-           chunk_size: int | None, compile: bool = False):
-    """(logk, beta, centred y_k, shifts) of checked sets, eps_k [B_k]; logk and beta stack the sets' problems."""
+           chunk_size: int | None, compile: bool = False, keep_plan: bool = False):
+    """(logk, alpha, beta, q, centred x_k / eps, centred y_k, shifts, eps) of checked sets, eps_k [B_k]; logk, alpha, beta
+    and eps stack the sets' problems; q is the row-frame loop's plan weights when it kept the plan (see
+    ``_sinkhorn_loop_rows``), else None and logk the log-kernel."""
     _check_options(xs, ys, n_iters, mask_diagonal)
-    # The cost is translation invariant: centre both clouds on y's mean so that ||x||^2 + ||y||^2 - 2<x,y>
-    # does not cancel catastrophically in fp32 for data far from the origin (e.g. latents with a large mean).
+    # The cost is translation invariant: centre both clouds on y's mean so that <x, y> and ||y||^2 stay small for
+    # data far from the origin (e.g. latents with a large mean), where fp32 would lose the cost to cancellation.
     cx, cy, shifts = [], [], []
-    for x, y in zip(xs, ys):
+    for x, y, e in zip(xs, ys, eps):
         x, y = x.detach().float(), y.detach().float()
         shift = y.mean(dim=1, keepdim=True)  # [B, 1, D]
-        cx.append((x - shift).contiguous())
+        cx.append((x - shift).div_(e[:, None, None]))  # divided by eps here: no other copy of x
         cy.append((y - shift).contiguous())
         shifts.append(shift)
     eps = eps[0] if len(eps) == 1 else torch.cat(list(eps))
-    logk = _log_kernels(cx, cy, eps, mask_diagonal, chunk_size)
+    logk = _log_kernels(cx, cy, eps, mask_diagonal)
+    q = None
     if compile:
-        _, beta = _sinkhorn_loop_compiled(logk, int(n_iters))
+        alpha, beta = _sinkhorn_loop_compiled(logk, int(n_iters))
+    elif row_frame_loop(logk.device):
+        alpha, beta, q = _sinkhorn_loop_rows(logk, int(n_iters), chunk_size, keep_plan,
+                                             rebuild=lambda: _log_kernels(cx, cy, eps, mask_diagonal))
     else:
-        _, beta = _sinkhorn_loop(logk, int(n_iters), chunk_size)
-    return logk, beta, cy, shifts
+        alpha, beta = _sinkhorn_loop(logk, int(n_iters), chunk_size)
+    return logk, alpha, beta, q, cx, cy, shifts, eps
 
 
 def sinkhorn_potentials(x: Tensor, y: Tensor, eps: float | Tensor, n_iters: int = DEFAULT_N_ITERS,
@@ -276,8 +391,8 @@ def sinkhorn_potentials(x: Tensor, y: Tensor, eps: float | Tensor, n_iters: int 
     check_point_clouds(x, y)
     eps = as_eps(eps, x.shape[0], x.device)
     with fp32_island(x.device):
-        logk, beta, _, _ = _solve([x], [y], [eps], n_iters, mask_diagonal, chunk_size, compile)
-        alpha = _final_alpha(logk, beta, chunk_size)
+        logk, _, beta, _, cx, _, _, _ = _solve([x], [y], [eps], n_iters, mask_diagonal, chunk_size, compile)
+        alpha = _final_alpha(logk, beta, chunk_size).add_(row_offsets(cx, eps))
         return alpha * eps[:, None], beta * eps[:, None]
 
 
@@ -319,7 +434,10 @@ def _barycentric_projections(xs: Sequence[Tensor], ys: Sequence[Tensor], eps: Se
                              chunk_size: int | None = None, compile: bool = False) -> list[Tensor]:
     """barycentric_projections for checked clouds and eps valid fp32 tensors [B_k]: no host synchronization."""
     with fp32_island(xs[0].device):
-        logk, beta, ys, shifts = _solve(xs, ys, eps, n_iters, mask_diagonal, chunk_size, compile)
+        logk, _, beta, q, _, ys, shifts, _ = _solve(xs, ys, eps, n_iters, mask_diagonal, chunk_size, compile,
+                                                     keep_plan=True)
+        if q is not None:  # the row-frame loop left the plan's rows in logk
+            return _plan_from_rows(logk, q, ys, shifts)
         # Rows of the plan, normalized (= the final f-update): P_ij = softmax_j(logk_ij + beta_j). Computed in
         # place over logk (its last use), so P @ y is one GEMM per set and no second [B, N, M] buffer is needed.
         for bs, rs in _block_list(logk, chunk_size):
