@@ -10,6 +10,7 @@ from gwf import build
 from gwf.bench.counting import OpCounter, optimizer_step_counters
 from gwf.data.bank import ClassBank
 from gwf.module import OptimConfig
+from gwf.ot.sinkhorn import as_on_accelerator
 from gwf.train import train
 from tests.conftest import compose_config
 
@@ -76,11 +77,12 @@ def test_a_wflow_update_of_a_tiny_dit_never_reads_the_device(digits_dir, chunks)
                           f"batch.label_chunks={chunks}", "optim.impl=fused"])
     dm = build.build_datamodule(cfg)
     module = build.build_module(cfg, dm.shape, dm.num_classes)
-    module.defer_finite_check = True  # the accelerator path
+    module.defer_finite_check = True  # the accelerator path (and the transport's, below)
     count = _CountOneUpdate()
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, max_steps=-1, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1000,
-              callbacks=[count]).fit(module, datamodule=dm)
+    with as_on_accelerator():
+        L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, max_steps=-1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1000,
+                  callbacks=[count]).fit(module, datamodule=dm)
     assert count.counter is not None and count.counter.ops > 500  # it counted a real update
     assert count.counter.syncs == 0, dict(count.counter.sync_counts)
 

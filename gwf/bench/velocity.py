@@ -3,6 +3,7 @@
     gwf-bench-velocity                # full table
     gwf-bench-velocity --quick        # smoke test
     gwf-bench-velocity --sizes 1024 --dims 4096 --engines own own+compile --skip-memory --json rows.json
+    gwf-bench-velocity --baseline 56636fa     # also the own engine of an earlier commit, timed in the same run
 
 One problem (B = 1), N = M = N2 points in R^D, two-batch estimator (two OT problems: x -> pos and x -> neg); the
 floor is ``floor_from``'s; the memory row is the own engine's peak RSS in a subprocess. ``own`` is the own engine as
@@ -15,20 +16,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import gwf  # noqa: F401  (torchvision workaround before anything else)
 
 import numpy as np
 import torch
 
+import gwf.ot as ot
 from gwf.ot import relative_eps, sinkhorn_velocity
 from gwf.constants import DEFAULT_GEOMLOSS_SCALING
 from gwf.ot.sinkhorn import chunk_entries, log_domain_loop, row_frame_loop
@@ -136,8 +141,29 @@ def _own(x, pos, neg, n_iters: int, compile: bool, log_domain: bool):
         return sinkhorn_velocity(x, pos, neg, n_iters=n_iters, compile=compile)
 
 
+def baseline_engine(rev: str) -> str:
+    """Registers the own engine of git revision ``rev`` (its gwf/ot/sinkhorn.py, run with today's velocity code) in
+    gwf.ot.ENGINES as ``own@rev``, for a before/after row timed in the same run; returns that name."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        source = subprocess.run(["git", "show", f"{rev}:gwf/ot/sinkhorn.py"], cwd=root, check=True,
+                                capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"--baseline {rev}: cannot read gwf/ot/sinkhorn.py at that revision from the git checkout "
+                         f"at {root} ({getattr(e, 'stderr', '') or e}); pass a commit of this repository") from None
+    path = Path(tempfile.mkdtemp(prefix="gwf-baseline-")) / f"sinkhorn_{rev.replace('/', '_')}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    name = f"own@{rev}"
+    ot.ENGINES[name] = module.barycentric_projection
+    return name
+
+
 def bench_size(engines, n: int, d: int, n_iters: int, repeats: int, budget_s: float) -> list[dict]:
-    """Rows for one (N, D): the own engine is timed interleaved with the floor's parts; geomloss on its own."""
+    """Rows for one (N, D): the own engine (and a baseline revision's) is timed interleaved with the floor's parts;
+    geomloss on its own."""
     x, pos, neg = _inputs(n, d)
     fns = {**floor_parts(x, pos, "pos"), **floor_parts(x, neg, "neg")}
     for engine in engines:
@@ -145,10 +171,15 @@ def bench_size(engines, n: int, d: int, n_iters: int, repeats: int, budget_s: fl
             fns[engine] = partial(_own, x, pos, neg, n_iters, *OWN_ENGINES[engine])
             if OWN_ENGINES[engine][0]:
                 fns[engine]()  # compiles (once per process: dynamic shapes), outside the timings
+        elif engine.startswith("own@"):
+            fns[engine] = partial(sinkhorn_velocity, x, pos, neg, n_iters=n_iters, engine=engine)
     t, runs = _timed(fns, repeats, budget_s)
     rows = []
     for engine in engines:
-        if engine in OWN_ENGINES:
+        if engine.startswith("own@"):
+            rows.append(dict(engine=engine, n=n, d=d, iters=n_iters, seconds=t[engine],
+                             floor=floor_from(t, ("pos", "neg"), n_iters), runs=runs))
+        elif engine in OWN_ENGINES:
             row_frame = row_frame_loop(DEVICE) and engine == "own"
             rows.append(dict(engine=engine, n=n, d=d, iters=n_iters, seconds=t[engine],
                              floor=floor_from(t, ("pos", "neg"), n_iters, row_frame), runs=runs))
@@ -207,6 +238,8 @@ def format_table(rows: list[dict], n_iters: int) -> str:
                  "products)" if row_frame else "") + f", measured in the same run; geomloss (tensorized, scaling = "
               f"{DEFAULT_GEOMLOSS_SCALING}) runs its own eps-scaling schedule (iterations column) and is shown "
               "against the log-domain floor."]
+    lines += [f"{e}: the own engine of git revision {e[4:]}, timed in the same run." for e in
+              dict.fromkeys(r["engine"] for r in rows) if e.startswith("own@")]
     if any(r["engine"] == "own-logdomain" for r in rows):
         lines += ["own-logdomain: the own engine in the log-domain form (the form of accelerators)."]
     if any(r["engine"] == "own+compile" for r in rows):
@@ -222,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dims", type=int, nargs="+", default=[2, 64, 4096], help="D")
     p.add_argument("--engines", nargs="+", default=ENGINE_ROWS, choices=ENGINE_ROWS,
                    help="own+compile: the own engine's loop through torch.compile (method.compile)")
+    p.add_argument("--baseline", metavar="REV", help="also time the own engine of this git revision (row own@REV)")
     p.add_argument("--n-iters", type=int, default=10, help="own engine's Sinkhorn iterations")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=30.0, help="time budget per measurement")
@@ -239,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_child:
         _memory_child(*args.memory_child, args.n_iters)
         return
+    if args.baseline:
+        args.engines = [*args.engines, baseline_engine(args.baseline)]
     if args.quick:
         args.sizes, args.dims, args.memory_size = _QUICK["sizes"], _QUICK["dims"], list(_QUICK["memory"])
     global DEVICE
