@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from gwf.callbacks import EvalCallback
 from gwf.checkpointing import AtomicCheckpointIO, CheckpointCadence, Preemption
 from gwf.conditioning import ConditioningSampler
-from gwf.config import refuse_renamed, set_keys, upgrade_config
+from gwf.config import OWNED_BY_GWF, refuse_owned, refuse_renamed, set_keys, upgrade_config
 from gwf.data.toy2d import make_sampler
 from gwf.jko import JKOSchedule
 from gwf.loggers import make_loggers
@@ -29,8 +29,11 @@ def conf_dir() -> str:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Refuse a composed config that still sets renamed keys (from an experiment file or +key=value)."""
-    refuse_renamed(set_keys(OmegaConf.to_container(cfg)))
+    """Refuse a composed config that still sets renamed keys or Trainer arguments gwf sets itself (from an experiment
+    file or +key=value)."""
+    config = OmegaConf.to_container(cfg)
+    refuse_renamed(set_keys(config))
+    refuse_owned(set_keys(config, OWNED_BY_GWF))
 
 
 def per_rank_batch(batch: dict, world_size: int, conditional: bool) -> dict:

@@ -20,6 +20,29 @@ RENAMED = {
 }
 
 
+# Trainer arguments gwf sets itself (gwf.build.build_trainer): a user's value would clash with ours (a TypeError
+# after the run directory exists) or be silently overridden; each names what to set instead.
+OWNED_BY_GWF = {
+    "trainer.max_steps": "the run's length is in updates: jko.steps x jko.updates_per_step (jko.updates_first_step "
+                         "for the first JKO step); checkpoint.updates_per_job stops a job early",
+    "trainer.max_epochs": "the run's length is in updates: jko.steps x jko.updates_per_step (the data stream has no "
+                          "epochs)",
+    "trainer.default_root_dir": "the run directory is paths.root / name / run_id (set run_id or paths.root)",
+    "trainer.enable_checkpointing": "checkpoints are set by checkpoint.every_n_updates, checkpoint.every_minutes and "
+                                    "checkpoint.keep",
+    "trainer.callbacks": "extra callbacks go to gwf.train.train(..., extra_callbacks=[...])",
+    "trainer.logger": "loggers are the logger group (logger=csv, logger=wandb, ...)",
+    "trainer.plugins": "gwf sets the checkpoint IO and SLURM plugins itself",
+}
+
+
+def refuse_owned(keys: Iterable[str]) -> None:
+    """A clear error for Trainer arguments that gwf sets (OWNED_BY_GWF), naming what to set instead."""
+    owned = sorted({k for k in keys if k in OWNED_BY_GWF})
+    if owned:
+        raise ValueError("; ".join(f"{k} is set by gwf: {OWNED_BY_GWF[k]}" for k in owned))
+
+
 def refuse_renamed(keys: Iterable[str]) -> None:
     """A clear error naming the new keys, for command-line overrides or the keys a composed config sets."""
     old = sorted({k for k in keys if k in RENAMED})
@@ -28,14 +51,15 @@ def refuse_renamed(keys: Iterable[str]) -> None:
                          + " (docs/conventions.md, 'Units'); use the new names")
 
 
-def set_keys(config: dict) -> list[str]:
-    """The renamed keys that ``config`` (nested dicts) still sets to something other than null."""
+def set_keys(config: dict, keys: Iterable[str] = RENAMED) -> list[str]:
+    """The ``keys`` (dotted; default: the renamed ones) that ``config`` (nested dicts) sets to something other than
+    null."""
     def get(node, dotted: str):
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         return node
 
-    return [k for k in RENAMED if get(config, k) is not None]
+    return [k for k in keys if get(config, k) is not None]
 
 
 def upgrade_config(config: dict) -> dict:

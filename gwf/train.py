@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gwf import build, launch
-from gwf.config import refuse_renamed
+from gwf.config import refuse_owned, refuse_renamed
 from gwf.checkpointing import resolve_ckpt_path
 
 log = logging.getLogger("gwf")
@@ -68,9 +68,12 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    """The console script: renamed keys are refused before Hydra composes (it would only say "not in struct")."""
+    """The console script: renamed keys (Hydra would only say "not in struct") and the Trainer arguments gwf sets are
+    refused before Hydra composes and makes the run directory."""
+    keys = [arg.lstrip("+~").split("=", 1)[0] for arg in sys.argv[1:] if "=" in arg]
     try:
-        refuse_renamed(arg.lstrip("+~").split("=", 1)[0] for arg in sys.argv[1:] if "=" in arg)
+        refuse_renamed(keys)
+        refuse_owned(keys)
     except ValueError as e:
         sys.exit(f"gwf-train: {e}")
     main()

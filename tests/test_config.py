@@ -83,6 +83,34 @@ def test_renamed_keys_are_refused_with_the_new_names(tmp_path, monkeypatch, caps
     assert not (tmp_path / "run").exists()
 
 
+def test_trainer_arguments_gwf_sets_are_refused_naming_what_to_set(tmp_path, monkeypatch):
+    """+trainer.max_steps=10 used to die in Trainer() with "multiple values for keyword argument" after the run
+    directory existed: refused before Hydra composes, naming the update keys; in a composed config before train()
+    writes anything."""
+    import sys
+
+    from gwf.config import OWNED_BY_GWF
+    from gwf.train import cli, train
+
+    monkeypatch.chdir(tmp_path)
+    for arg in ("+trainer.max_steps=10", "+trainer.max_epochs=3"):
+        monkeypatch.setattr(sys, "argv", ["gwf-train", "experiment=toy2d_wflow", arg])
+        with pytest.raises(SystemExit, match=rf"{arg[1:].split('=')[0]} is set by gwf: the run's length is in "
+                                             r"updates: jko.steps x jko.updates_per_step"):
+            cli()
+    assert list(tmp_path.iterdir()) == []  # no run directory
+    with pytest.raises(ValueError, match=r"trainer.enable_checkpointing is set by gwf: .*checkpoint.every_n_updates"):
+        train(compose_config(["+trainer.enable_checkpointing=true"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # every owned key is an argument build_trainer passes itself (so a user's value would clash or be lost)
+    import inspect
+
+    from gwf import build
+
+    source = inspect.getsource(build.build_trainer)
+    assert all(f"{k.split('.')[1]}=" in source or k == "trainer.plugins" for k in OWNED_BY_GWF)
+
+
 def test_stored_configs_of_older_runs_are_upgraded():
     from gwf.config import RENAMED, set_keys, upgrade_config
 
