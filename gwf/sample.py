@@ -131,12 +131,15 @@ def sharded_generate(module, num_samples: int, classes, alpha, seed, use_ema, ba
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def save_grid(x: Tensor, labels: Tensor | None, path: Path, per_class: int = 10) -> Path:
-    """Rows = classes (the first ``per_class`` samples of each), or a square grid; 2D points as a scatter plot."""
+def save_grid(x: Tensor, labels: Tensor | None, path: Path, per_class: int = 10,
+              target: Tensor | None = None) -> Path:
+    """Rows = classes (the first ``per_class`` samples of each), or a square grid; 2D points as a scatter plot over
+    ``target`` points (the data's held-out samples, when it has them)."""
     from gwf.viz import save_image_grid, save_scatter
 
     if x.ndim == 2 and x.shape[1] == 2:
-        return save_scatter(x, torch.empty(0, 2), path, title=f"{len(x)} samples")
+        title = f"{len(x)} samples" + (f" over {len(target)} target points" if target is not None else "")
+        return save_scatter(x, target if target is not None else torch.empty(0, 2), path, title=title)
     if labels is None:
         k = max(1, min(per_class, int(len(x) ** 0.5)))
         return save_image_grid(x[: k * k], nrow=k, path=path)
@@ -145,6 +148,17 @@ def save_grid(x: Tensor, labels: Tensor | None, path: Path, per_class: int = 10)
     width = max(len(r) for r in rows)
     idx = torch.cat([torch.cat([r, r[-1:].repeat(width - len(r))]) for r in rows])  # ragged rows: repeat last
     return save_image_grid(x[idx], nrow=width, path=path)
+
+
+def target_points(cfg, n: int) -> Tensor | None:
+    """``n`` held-out samples of the checkpoint's data (its datamodule's ``load_split``; 2D toys make them, files
+    are not read), or None when the data has none to give."""
+    from gwf.build import build_datamodule
+
+    data = build_datamodule(cfg)
+    if not hasattr(data, "load_split") or tuple(getattr(data, "shape", ())) != (2,):
+        return None
+    return data.load_split("val", max_samples=n)[0]
 
 
 def default_out(ckpt: Path, num_samples: int, use_ema: bool, alpha: float | None) -> Path:
@@ -234,7 +248,8 @@ def run(argv=None) -> Path | None:
         arrays["arr_0"] = to_uint8_nhwc(pictures)
     np.savez(out / "samples.npz", **arrays)
     if pictures is not None or x.ndim == 2:
-        save_grid(pictures if pictures is not None else x, labels, out / "grid.png", args.grid_per_class)
+        target = target_points(cfg, min(max(len(x), 2000), 10_000)) if x.ndim == 2 else None
+        save_grid(pictures if pictures is not None else x, labels, out / "grid.png", args.grid_per_class, target)
     meta = dict(ckpt=str(args.ckpt), num_samples=len(idx), seed=args.seed, weights="ema" if args.use_ema else "raw",
                 classes=None if classes is None else classes.tolist(), alpha=alpha, world_size=world,
                 update=int(module.update_count), experiment=cfg.get("name"))

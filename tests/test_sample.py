@@ -15,6 +15,7 @@ from PIL import Image
 
 import gwf  # noqa: F401
 from gwf.sample import load_module, run as main
+from gwf.data.toy2d import make_sampler
 from gwf.seeding import make_generator
 from gwf.train import train
 from tests.conftest import compose_config
@@ -117,3 +118,23 @@ def test_checkpoint_of_an_older_version_loads(ckpt, tmp_path):
     new, _ = load_module(ckpt)
     assert old.schedule == new.schedule and old.sizes == new.sizes
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+
+
+def test_a_2d_run_is_drawn_over_its_target(tmp_path):
+    """The scatter plot of a 2D checkpoint draws the data's held-out points under the samples (it used to show a
+    "target" legend entry with no points)."""
+    from gwf.sample import target_points
+
+    run_dir = tmp_path / "toy"
+    cfg = compose_config(["experiment=toy2d_wflow", "jko.updates_per_step=4", "eval.every_n_updates=4",
+                          "eval.num_samples=200", "checkpoint.every_n_updates=4", "trainer.enable_progress_bar=false"])
+    train(cfg, run_dir)
+    target = target_points(cfg, 500)
+    held_out = make_sampler(cfg.data.target)(500, make_generator("cpu", "toy2d-heldout", "val", cfg.data.seed))
+    assert torch.equal(target, held_out)
+    out = tmp_path / "samples"
+    main(["--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--num-samples", "300", "--out", str(out)])
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB")).astype(int)
+    # bluish pixels (the target's tab:blue, blue well above red; the samples are orange, the frame grey)
+    assert ((grid[..., 2] - grid[..., 0]) > 20).sum() > 500
+    assert target_points(compose_config([]), 10) is None  # digits: images, no scatter target
