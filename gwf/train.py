@@ -8,6 +8,7 @@ import gwf  # noqa: F401  (first: makes torchvision importable next to a CPU tor
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -35,8 +36,12 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: tuple = ()) -> dict:
     build.check_config(cfg)
     launch.quiet_known_warnings()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg.threads)
+    threads, why = launch.choose_threads(cfg.get("threads"), int(cfg.data.get("num_workers", 0) or 0),
+                                         local_ranks(cfg))
+    if threads is not None:
+        torch.set_num_threads(threads)
+        os.environ[launch.THREADS_ENV] = str(threads)  # the ranks Lightning starts from here inherit the choice
+        log.info("torch threads: %d (%s)", threads, why)
     with launch.one_job():
         L.seed_everything(cfg.seed, workers=True)  # weight init; training noise is seeded per (seed, rank, update)
         datamodule = build.build_datamodule(cfg)
@@ -58,6 +63,15 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: tuple = ()) -> dict:
             log.info("evaluation (first -> last): %s", json.dumps(summary))
     preemption.hand_over(trainer.is_global_zero, cadence.stopped_early)  # after a clean early stop: the requeue
     return summary
+
+
+def local_ranks(cfg: DictConfig) -> int:
+    """Processes of this run on this node: a launcher's count (torchrun, SLURM tasks) or the Trainer's devices."""
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    devices = cfg.trainer.get("devices", 1)
+    return devices if isinstance(devices, int) and devices > 0 else 1
 
 
 @hydra.main(version_base="1.3", config_path=build.conf_dir(), config_name="config")

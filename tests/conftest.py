@@ -11,6 +11,7 @@ from gwf.launch import register_resolvers
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("GWF_THREADS", "1")  # threads=auto in the runs the tests start: one thread (below)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
