@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from gwf.callbacks import EvalCallback
+from gwf.callbacks import EvalCallback, UpdateProgress
 from gwf.checkpointing import AtomicCheckpointIO, CheckpointCadence, Preemption
 from gwf.conditioning import ConditioningSampler
 from gwf.config import OWNED_BY_GWF, refuse_owned, refuse_renamed, set_keys, upgrade_config
@@ -152,6 +152,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
     """The Trainer of ``cfg.trainer`` (a ``strategy`` given as a dict is instantiated). Checkpoints go through
     AtomicCheckpointIO; under SLURM, Lightning's auto-requeue is off (docs/resume.md: one requeue owner)."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # The bar counts updates (gwf.callbacks.UpdateProgress); switched off, it logs a line every tenth of the run.
+    callbacks = [*callbacks, UpdateProgress(enabled=kwargs.pop("enable_progress_bar", True))]
     strategy = kwargs.pop("strategy", "auto")
     if isinstance(strategy, dict):
         if strategy.get("find_unused_parameters", False) is None:  # only a critic's passes leave parameters unused
@@ -161,4 +163,5 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, loggers: list
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(**kwargs, strategy=strategy, plugins=plugins, default_root_dir=str(run_dir), max_epochs=-1,
-                     max_steps=-1, callbacks=callbacks, logger=loggers, enable_checkpointing=False)
+                     max_steps=-1, callbacks=callbacks, logger=loggers, enable_checkpointing=False,
+                     enable_progress_bar=True)

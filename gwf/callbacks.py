@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from gwf.loggers import run_meta, tau_label
 from gwf.viz import save_image_grid, save_metric_curves, save_scatter, save_trajectories
+
+log = logging.getLogger("gwf")
 
 
 class EvalCallback(L.Callback):
@@ -69,6 +76,7 @@ class EvalCallback(L.Callback):
         self._picture(trainer, x, labels, picture, update)
         row = {"update": update, **metrics}
         self.rows.append(row)
+        log.info("evaluation at update %d: %s", update, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         for logger in trainer.loggers:
             logger.log_metrics({"eval/update": update, **{f"eval/{k}": v for k, v in metrics.items()}},
                                step=trainer.global_step)
@@ -153,3 +161,55 @@ class EvalCallback(L.Callback):
         if final.exists():
             (final.parent / "final.png").write_bytes(final.read_bytes())
         self._log_summary(trainer, module)
+
+
+class UpdateProgress(TQDMProgressBar):
+    """Lightning's bar in the run's unit: total = the run's updates (a resumed run starts where it stands), the JKO
+    step in its description, the loss metrics as postfix. The data stream's virtual epochs, and the batches that
+    fill the class bank before the first update, do not move it. With the bar off (sweeps, SLURM logs), one log line
+    ``1 / lines`` of the run instead (update, JKO step, updates/s)."""
+
+    def __init__(self, refresh_rate: int = 1, enabled: bool = True, lines: int = 10):
+        super().__init__(refresh_rate=refresh_rate)
+        self.enabled, self.lines = enabled, lines
+        self._last_line, self._clock = 0, None
+        if not enabled:
+            self.disable()
+
+    def _describe(self, module) -> str:
+        step, _ = module.schedule.locate(min(module.update, module.schedule.total_updates - 1))
+        return f"JKO step {step + 1}/{module.schedule.steps}"
+
+    def on_train_start(self, trainer, module):
+        self.train_progress_bar = Tqdm(desc=self._describe(module), total=module.schedule.total_updates,
+                                       initial=module.update, unit="update", position=2 * self.process_position,
+                                       disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout,
+                                       smoothing=0, bar_format=self.BAR_FORMAT)
+        self._clock = (time.monotonic(), module.update)
+        self._last_line = module.update
+
+    def on_train_epoch_start(self, trainer, *_):
+        pass  # the stream's virtual epochs are not the user's unit
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        update, total = module.update, module.schedule.total_updates
+        if self.is_enabled:
+            bar = self.train_progress_bar
+            if update != bar.n and self._should_update(update, total):
+                bar.n = update
+                bar.set_description(self._describe(module), refresh=False)
+                bar.set_postfix(self.get_metrics(trainer, module))
+        elif trainer.is_global_zero and update > self._last_line and (
+                update - self._last_line >= max(1, total // self.lines) or update == total):
+            self._last_line = update
+            t0, u0 = self._clock or (time.monotonic(), 0)
+            rate = (update - u0) / max(time.monotonic() - t0, 1e-9)
+            log.info("update %d/%d (%s), %.1f updates/s", update, total, self._describe(module), rate)
+
+    def on_train_epoch_end(self, trainer, module):
+        pass
+
+    def get_metrics(self, trainer, module):
+        metrics = super().get_metrics(trainer, module)
+        metrics.pop("v_num", None)
+        return metrics

@@ -3,6 +3,7 @@ Hydra sweeps and Lightning's own DDP launcher need (docs/clusters.md). Nothing h
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -105,9 +106,40 @@ def choose_threads(setting, data_workers: int = 0, local_ranks: int = 1) -> tupl
     return n, f"auto: {len(cores)} cores{load}, {data_workers} data worker(s)"
 
 
+# Console lines of Lightning that say nothing about a gwf run (logger name -> message patterns): the hardware
+# summary (gwf logs its threads and the run directory), an advertisement, the seed (it is in the config), the
+# weights_only default of its own checkpoints (gwf writes them).
+QUIET_MESSAGES = {
+    "lightning.pytorch.utilities.rank_zero": (r"GPU available: ", r"TPU available: ", r"HPU available: ",
+                                              r"💡 Tip: "),
+    "lightning.fabric.utilities.seed": (r"(\[rank: \d+\] )?Seed set to ",),
+    "lightning.pytorch.trainer.connectors.checkpoint_connector": (r"`weights_only` was not set",),
+}
+# Warnings that are known and answered (docs/conventions.md, "Console").
+QUIET_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",  # the EMA and frozen JKO copies are in eval mode on purpose
+    r"Your `IterableDataset` has `__len__` defined",  # our streams size each rank's share themselves
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning, with torch 2.13
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, patterns):
+        super().__init__()
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
 def quiet_known_warnings() -> None:
-    # The EMA and frozen JKO copies are in eval mode on purpose.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    """Only gwf's lines and real warnings on the console: Lightning's known messages and warnings dropped."""
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for name, patterns in QUIET_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(patterns))
 
 
 class SweepJobs:

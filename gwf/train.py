@@ -18,6 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gwf import build, launch
 from gwf.config import refuse_owned, refuse_renamed
@@ -52,9 +53,12 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: tuple = ()) -> dict:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         module = build.build_module(cfg, datamodule.shape, datamodule.num_classes, world_size=trainer.world_size)
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path", "last"), run_dir / "checkpoints")
-        if ckpt_path and trainer.is_global_zero:
-            log.info("resuming from %s", ckpt_path)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.is_global_zero:
+            log.info("run directory: %s", run_dir)
+            if ckpt_path:
+                log.info("resuming from %s", ckpt_path)
+        with logging_redirect_tqdm(loggers=[logging.root]):  # log lines above the progress bar, not through it
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         summary_file = run_dir / "eval_summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         summary["finished"] = module.finished

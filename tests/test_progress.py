@@ -1,0 +1,47 @@
+"""Progress in updates: the bar's total is the run's updates with the JKO step in its description; with the bar off,
+a line every tenth of the run; one line per evaluation; the run directory at the start."""
+
+import logging
+import re
+
+from gwf.train import train
+from tests.conftest import compose_config
+
+RUN = ["experiment=toy2d_wflow", "jko.steps=3", "jko.updates_per_step=10", "eval.every_n_updates=15",
+       "eval.num_samples=200", "checkpoint.every_n_updates=30"]
+
+
+def test_the_bar_counts_updates_and_shows_the_jko_step(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="gwf")
+    train(compose_config([*RUN, "trainer.enable_progress_bar=true"]), tmp_path / "run")
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert re.search(r"JKO step 3/3: 100%.*30/30", text), text[-2000:]
+    assert "Epoch" not in text  # the stream's virtual epochs are not shown
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == f"run directory: {tmp_path / 'run'}" or f"run directory: {tmp_path / 'run'}" in messages
+    evals = [m for m in messages if m.startswith("evaluation at update")]
+    assert [int(m.split()[3].rstrip(":")) for m in evals] == [0, 15, 30]
+    assert "sinkhorn_div" in evals[-1] and "hq_rate" in evals[-1]
+
+
+def test_without_the_bar_a_line_every_tenth_of_the_run(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gwf")
+    train(compose_config([*RUN, "trainer.enable_progress_bar=false"]), tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if re.match(r"update \d+/30", r.getMessage())]
+    assert [int(m.split()[1].split("/")[0]) for m in lines] == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    assert lines[0].startswith("update 3/30 (JKO step 1/3)") and lines[-1].startswith("update 30/30 (JKO step 3/3)")
+    assert all(m.endswith("updates/s") for m in lines)
+
+
+def test_the_console_has_only_gwf_lines_and_real_warnings(tmp_path, caplog, recwarn):
+    """Lightning's hardware summary, advertisement, seed line and weights_only notice, and the warnings gwf knows
+    and answers, are dropped; a resumed run (which loads a checkpoint) too."""
+    caplog.set_level(logging.INFO)
+    cfg = compose_config([*RUN, "trainer.enable_progress_bar=false"])
+    train(cfg, tmp_path / "run")
+    train(compose_config([*RUN, "trainer.enable_progress_bar=false", "jko.steps=4"]), tmp_path / "run")
+    noise = ("GPU available", "TPU available", "Tip:", "Seed set to", "weights_only")
+    assert not [r.getMessage() for r in caplog.records if any(n in r.getMessage() for n in noise)]
+    assert not [str(w.message) for w in recwarn if "IterableDataset" in str(w.message) or "LeafSpec" in str(w.message)]
+    assert any(r.getMessage().startswith("resuming from") for r in caplog.records)
