@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from tqdm import tqdm
 
 from gwf.seeding import make_generator
 
@@ -96,17 +97,20 @@ def gather_to_rank0(tensors: dict[str, Tensor], device) -> dict[str, Tensor] | N
     return out if dist.get_rank() == 0 else None
 
 
-def sharded_generate(module, num_samples: int, classes, alpha, seed, use_ema, batch_size, decode=None):
+def sharded_generate(module, num_samples: int, classes, alpha, seed, use_ema, batch_size, decode=None,
+                     progress: bool = False):
     """All ranks generate their strided share batch by batch; rank 0 returns (indices, x, images) sorted by index,
     the others (None, None, None). ``decode`` maps a batch of x to images in [-1, 1] (latents) or is None."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = torch.arange(rank, num_samples, world)
     per_rank = -(-num_samples // world)  # every rank runs the same number of gathers
     kept = {"idx": [], "x": [], "img": []}
+    bar = tqdm(total=num_samples, unit="sample", desc="gwf-sample", disable=not progress or rank != 0)
     for start in range(0, per_rank, batch_size):
         chunk = mine[start: start + batch_size]
         x, _ = generate(module, chunk, classes, alpha, seed, use_ema, batch_size)
         img = decode(x) if decode is not None else None
+        bar.update(min(num_samples, (start + batch_size) * world) - bar.n)  # this round, all ranks together
         if world > 1:  # pad to the common batch shape; index -1 marks padding
             n_pad = min(batch_size, per_rank - start) - len(chunk)
             chunk = torch.cat([chunk, torch.full((n_pad,), -1, dtype=torch.long)])
@@ -121,6 +125,7 @@ def sharded_generate(module, num_samples: int, classes, alpha, seed, use_ema, ba
         kept["x"].append(x)
         if img is not None:
             kept["img"].append(img)
+    bar.close()
     if rank != 0:
         return None, None, None
     idx = torch.cat(kept["idx"])
@@ -192,6 +197,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="SD-VAE directory/file to decode latent samples to images (gwf.data.latents)")
     p.add_argument("--grid-per-class", type=int, default=10)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -232,7 +238,7 @@ def run(argv=None) -> Path | None:
         alpha = 1.0
     decode = make_decoder(args.vae, module.data_shape, device)
     idx, x, images = sharded_generate(module, args.num_samples, classes, alpha, args.seed, args.use_ema,
-                                      args.batch_size, decode)
+                                      args.batch_size, decode, progress=not args.quiet)
     if rank != 0:
         dist.barrier()  # wait until rank 0 has written
         dist.destroy_process_group()

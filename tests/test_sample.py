@@ -120,7 +120,7 @@ def test_checkpoint_of_an_older_version_loads(ckpt, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
 
 
-def test_a_2d_run_is_drawn_over_its_target(tmp_path):
+def test_a_2d_run_is_drawn_over_its_target(tmp_path, capsys):
     """The scatter plot of a 2D checkpoint draws the data's held-out points under the samples (it used to show a
     "target" legend entry with no points)."""
     from gwf.sample import target_points
@@ -133,7 +133,11 @@ def test_a_2d_run_is_drawn_over_its_target(tmp_path):
     held_out = make_sampler(cfg.data.target)(500, make_generator("cpu", "toy2d-heldout", "val", cfg.data.seed))
     assert torch.equal(target, held_out)
     out = tmp_path / "samples"
-    main(["--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--num-samples", "300", "--out", str(out)])
+    capsys.readouterr()
+    main(["--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--num-samples", "300", "--batch-size", "128",
+          "--out", str(out)])
+    bar = capsys.readouterr().err
+    assert "gwf-sample: 100%" in bar and "300/300" in bar and "sample/s" in bar  # the bar, in samples
     grid = np.asarray(Image.open(out / "grid.png").convert("RGB")).astype(int)
     # bluish pixels (the target's tab:blue, blue well above red; the samples are orange, the frame grey)
     assert ((grid[..., 2] - grid[..., 0]) > 20).sum() > 500
