@@ -24,7 +24,8 @@ from gwf.data.shards import atomic_write
 log = logging.getLogger("gwf")
 
 LAST = "last.ckpt"
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGTERM") if hasattr(signal, name))
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
+                     if hasattr(signal, name))
 REQUEUE_FILE_ENV = "GWF_REQUEUE_FILE"  # set by slurm/train.sbatch: rank 0 touches it to ask for a requeue
 RANK_STATE_DIR = "rank_state"  # per-rank side files next to the checkpoints (DDP only)
 RANK_STATE_KEY = "gwf_rank_state"  # in the main checkpoint: {"world_size": number of ranks that wrote it}
@@ -72,10 +73,31 @@ def resolve_ckpt_path(ckpt_path, ckpt_dir: Path) -> str | None:
     return str(ckpt_path)
 
 
+def archive_previous_run(run_dir: Path) -> Path | None:
+    """A fresh start (``ckpt_path=null``) in a run directory that holds an earlier run: its files (checkpoints,
+    metrics, evaluations, pictures, wandb files) move to ``run_dir/archive/<n>/`` (n = 1, 2, ...), so that the new
+    run's logs do not continue the old ones, and the new run gets its own wandb run (gwf.loggers.wandb_run_id).
+    Hydra's files of this launch (``.hydra/``, the job log) stay. Returns the archive, or None when there was
+    nothing to move. Called by the launching process only (rank 0 before the other ranks start)."""
+    run_dir = Path(run_dir)
+    keep = {"archive", ".hydra"}
+    old = [p for p in run_dir.iterdir() if p.name not in keep and p.suffix != ".log"] if run_dir.is_dir() else []
+    if not any(p.name in ("checkpoints", "metrics.csv", "eval.csv") for p in old):
+        return None
+    n = 1 + max((int(p.name) for p in (run_dir / "archive").glob("*") if p.name.isdigit()), default=0)
+    target = run_dir / "archive" / str(n)
+    target.mkdir(parents=True)
+    for p in old:
+        p.rename(target / p.name)
+    return target
+
+
 class Preemption(L.Callback):
-    """SIGUSR1, SIGUSR2 and SIGTERM become a flag (``requested``): the save happens at an update boundary, on every
-    rank alike (CheckpointCadence). Installed at train start, after Lightning's signal connector recorded the
-    handlers from before fit; the connector puts those back at teardown (also after an exception)."""
+    """SIGUSR1, SIGUSR2, SIGTERM and SIGINT (Ctrl-C) become a flag (``requested``): the save happens at an update
+    boundary, on every rank alike (CheckpointCadence). A second Ctrl-C stops at once without saving (Lightning's
+    KeyboardInterrupt path; last.ckpt keeps the previous save). Installed at train start, after Lightning's signal
+    connector recorded the handlers from before fit; the connector puts those back at teardown (also after an
+    exception)."""
 
     def __init__(self, signals=STOP_SIGNALS):
         self.signals = tuple(signals)
@@ -90,16 +112,21 @@ class Preemption(L.Callback):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:  # Ctrl-C twice: stop now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         if self.received is None:
-            log.warning("received %s: saving at the end of this update, then stopping", signal.Signals(signum).name)
+            log.warning("received %s: saving at the end of this update, then stopping%s", signal.Signals(signum).name,
+                        " (Ctrl-C again: stop now, without saving)" if signum == signal.SIGINT else "")
         self.received = signum
 
     def hand_over(self, is_global_zero: bool, stopped_early: bool) -> bool:
         """After fit, on a clean early stop (signal or update budget): ask the requeue owner. sbatch path: rank 0
         touches GWF_REQUEUE_FILE; submitit path: the handler submitit installed (restored by then) runs now and
-        requeues. SIGTERM (scancel, preemption) asks for nothing: SLURM requeues preempted jobs itself. Returns
+        requeues. SIGTERM (scancel, preemption) asks for nothing: SLURM requeues preempted jobs itself; nor does
+        SIGINT (a user's Ctrl-C). Returns
         whether a requeue was requested."""
-        if not stopped_early or self.received == signal.SIGTERM:
+        if not stopped_early or self.received in (signal.SIGTERM, signal.SIGINT):
             return False
         requested = False
         requeue_file = os.environ.get(REQUEUE_FILE_ENV)

@@ -43,6 +43,15 @@ def register_resolvers() -> None:
 THREADS_ENV = "GWF_THREADS"  # the thread count the launching process chose, inherited by the ranks it starts
 
 
+def is_launching_process() -> bool:
+    """This process is the one the user started: not a rank that Lightning, torchrun or SLURM started beside it
+    (global rank 0, or no launcher)."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "0") not in ("", "0"):
+            return False
+    return True
+
+
 def allowed_cores() -> list[int]:
     """The CPUs this process may run on (its affinity: a SLURM allocation, taskset), else all of them."""
     try:
@@ -120,6 +129,8 @@ QUIET_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode",  # the EMA and frozen JKO copies are in eval mode on purpose
     r"Your `IterableDataset` has `__len__` defined",  # our streams size each rank's share themselves
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning, with torch 2.13
+    # Lightning cannot see it, but our streams resume exactly: SeekableDataModule.seek replays them (docs/resume.md)
+    r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
 )
 
 

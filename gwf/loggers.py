@@ -45,8 +45,18 @@ def wandb_has_credentials() -> bool:
 
 
 def wandb_run_id(run_dir: Path) -> str:
-    """Deterministic run id from the run directory: a resumed run continues the same wandb run."""
-    return f"{derive_seed('wandb', Path(run_dir).resolve()):016x}"
+    """Deterministic run id from the run directory and its fresh starts (``ckpt_path=null`` archives the previous
+    files, gwf.checkpointing.archive_previous_run): a resumed run continues the same wandb run, a fresh start in the
+    same directory begins a new one."""
+    generation = archived_runs(run_dir)
+    key = Path(run_dir).resolve() if generation == 0 else f"{Path(run_dir).resolve()}#{generation}"
+    return f"{derive_seed('wandb', key):016x}"
+
+
+def archived_runs(run_dir: Path) -> int:
+    """Earlier runs archived in ``run_dir/archive/<n>`` by fresh starts."""
+    archive = Path(run_dir) / "archive"
+    return sum(1 for p in archive.iterdir() if p.is_dir() and p.name.isdigit()) if archive.is_dir() else 0
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict:

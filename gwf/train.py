@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gwf import build, launch
 from gwf.config import refuse_owned, refuse_renamed
-from gwf.checkpointing import resolve_ckpt_path
+from gwf.checkpointing import archive_previous_run, resolve_ckpt_path
 
 log = logging.getLogger("gwf")
 # At import, not in main(): Hydra's launchers resolve the run directory in worker processes that import this module
@@ -37,6 +37,10 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: tuple = ()) -> dict:
     build.check_config(cfg)
     launch.quiet_known_warnings()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("ckpt_path", "last") in (None, "", "null") and launch.is_launching_process():
+        archived = archive_previous_run(run_dir)
+        if archived is not None:
+            log.info("ckpt_path=null: a fresh start; the earlier run's files moved to %s", archived)
     threads, why = launch.choose_threads(cfg.get("threads"), int(cfg.data.get("num_workers", 0) or 0),
                                          local_ranks(cfg))
     if threads is not None:

@@ -26,7 +26,7 @@ def _summary(out: str) -> dict:
     return json.loads(line[len("SUMMARY "):])
 
 
-@pytest.mark.parametrize("sig,requeue", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+@pytest.mark.parametrize("sig,requeue", [(signal.SIGUSR1, True), (signal.SIGTERM, False), (signal.SIGINT, False)])
 def test_signal_saves_exits_cleanly_and_relaunch_continues(tmp_path, sig, requeue):
     run, flag = tmp_path / "run", tmp_path / "requeue-flag"
     env = {**os.environ, "GWF_REQUEUE_FILE": str(flag)}
@@ -43,7 +43,7 @@ def test_signal_saves_exits_cleanly_and_relaunch_continues(tmp_path, sig, requeu
     assert proc.returncode == 0, out[-3000:]  # a clean exit, not a kill
     assert _summary(out)["finished"] is False
     assert int(_load(run)["state_dict"]["update_count"]) == 8  # saved at the end of the update under way
-    assert flag.exists() == requeue  # SIGUSR1 (time limit) asks the sbatch script to requeue; SIGTERM does not
+    assert flag.exists() == requeue  # SIGUSR1 (time limit) asks the sbatch script to requeue; SIGTERM, Ctrl-C do not
 
     summary = train(compose_config(SHORT), run)  # relaunch of the same command
     assert summary["finished"] and int(_load(run)["state_dict"]["update_count"]) == 20
@@ -77,3 +77,21 @@ def test_submitit_handler_gets_the_signal_after_the_save(tmp_path):
         signal.signal(signal.SIGUSR2, previous)
     assert summary["finished"] is False
     assert calls == [(signal.SIGUSR2, 4)]  # called once, after last.ckpt at the end of update 4 was written
+
+
+def test_ctrl_c_twice_stops_at_once_without_saving(tmp_path):
+    """The first Ctrl-C asks for a save at the end of the update; a second one before it stops at once (Lightning's
+    KeyboardInterrupt shutdown, exit status 1): last.ckpt is still the previous save."""
+
+    class TwoCtrlC(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if int(module.update_count) == 7:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stop:
+        train(compose_config(SHORT), tmp_path / "run", extra_callbacks=(TwoCtrlC(),))
+    assert stop.value.code == 1
+    assert int(_load(tmp_path / "run")["state_dict"]["update_count"]) == 5  # the numbered save before
+    signal.signal(signal.SIGINT, handler)  # Lightning leaves SIGINT ignored after its shutdown

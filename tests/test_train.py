@@ -122,3 +122,31 @@ def test_wandb_logger_runs_offline_without_credentials(tmp_path, monkeypatch):
     runs = list((tmp_path / "toy" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].name.endswith(wandb_run_id(tmp_path / "toy"))
     assert wandb_run_id(tmp_path / "toy") == wandb_run_id(tmp_path / "toy")  # a resumed run reuses the id
+
+
+def test_a_fresh_start_archives_the_earlier_run_and_gets_a_new_wandb_id(tmp_path):
+    """ckpt_path=null in a run directory that holds a run: that run's files move to archive/1 (its metrics are not
+    continued), the new run starts at update 0 and gets a new wandb id; a resume keeps the id; a later fresh start
+    archives to archive/2."""
+    from gwf.loggers import wandb_run_id
+
+    run = tmp_path / "toy"
+    base = ["experiment=toy2d_wflow", "jko.steps=1", "jko.updates_per_step=6", "eval.every_n_updates=6",
+            "eval.num_samples=100", "checkpoint.every_n_updates=3", "trainer.enable_progress_bar=false"]
+    train(compose_config(base), run)
+    first_id = wandb_run_id(run)
+    (run / "train.log").write_text("this launch's Hydra log\n")
+    train(compose_config([*base, "ckpt_path=null", "jko.updates_per_step=3"]), run)
+    archive = run / "archive" / "1"
+    assert {p.name for p in archive.iterdir()} >= {"checkpoints", "config.yaml", "eval.csv", "metrics.csv"}
+    assert json.loads((archive / "eval_summary.json").read_text())["last"]["update"] == 6
+    assert json.loads((run / "eval_summary.json").read_text())["last"]["update"] == 3  # the new run, from 0
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows and all("6" != r.split(",")[0] for r in rows[1:])  # no row of the earlier run
+    assert (run / "train.log").exists() and not (archive / "train.log").exists()  # this launch's log stays
+    second_id = wandb_run_id(run)
+    assert second_id != first_id
+    train(compose_config([*base, "jko.updates_per_step=4"]), run)  # a resume: the same wandb run
+    assert wandb_run_id(run) == second_id and not (run / "archive" / "2").exists()
+    train(compose_config([*base, "ckpt_path=null"]), run)
+    assert (run / "archive" / "2" / "checkpoints").is_dir() and wandb_run_id(run) not in (first_id, second_id)

@@ -5,7 +5,8 @@
     gwf-bench-threads --busy 1 --json rows.json         # with one core kept busy by another process
 
 Each run is a fresh process (its own OpenMP pool, as a user's), timed from the first to the last training batch;
-settings are interleaved over the repeats so that machine load hits them alike.
+settings are interleaved over the repeats, each repeat starting with another one, so that machine load and order
+hit them alike.
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         for experiment in args.experiments:
             times = {s: [] for s in args.settings}
             used = {}
-            for _ in range(args.repeats):
-                for s in args.settings:
+            for rep in range(args.repeats):
+                k = rep % len(args.settings)  # each repeat starts with another setting: order effects even out
+                for s in args.settings[k:] + args.settings[:k]:
                     r = run_one(experiment, args.updates, s)
                     times[s].append(r["train_s"])
                     used[s] = r["threads"]
