@@ -8,6 +8,7 @@ uses import; the compiled ops stay unavailable. Importing ``gwf`` applies this (
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 import types
 from pathlib import Path
@@ -26,13 +27,27 @@ def _torchvision_is_cuda_build() -> bool:
         return False
 
 
+def _torch_is_cpu_build() -> bool:
+    """Whether the installed torch is built without CUDA, read from its version.py (importing torch takes 1 s, and
+    commands like ``gwf-train --help`` need none of it)."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].version.cuda is None
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        text = Path(spec.origin).with_name("version.py").read_text()
+    except OSError:
+        return False
+    match = re.search(r"^cuda\s*(?::[^=]*)?=\s*(.+)$", text, flags=re.M)
+    return match is not None and match.group(1).strip() == "None"
+
+
 def patch_torchvision_for_cpu_torch() -> bool:
     """Apply the workaround when needed; returns True if it was applied."""
     if "torchvision" in sys.modules or _META in sys.modules:
         return False
-    import torch
-
-    if torch.version.cuda is not None or not _torchvision_is_cuda_build():
+    if not _torchvision_is_cuda_build() or not _torch_is_cpu_build():
         return False
     sys.modules[_META] = types.ModuleType(_META)
     return True

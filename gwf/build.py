@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from gwf.callbacks import EvalCallback, UpdateProgress
 from gwf.checkpointing import AtomicCheckpointIO, CheckpointCadence, Preemption
 from gwf.conditioning import ConditioningSampler
-from gwf.config import OWNED_BY_GWF, refuse_owned, refuse_renamed, set_keys, upgrade_config
+from gwf.config import conf_dir, refuse_set_keys, upgrade_config
 from gwf.data.toy2d import make_sampler
 from gwf.jko import JKOSchedule
 from gwf.loggers import make_loggers
@@ -22,18 +22,10 @@ from gwf.models.critics import build_critic
 from gwf.module import GWFModule, OptimConfig, UpdateSizes
 from gwf.objectives import Objective, build_objective as _objective
 
-def conf_dir() -> str:
-    """The training configs: packaged in wheels (gwf/conf), else the repository's conf/."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf")
-
-
 def check_config(cfg: DictConfig) -> None:
     """Refuse a composed config that still sets renamed keys or Trainer arguments gwf sets itself (from an experiment
     file or +key=value)."""
-    config = OmegaConf.to_container(cfg)
-    refuse_renamed(set_keys(config))
-    refuse_owned(set_keys(config, OWNED_BY_GWF))
+    refuse_set_keys(OmegaConf.to_container(cfg))
 
 
 def per_rank_batch(batch: dict, world_size: int, conditional: bool) -> dict:

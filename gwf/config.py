@@ -4,7 +4,14 @@ name; configs stored by older runs (checkpoints, run directories) are upgraded. 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable
+
+
+def conf_dir() -> str:
+    """The training configs: packaged in wheels (gwf/conf), else the repository's conf/."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "conf")
 
 RENAMED = {
     "checkpoint.every_n_steps": "checkpoint.every_n_updates",
@@ -74,3 +81,9 @@ def upgrade_config(config: dict) -> dict:
             target = config.setdefault(new_parent, {}) if new_parent else config
             target[new_leaf] = source.pop(old_leaf)
     return config
+
+
+def refuse_set_keys(config: dict) -> None:
+    """Refuse a composed config (nested dicts) that still sets renamed keys or Trainer arguments gwf sets itself."""
+    refuse_renamed(set_keys(config))
+    refuse_owned(set_keys(config, OWNED_BY_GWF))

@@ -8,10 +8,11 @@ tau None is the "no JKO" baseline.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from gwf.schedule import JKOSchedule  # noqa: F401  (its home before; torch-free now)
 
 
 STARTS = ("generator", "noise")
@@ -20,42 +21,6 @@ STARTS = ("generator", "noise")
 def tau_from_official_lambda2(lambda2: float, data_dim: int) -> float:
     """The official GWF code's ``--lambda2`` (transport term averaged over D dims, weight 1/lambda2) as our tau."""
     return lambda2 * data_dim / 2.0
-
-
-@dataclass(frozen=True)
-class JKOSchedule:
-    """``steps`` JKO steps of ``updates_per_step`` updates each, the first of ``updates_first_step`` (None: the
-    same); an update is one generator update of the training loop."""
-
-    steps: int
-    updates_per_step: int
-    updates_first_step: int | None = None
-
-    def __post_init__(self):
-        if self.steps < 1 or self.first < 1 or (self.steps > 1 and self.updates_per_step < 1):
-            raise ValueError(f"the JKO schedule needs jko.steps >= 1 and positive update counts, "
-                             f"got steps={self.steps}, "
-                             f"updates_first_step={self.updates_first_step}, updates_per_step={self.updates_per_step}")
-
-    @property
-    def first(self) -> int:
-        return self.updates_per_step if self.updates_first_step is None else self.updates_first_step
-
-    @property
-    def total_updates(self) -> int:
-        return self.first + (self.steps - 1) * self.updates_per_step
-
-    def locate(self, update: int) -> tuple[int, int]:
-        """(JKO step k, update within it) of the 0-based update number ``update``."""
-        if update < self.first:
-            return 0, update
-        rest = update - self.first
-        return 1 + rest // self.updates_per_step, rest % self.updates_per_step
-
-    def ends_outer_step(self, update: int) -> bool:
-        """True when ``update`` is the last update of its JKO step."""
-        k, i = self.locate(update)
-        return i == (self.first if k == 0 else self.updates_per_step) - 1
 
 
 class JKOProximal(nn.Module):

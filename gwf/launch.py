@@ -11,7 +11,6 @@ import time
 import warnings
 from contextlib import contextmanager
 
-import torch
 from omegaconf import OmegaConf
 
 # Variables Lightning's launcher writes into its own process's environment when it starts the other ranks.
@@ -181,6 +180,8 @@ def one_job():
     try:
         yield
     finally:
+        import torch
+
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         for k, v in saved.items():

@@ -13,17 +13,16 @@ import sys
 from pathlib import Path
 
 import hydra
-import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gwf import build, launch
-from gwf.config import refuse_owned, refuse_renamed
-from gwf.checkpointing import archive_previous_run, resolve_ckpt_path
+from gwf import launch
+from gwf.config import conf_dir, refuse_owned, refuse_renamed, refuse_set_keys
+from gwf.schedule import JKOSchedule
 
+# Torch, Lightning and the model code are imported inside train(): `gwf-train --help` and the relaunch of a finished
+# run need none of them (3.6 s of imports).
 log = logging.getLogger("gwf")
 # At import, not in main(): Hydra's launchers resolve the run directory in worker processes that import this module
 # to unpickle the task function, before calling it.
@@ -34,9 +33,23 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: tuple = ()) -> dict:
     """Train from a composed config into ``run_dir`` (resuming from its last.ckpt with ``ckpt_path: last``).
     Returns the evaluation summary (first and last) and ``finished``: False when the run stopped early (a signal
     or ``checkpoint.updates_per_job``) and the same command must be run again to continue."""
-    build.check_config(cfg)
+    refuse_set_keys(OmegaConf.to_container(cfg))
+    done = finished_summary(cfg, run_dir)
+    if done is not None:
+        log.info("run directory: %s", run_dir)
+        log.info("this run is complete (%d updates); evaluation (first -> last): %s", done["total_updates"],
+                 json.dumps(done["summary"]))
+        return done["summary"]
+    import lightning as L
+    import torch
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from gwf import build
+    from gwf.checkpointing import archive_previous_run, resolve_ckpt_path
+
     launch.quiet_known_warnings()
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints" / FINISHED).unlink(missing_ok=True)  # written again when this launch completes
     if cfg.get("ckpt_path", "last") in (None, "", "null") and launch.is_launching_process():
         archived = archive_previous_run(run_dir)
         if archived is not None:
@@ -69,8 +82,38 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: tuple = ()) -> dict:
         if trainer.is_global_zero:
             log.info("run directory: %s", run_dir)
             log.info("evaluation (first -> last): %s", json.dumps(summary))
+            if module.finished:
+                mark_finished(run_dir, module.schedule.total_updates, summary)
     preemption.hand_over(trainer.is_global_zero, cadence.stopped_early)  # after a clean early stop: the requeue
     return summary
+
+
+FINISHED = "finished.json"  # in checkpoints/: the run completed, with the last.ckpt it ended with
+
+
+def mark_finished(run_dir: Path, total_updates: int, summary: dict) -> None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        record = {"total_updates": total_updates, "last_ckpt_mtime_ns": last.stat().st_mtime_ns, "summary": summary}
+        (run_dir / "checkpoints" / FINISHED).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def finished_summary(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The record of a run that already completed this config's schedule from ``checkpoints/last.ckpt`` (unchanged
+    since), when the config resumes (ckpt_path=last): relaunching it returns at once. None otherwise (a longer
+    schedule, a fresh start, another checkpoint, or no record)."""
+    if cfg.get("ckpt_path", "last") != "last":
+        return None
+    marker, last = run_dir / "checkpoints" / FINISHED, run_dir / "checkpoints" / "last.ckpt"
+    try:
+        record = json.loads(marker.read_text())
+        jko = cfg.jko
+        total = JKOSchedule(int(jko.steps), int(jko.updates_per_step), jko.get("updates_first_step")).total_updates
+        if record["total_updates"] == total and record["last_ckpt_mtime_ns"] == last.stat().st_mtime_ns:
+            return record
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def local_ranks(cfg: DictConfig) -> int:
@@ -82,7 +125,7 @@ def local_ranks(cfg: DictConfig) -> int:
     return devices if isinstance(devices, int) and devices > 0 else 1
 
 
-@hydra.main(version_base="1.3", config_path=build.conf_dir(), config_name="config")
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     if launch.SweepJobs.owns(int(hydra_cfg.job.get("num", 0) or 0), hydra_cfg.mode == RunMode.MULTIRUN):

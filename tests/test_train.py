@@ -150,3 +150,40 @@ def test_a_fresh_start_archives_the_earlier_run_and_gets_a_new_wandb_id(tmp_path
     assert wandb_run_id(run) == second_id and not (run / "archive" / "2").exists()
     train(compose_config([*base, "ckpt_path=null"]), run)
     assert (run / "archive" / "2" / "checkpoints").is_dir() and wandb_run_id(run) not in (first_id, second_id)
+
+
+def test_a_finished_run_returns_at_once_and_a_longer_schedule_continues(tmp_path, monkeypatch):
+    """Relaunching a complete run reads checkpoints/finished.json and builds nothing; a longer schedule, or a
+    last.ckpt written since, goes through training again."""
+    import os
+
+    from gwf import build
+
+    run = tmp_path / "toy"
+    base = ["experiment=toy2d_wflow", "jko.steps=1", "jko.updates_per_step=4", "eval.every_n_updates=4",
+            "eval.num_samples=100", "trainer.enable_progress_bar=false"]
+    first = train(compose_config(base), run)
+    assert first["finished"] and (run / "checkpoints" / "finished.json").exists()
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished run was built again")
+
+    with monkeypatch.context() as m:
+        m.setattr(build, "build_module", refuse)
+        assert train(compose_config(base), run) == first
+        last = run / "checkpoints" / "last.ckpt"
+        os.utime(last, ns=(last.stat().st_atime_ns, last.stat().st_mtime_ns + 1))  # another last.ckpt since
+        with pytest.raises(AssertionError, match="built again"):
+            train(compose_config(base), run)
+    longer = train(compose_config([*base, "jko.steps=2"]), run)
+    assert longer["finished"] and longer["last"]["update"] == 8
+
+
+def test_the_entry_point_imports_nothing_heavy():
+    """gwf-train --help and a finished run's relaunch need neither torch nor Lightning (3.6 s of imports)."""
+    import subprocess
+    import sys
+
+    code = "import gwf.train, sys; print(sorted(m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -4,7 +4,8 @@
     gwf-bench-threads                                   # toy2d_wflow and gwf_2d, 200 updates, threads 1 2 auto
     gwf-bench-threads --busy 1 --json rows.json         # with one core kept busy by another process
 
-Each run is a fresh process (its own OpenMP pool, as a user's), timed from the first to the last training batch;
+Each run is a fresh ``gwf-train`` process (its own OpenMP pool, as a user's), timed by its own progress line (the
+training loop, the evaluations in it included);
 settings are interleaved over the repeats, each repeat starting with another one, so that machine load and order
 hit them alike.
 """
@@ -15,6 +16,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -31,44 +33,23 @@ def _spin(seconds: float) -> None:
         pass
 
 
-def child(experiment: str, updates: int, threads: str, root: str) -> None:
-    """One run in this process; prints one JSON line: the threads torch used and the training time."""
-    import gwf  # noqa: F401  (torchvision workaround before anything else)
-
-    import lightning as L
-    import torch
-    from hydra import compose, initialize_config_dir
-
-    from gwf import build, launch
-    from gwf.train import train
-
-    class Clock(L.Callback):
-        def on_train_batch_start(self, *args):
-            self.start = getattr(self, "start", None) or time.perf_counter()
-
-        def on_train_end(self, *args):
-            self.seconds = time.perf_counter() - self.start
-
-    launch.register_resolvers()
-    overrides = [f"experiment={experiment}", "jko.steps=1", f"jko.updates_per_step={updates}",
-                 f"eval.every_n_updates={updates}", f"checkpoint.every_n_updates={updates}", f"paths.root={root}",
-                 "trainer.enable_progress_bar=false", "logger=none"] + ([] if threads == "default" else
-                                                                           [f"threads={threads}"])
-    with initialize_config_dir(config_dir=build.conf_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    clock = Clock()
-    train(cfg, Path(root) / "run", extra_callbacks=(clock,))
-    print(json.dumps({"threads": torch.get_num_threads(), "train_s": clock.seconds}))
-
-
 def run_one(experiment: str, updates: int, threads: str) -> dict:
+    """One ``gwf-train`` run in a fresh process, as a user launches it; the training time is read from its last
+    progress line (updates/s since training started: the loop and the evaluations in it)."""
     env = {k: v for k, v in os.environ.items() if k not in ("GWF_THREADS", "OMP_NUM_THREADS")}
     with tempfile.TemporaryDirectory(prefix="gwf-bench-threads-") as root:
-        out = subprocess.run([sys.executable, "-m", "gwf.bench.threads", "--child", experiment, str(updates), threads,
-                              root], env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"gwf-bench-threads: the run {experiment} threads={threads} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        overrides = [f"experiment={experiment}", "jko.steps=1", f"jko.updates_per_step={updates}",
+                     f"eval.every_n_updates={updates}", f"checkpoint.every_n_updates={updates}", f"paths.root={root}",
+                     "trainer.enable_progress_bar=false", "logger=none"]
+        out = subprocess.run([sys.executable, "-m", "gwf.train", *overrides,
+                              *([] if threads == "default" else [f"threads={threads}"])],
+                             env=env, capture_output=True, text=True, cwd=root)
+    text = out.stdout + out.stderr
+    rate = re.findall(rf"update {updates}/{updates} \(JKO step [^)]*\), ([\d.]+) updates/s", text)
+    used = re.findall(r"torch threads: (\d+)", text)
+    if out.returncode != 0 or not rate or not used:
+        raise SystemExit(f"gwf-bench-threads: the run {experiment} threads={threads} failed:\n{text[-3000:]}")
+    return {"threads": int(used[-1]), "train_s": updates / float(rate[-1])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,11 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--busy", type=int, default=0, help="cores kept busy by spinning processes meanwhile")
     p.add_argument("--json", help="also write the rows as JSON to this file")
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
-        child(args.child[0], int(args.child[1]), args.child[2], args.child[3])
-        return
     spinners = [mp.Process(target=_spin, args=(24 * 3600,), daemon=True) for _ in range(args.busy)]
     for s in spinners:
         s.start()
