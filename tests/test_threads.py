@@ -1,5 +1,6 @@
 """threads=auto: the cores free at start (other processes' use measured from /proc/stat), less the data workers,
-shared by a node's ranks; inherited by the ranks a process starts; integers pinned; bad values named."""
+shared by a node's ranks; inherited by the ranks a process starts; integers pinned; bad values named. The threads and
+start-up benchmarks run.
 
 import os
 import subprocess
@@ -78,3 +79,15 @@ def test_the_benchmark_runs_each_setting_in_its_own_process(tmp_path):
     assert [(r["setting"], r["updates"]) for r in rows] == [("1", 2), ("auto", 2)]
     assert rows[0]["threads"] == 1 and 1 <= rows[1]["threads"] <= len(launch.allowed_cores())
     assert min(r["vs_best"] for r in rows) == 1.0 and all(r["seconds"] > 0 for r in rows)
+
+
+def test_the_startup_benchmark_times_each_command(tmp_path):
+    from gwf.bench import startup
+
+    out = tmp_path / "rows.json"
+    startup.main(["--repeats", "1", "--json", str(out)])
+    import json
+
+    rows = {r["command"]: r for r in json.loads(out.read_text())}
+    assert {"gwf-train --help", "import gwf.train", "relaunch of a finished run"} <= set(rows)
+    assert all(r["seconds"] > 0 for r in rows.values())
