@@ -78,8 +78,8 @@ class EvalCallback(L.Callback):
         self.rows.append(row)
         log.info("evaluation at update %d: %s", update, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         for logger in trainer.loggers:
-            logger.log_metrics({"eval/update": update, **{f"eval/{k}": v for k, v in metrics.items()}},
-                               step=trainer.global_step)
+            logger.log_metrics({"update": update, "eval/update": update,
+                                **{f"eval/{k}": v for k, v in metrics.items()}}, step=trainer.global_step)
         self._log_images(trainer, picture, update)
         self._write(out)
         return row

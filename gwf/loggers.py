@@ -95,6 +95,18 @@ class GWFWandbLogger(WandbLogger):
     than one nested "config" entry, and which finishes its wandb run when training ends: Lightning leaves it open,
     so the next job of a Hydra sweep in the same process would otherwise log into this run."""
 
+    @property
+    def experiment(self):
+        """The wandb run, with ``update`` (generator updates) as the x-axis of every metric: Lightning's axis is
+        trainer/global_step, optimizer steps, two per update with a critic, which stretches critic-based objectives
+        2x against the others in one panel."""
+        run = WandbLogger.experiment.fget(self)
+        if not getattr(self, "_update_axis", False) and callable(getattr(run, "define_metric", None)):
+            run.define_metric("update")
+            run.define_metric("*", step_metric="update", step_sync=True)
+            self._update_axis = True
+        return run
+
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
@@ -116,8 +128,19 @@ def make_wandb_logger(kwargs: dict, run_dir: Path, group: str, name: str, config
     os.environ.setdefault("WANDB_CACHE_DIR", str(Path(run_dir) / ".wandb_cache"))
     kwargs.setdefault("group", wandb_group(group, run_dir))
     kwargs.setdefault("tags", run_tags(config) if config else None)
-    return GWFWandbLogger(save_dir=str(run_dir), id=wandb_run_id(run_dir), name=f"{group}/{name}",
+    if kwargs.get("entity") is None:
+        kwargs.pop("entity", None)
+    config = {**(config or {}), "run": {"dir": str(run_dir), "overrides": name}}
+    return GWFWandbLogger(save_dir=str(run_dir), id=wandb_run_id(run_dir), name=short_run_name(group, name),
                           resume="allow", config=flatten_config(config), **kwargs)
+
+
+def short_run_name(group: str, name: str, limit: int = 48) -> str:
+    """``<experiment>/<overrides>``, its overrides cut to ``limit`` characters with a 6-hex digest of the whole (the
+    full overrides are in the config as ``run.overrides``): long sweep names stay readable and distinct in wandb."""
+    if len(name) <= limit:
+        return f"{group}/{name}"
+    return f"{group}/{name[: limit - 8]}..{derive_seed('run-name', name) % 16**6:06x}"
 
 
 def make_loggers(spec: dict, run_dir: Path, group: str, name: str, config: dict) -> list[Logger]:

@@ -248,7 +248,7 @@ class GWFModule(L.LightningModule):
         if self._logs_due():
             self.raise_if_nonfinite()
             logs.update({"jko/outer_step": float(self.schedule.locate(update)[0]),
-                         "train/lr": schedulers[0].get_last_lr()[0]})
+                         "train/lr": schedulers[0].get_last_lr()[0], "update": float(update + 1)})
             logs = self._mean_over_ranks(logs)
             self.log_dict(logs, on_step=True, prog_bar=False, sync_dist=False)
             shown = {k.split("/")[1]: logs[k] for k in PROGRESS_BAR_KEYS if k in logs}

@@ -47,8 +47,14 @@ def test_offline_run_writes_media_table_and_resumes_with_the_same_id(tmp_path, n
     # group, tags and flattened config keys travel in the offline run's record log (protobuf strings)
     log = next(offline.glob("run-*.wandb")).read_bytes()
     for token in (b"toy2d_wflow-sweep", b"method=wflow", b"tau=0.5", b"seed=3", b"jko.tau", b"method.name",
-                  b"final/sinkhorn_div"):
+                  b"final/sinkhorn_div", b"run.overrides"):
         assert token in log, token
+    # every metric against `update` (generator updates), not Lightning's optimizer steps: the glob "*" is defined
+    # again with step metric "update" after Lightning's definition (MetricRecord: glob_name=2, step_metric=4)
+    ours, lightnings = b'\x12\x01*"\x06update', b'\x12\x01*"\x13trainer/global_step'
+    assert ours in log and log.rfind(ours) > log.rfind(lightnings)
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "update" in header  # the CSV has the same axis
 
     # resume: more updates, same run directory -> a second offline segment of the same wandb run
     second = train(compose_config([*overrides, "jko.updates_first_step=15"]), run_dir)
@@ -64,3 +70,13 @@ def test_tags_group_and_flat_config():
     assert flatten_config(cfg) == {"method.name": "kl", "jko.tau": None, "jko.steps": 2, "seed": 1}
     assert wandb_group("gwf_2d", "runs/gwf_2d/multirun/method=kl,seed=0") == "gwf_2d-sweep"
     assert wandb_group("gwf_2d", "runs/gwf_2d/default") == "gwf_2d"
+
+
+def test_long_sweep_names_are_cut_with_a_digest():
+    from gwf.loggers import short_run_name
+
+    assert short_run_name("gwf_2d", "method=kl,seed=0") == "gwf_2d/method=kl,seed=0"
+    long_a = "method=kl_dv,jko.tau=0.5,seed=3,optim.lr=0.0002,critic.hidden=512,loop.critic_steps=5"
+    long_b = long_a.replace("steps=5", "steps=6")
+    a, b = short_run_name("gwf_2d", long_a), short_run_name("gwf_2d", long_b)
+    assert len(a) == len("gwf_2d/") + 48 and a != b and a.startswith("gwf_2d/method=kl_dv,jko.tau=0.5")
