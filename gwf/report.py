@@ -70,10 +70,12 @@ def read_run(run_dir: Path, root: Path) -> Run:
     cfg = upgrade_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = {}
+    excluded = excluded_keys(run_dir)
     if overrides_file.exists():
         for item in yaml.safe_load(overrides_file.read_text()) or []:
             key, _, value = str(item).lstrip("+~").partition("=")
-            overrides[key] = value
+            if key not in excluded:  # keys that do not name the run (threads, devices, ...) do not split rows
+                overrides[key] = value
     tau = cfg["jko"].get("tau")
     run = Run(str(run_dir.relative_to(root)), cfg["method"]["name"], None if tau is None else float(tau),
               int(cfg.get("seed", 0)), total_updates(cfg["jko"]), overrides)
@@ -85,6 +87,22 @@ def read_run(run_dir: Path, root: Path) -> Run:
         with open(run_dir / "eval.csv") as f:
             run.curve = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
     return run
+
+
+def excluded_keys(run_dir: Path) -> set[str]:
+    """The override keys Hydra left out of the run's directory name (hydra.job.config.override_dirname.exclude_keys
+    of the run's .hydra/hydra.yaml, else of gwf's config): relaunching a point with one of them (threads, devices,
+    logger, ...) continues the same run, so they do not make another row."""
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    try:
+        node = yaml.safe_load(hydra_file.read_text())["hydra"]["job"]["config"]["override_dirname"]
+        return set(node.get("exclude_keys") or [])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        pass
+    from gwf.config import conf_dir
+
+    raw = yaml.safe_load((Path(conf_dir()) / "config.yaml").read_text())
+    return set(raw["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"])
 
 
 def find_runs(root: Path) -> list[Run]:
@@ -223,7 +241,8 @@ def write_csv(rows, columns, table, path: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- figures
 def mean_curves(runs: list[Run], metric: str) -> dict:
-    """{row label: {tau: (updates, mean over seeds)}} over the updates every complete seed evaluated."""
+    """{row label: {tau: (updates, mean over seeds, std over seeds)}} over the updates every complete seed
+    evaluated (std 0 for one seed)."""
     groups: dict = {}
     for label, r in labelled(runs):
         if r.curve and metric in r.curve[0]:
@@ -233,7 +252,8 @@ def mean_curves(runs: list[Run], metric: str) -> dict:
     for label, by_tau in groups.items():
         for tau, curves in by_tau.items():
             updates = sorted(set.intersection(*(set(c) for c in curves)))
-            out.setdefault(label, {})[tau] = (updates, [float(np.mean([c[u] for c in curves])) for u in updates])
+            stats = [mean_std([c[u] for c in curves]) for u in updates]
+            out.setdefault(label, {})[tau] = (updates, [m for m, _ in stats], [sd for _, sd in stats], len(curves))
     return out
 
 
@@ -252,8 +272,12 @@ def plot_curves(runs: list[Run], metric: str, path: Path) -> Path | None:
     for ax, label in zip(axes.flat, labels):
         taus = sorted(curves[label], key=lambda t: (t is not None, t or 0.0))
         for tau in taus:
-            updates, values = curves[label][tau]
-            ax.plot(updates, values, marker="o", ms=3, label=column_name(tau))
+            updates, values, stds, seeds = curves[label][tau]
+            line, = ax.plot(updates, values, marker="o", ms=3,
+                            label=column_name(tau) + (f" ({seeds} seeds)" if seeds > 1 else ""))
+            if seeds > 1:  # mean +- one std over the seeds
+                lo, hi = np.subtract(values, stds), np.add(values, stds)
+                ax.fill_between(updates, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         if wide_range([v for t in taus for v in curves[label][t][1]]):
             ax.set_yscale("log")
         ax.set_title(label)
@@ -263,6 +287,12 @@ def plot_curves(runs: list[Run], metric: str, path: Path) -> Path | None:
     for row in axes:
         row[0].set_ylabel(metric)
     return save_figure(fig, path)
+
+
+def text_color(rgba) -> str:
+    """Black on light cells, white on dark ones (relative luminance of the cell's colour, WCAG weights)."""
+    r, g, b = rgba[:3]
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
 
 
 def plot_heatmap(rows, columns, table, metric: str, path: Path) -> Path | None:
@@ -279,7 +309,8 @@ def plot_heatmap(rows, columns, table, metric: str, path: Path) -> Path | None:
     for i in range(len(rows)):
         for j in range(len(columns)):
             if math.isfinite(grid[i, j]):
-                ax.text(j, i, fmt(grid[i, j]), ha="center", va="center", fontsize=8, color="w")
+                ax.text(j, i, fmt(grid[i, j]), ha="center", va="center", fontsize=8,
+                        color=text_color(im.cmap(im.norm(shown[i, j]))))
     ax.set_xticks(range(len(columns)), columns)
     ax.set_yticks(range(len(rows)), rows)
     fig.colorbar(im, ax=ax, label=f"log10 {metric}" if log else metric)

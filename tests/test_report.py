@@ -105,3 +105,32 @@ def test_run_from_wandb_summary():
     nested = run_from_wandb("r", {"method": {"name": "mmd"}, "jko": {"tau": None, "steps": 1, "inner_first": 10,
                                                                      "inner": 10}, "seed": 0}, {"final/update": 5})
     assert nested.tau is None and not nested.complete and nested.total_updates == 10
+
+
+def test_a_point_relaunched_with_an_excluded_key_stays_one_row(tmp_path):
+    """kl_dv relaunched with threads=1 (a key Hydra keeps out of run names) used to make a row "kl_dv (threads=1)"."""
+    root = tmp_path / "multirun"
+    _write_run(root, "kl", None, 0, 1.0)
+    _write_run(root, "kl", None, 1, 3.0, extra=["threads=1", "trainer.devices=2"])
+    md = main([str(root), "--out", str(tmp_path / "r")])["markdown"]
+    assert "| kl | **2 ± 1.414** |" in md and "threads" not in md
+    # the run's own Hydra record of the excluded keys wins over gwf's config
+    from gwf.report import excluded_keys
+
+    run = next(root.iterdir())
+    assert "threads" in excluded_keys(run) and "seed" not in excluded_keys(run)
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"job": {"config": {"override_dirname": {"exclude_keys": ["seed"]}}}}}))
+    assert excluded_keys(run) == {"seed"}
+
+
+def test_curves_have_seed_bands_and_the_heat_map_text_is_readable(sweep):
+    from gwf.report import find_runs, mean_curves, text_color
+
+    curves = mean_curves(find_runs(sweep), "sinkhorn_div")
+    updates, means, stds, seeds = curves["kl"][0.01]  # seeds 0 and 1: finals 0.5 and 0.7
+    assert seeds == 2 and updates[-1] == TOTAL
+    assert means[-1] == pytest.approx(0.6) and stds[-1] == pytest.approx(math.sqrt(0.02))
+    assert curves["mmd"][1.0][2] == [0.0] * len(curves["mmd"][1.0][0])  # one seed: no band
+    assert text_color((0.99, 0.91, 0.14, 1.0)) == "black"  # viridis' light yellow end
+    assert text_color((0.27, 0.00, 0.33, 1.0)) == "white"  # its dark purple end
