@@ -51,3 +51,17 @@ def patch_torchvision_for_cpu_torch() -> bool:
         return False
     sys.modules[_META] = types.ModuleType(_META)
     return True
+
+
+EXTRAS = {"diffusers": "latents", "safetensors": "latents", "wandb": "wandb", "hydra_plugins.hydra_submitit_launcher": "slurm"}
+
+
+def require(module: str, what: str):
+    """Import an optional dependency, or raise ModuleNotFoundError naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        extra = EXTRAS.get(module, module)
+        raise ModuleNotFoundError(
+            f"{what} needs the optional package '{module.split('.')[0]}', not installed: "
+            f"pip install -c constraints.txt -e \".[{extra}]\" (or pip install 'gwf[{extra}]')") from e

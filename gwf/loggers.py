@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
+from gwf._compat import require
 from gwf.seeding import derive_seed
 
 
@@ -121,6 +122,7 @@ class GWFWandbLogger(WandbLogger):
 
 
 def make_wandb_logger(kwargs: dict, run_dir: Path, group: str, name: str, config: dict) -> WandbLogger:
+    require("wandb", "logger=wandb")
     # Never hang without credentials: offline unless a key is configured (sync later with `wandb sync`).
     if os.environ.get("WANDB_MODE") is None and not wandb_has_credentials():
         kwargs["offline"] = True

@@ -135,7 +135,9 @@ def run_from_wandb(name: str, config: dict, summary: dict) -> Run:
 
 def read_wandb(project: str, group: str | None = None) -> list[Run]:
     """Runs of a wandb project (needs network and credentials)."""
-    import wandb
+    from gwf._compat import require
+
+    wandb = require("wandb", "gwf-report --wandb-project")
 
     filters = {"group": group} if group else {}
     return [run_from_wandb(r.name, dict(r.config), dict(r.summary)) for r in wandb.Api().runs(project, filters)]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gwf._compat import require
 from gwf.constants import LATENT_MOMENTS_DTYPE, SD_VAE_LATENT_SCALE, SD_VAE_RESOLUTION
 from gwf.data.images import Item, load_image
 from gwf.data.shards import sha256_files
@@ -46,7 +47,7 @@ def _source(vae: str | Path, subfolder: str | None, allow_download: bool) -> dic
 
 def vae_config(vae: str | Path, subfolder: str | None = None, allow_download: bool = False) -> dict:
     """The VAE's config.json (no weights loaded): checks the path early, in the parent process."""
-    from diffusers import AutoencoderKL
+    AutoencoderKL = require("diffusers", "the SD-VAE (latents)").AutoencoderKL
 
     kwargs = _source(vae, subfolder, allow_download)
     try:
@@ -57,7 +58,7 @@ def vae_config(vae: str | Path, subfolder: str | None = None, allow_download: bo
 
 def load_vae(vae, subfolder: str | None = None, allow_download: bool = False):
     """``diffusers.AutoencoderKL`` from a local folder or a (cached) hub id, in eval mode (an instance passes)."""
-    from diffusers import AutoencoderKL
+    AutoencoderKL = require("diffusers", "the SD-VAE (latents)").AutoencoderKL
 
     if isinstance(vae, AutoencoderKL):
         return vae.eval()
@@ -72,7 +73,7 @@ def random_vae(block_out_channels=(128, 256, 512, 512), layers_per_block: int = 
                norm_num_groups: int = 32, seed: int = 0):
     """A randomly initialized ``AutoencoderKL``: the SD-VAE architecture by default (same compute as the real one, for
     benchmarks), or a tiny one for tests, e.g. ``random_vae((32, 32, 32, 32), 1)`` (also downsamples by 8)."""
-    from diffusers import AutoencoderKL
+    AutoencoderKL = require("diffusers", "the SD-VAE (latents)").AutoencoderKL
 
     n = len(block_out_channels)
     with torch.random.fork_rng(devices=[]):
