@@ -37,7 +37,8 @@ OWNED_BY_GWF = {
     "trainer.default_root_dir": "the run directory is paths.root / name / run_id (set run_id or paths.root)",
     "trainer.enable_checkpointing": "checkpoints are set by checkpoint.every_n_updates, checkpoint.every_minutes and "
                                     "checkpoint.keep",
-    "trainer.callbacks": "extra callbacks go to gwf.train.train(..., extra_callbacks=[...])",
+    "trainer.callbacks": "extra callbacks are the callbacks group: +callbacks.<name>._target_=<class> (conf/"
+                         "callbacks/none.yaml)",
     "trainer.logger": "loggers are the logger group (logger=csv, logger=wandb, ...)",
     "trainer.plugins": "gwf sets the checkpoint IO and SLURM plugins itself",
 }

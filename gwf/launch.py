@@ -90,7 +90,7 @@ def choose_threads(setting, data_workers: int = 0, local_ranks: int = 1) -> tupl
     """(torch intra-op threads, why) for the ``threads`` key: an int is kept; null leaves torch's default (None);
     "auto" takes the cores that are free now. A single process measures which of its allowed cores other processes
     keep busy (a core counts as busy above 25% use) and leaves one per data worker: on a busy box two threads
-    contending with another job for two cores run 2x slower than one, on an idle one 1.2-1.4x faster (docs/
+    contending with another job for two cores run 3-7x slower than one, on an idle one 1.1-1.4x faster (docs/
     benchmarks.md). Several ranks per node share the allowed cores equally (siblings still starting up would look
     busy, so nothing is measured; a SLURM task takes SLURM_CPUS_PER_TASK); ranks started by the launching process
     inherit its choice (``GWF_THREADS``), and so do the later jobs of a sequential sweep."""

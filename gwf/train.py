@@ -44,6 +44,8 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: tuple = ()) -> dict:
     import torch
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from hydra.utils import instantiate
+
     from gwf import build
     from gwf.checkpointing import archive_previous_run, resolve_ckpt_path
 
@@ -64,7 +66,8 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: tuple = ()) -> dict:
         L.seed_everything(cfg.seed, workers=True)  # weight init; training noise is seeded per (seed, rank, update)
         datamodule = build.build_datamodule(cfg)
         cadence, preemption, evaluation = build.build_callbacks(cfg, run_dir)
-        callbacks = [cadence, preemption, evaluation, *extra_callbacks]
+        configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]  # the callbacks group
+        callbacks = [cadence, preemption, evaluation, *configured, *extra_callbacks]
         trainer = build.build_trainer(cfg, run_dir, callbacks, build.build_loggers(cfg, run_dir))
         if trainer.is_global_zero:  # only rank 0 writes files (checkpoints, logs, figures, the config)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

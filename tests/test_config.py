@@ -12,7 +12,7 @@ from gwf.objectives import OBJECTIVES
 from gwf.launch import run_name
 from tests.conftest import CONF_DIR, compose_config
 
-GROUPS = ["method", "data", "model", "critic", "trainer", "logger", "eval", "experiment"]
+GROUPS = ["method", "data", "model", "critic", "trainer", "logger", "callbacks", "eval", "experiment"]
 
 
 def _options(group):
@@ -136,3 +136,34 @@ def test_no_module_imports_the_entry_point():
             if "gwf.train" in names and path != package / "train.py":
                 importers.append(str(path))
     assert importers == []
+
+
+def test_a_missing_optional_package_names_its_extra(monkeypatch, tmp_path):
+    """diffusers, wandb and the submitit launcher are extras: using them without the package says how to get it."""
+    import sys
+
+    from gwf._compat import require
+    from gwf.data.latents import random_vae
+    from gwf.loggers import make_wandb_logger
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError, as when not installed
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ModuleNotFoundError, match=r"the SD-VAE \(latents\) needs the optional package 'diffusers'.*"
+                                                  r"\.\[latents\]"):
+        random_vae((32, 32, 32, 32), 1)
+    with pytest.raises(ModuleNotFoundError, match=r"logger=wandb needs .*'wandb'.*gwf\[wandb\]"):
+        make_wandb_logger({}, tmp_path, "g", "n", {})
+    assert require("json", "a test").dumps([1]) == "[1]"
+
+
+def test_the_extras_cover_the_optional_imports():
+    import re
+    import tomllib
+
+    project = tomllib.loads((CONF_DIR.parent / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert {"diffusers", "safetensors"} <= set(extras["latents"]) and extras["wandb"] == ["wandb"]
+    assert any(d.startswith("hydra-submitit-launcher") for d in extras["slurm"])
+    assert "gwf[latents,slurm,wandb]" in extras["dev"]  # the README's commands install every part
+    base = {re.split(r"[<>=\[]", d)[0] for d in project["dependencies"]}
+    assert not base & {"diffusers", "safetensors", "wandb", "hydra-submitit-launcher"}

@@ -4,6 +4,8 @@ a line every tenth of the run; one line per evaluation; the run directory at the
 import logging
 import re
 
+import lightning as L
+
 from gwf.train import train
 from tests.conftest import compose_config
 
@@ -45,3 +47,25 @@ def test_the_console_has_only_gwf_lines_and_real_warnings(tmp_path, caplog, recw
     assert not [r.getMessage() for r in caplog.records if any(n in r.getMessage() for n in noise)]
     assert not [str(w.message) for w in recwarn if "IterableDataset" in str(w.message) or "LeafSpec" in str(w.message)]
     assert any(r.getMessage().startswith("resuming from") for r in caplog.records)
+
+
+class CountUpdates(L.Callback):
+    """A user's callback, given by the callbacks group: counts the training batches it sees."""
+
+    seen = 0
+
+    def __init__(self, every: int = 1):
+        self.every = every
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        CountUpdates.seen += 1
+
+
+def test_the_callbacks_group_adds_the_users_callbacks(tmp_path):
+    CountUpdates.seen = 0
+    train(compose_config([*RUN, "trainer.enable_progress_bar=false", "jko.steps=1",
+                          "+callbacks.count._target_=tests.test_progress.CountUpdates", "+callbacks.count.every=2"]),
+          tmp_path / "run")
+    assert CountUpdates.seen >= 10  # every update's batch (and the bank's filling ones)
+    cfg = compose_config(["callbacks=device_stats"])
+    assert cfg.callbacks.device_stats._target_.endswith("DeviceStatsMonitor")
