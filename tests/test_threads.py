@@ -1,6 +1,6 @@
 """threads=auto: the cores free at start (other processes' use measured from /proc/stat), less the data workers,
 shared by a node's ranks; inherited by the ranks a process starts; integers pinned; bad values named. The threads and
-start-up benchmarks run.
+start-up benchmarks run."""
 
 import os
 import subprocess
