@@ -91,10 +91,11 @@ def test_two_process_ddp_critic_method(tmp_path, method, launcher):
     # batch.global_size=128 over 2 ranks: 64 generated samples per rank and update
     assert recs[0]["state"]["bank.data"].shape[1] == 128
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outs[1]
-    # only rank 0 wrote the main files: one set of checkpoints (every 10 updates, and last), one metrics file, no
-    # Lightning hpc checkpoint (its SLURM auto-requeue is off); each rank wrote its side file per checkpoint
+    # only rank 0 wrote the main files: one set of checkpoints (every 10 updates, and last), one metrics file, the
+    # run's completion record, no Lightning hpc checkpoint (its SLURM auto-requeue is off); each rank wrote its side
+    # file per checkpoint
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == ["last.ckpt", "rank_state", "update0000010.ckpt", "update0000020.ckpt"]
+    assert names == ["finished.json", "last.ckpt", "rank_state", "update0000010.ckpt", "update0000020.ckpt"]
     sides = sorted(p.name for p in (run / "checkpoints" / "rank_state").iterdir())
     assert sides == [f"rank0000{r}-update00000{u}.pt" for r in (0, 1) for u in (10, 20)]
     assert not list(run.glob("hpc_ckpt*")) and (run / "metrics.csv").exists()
