@@ -42,9 +42,8 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: tuple = ()) -> dict:
         return done["summary"]
     import lightning as L
     import torch
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     from hydra.utils import instantiate
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from gwf import build
     from gwf.checkpointing import archive_previous_run, resolve_ckpt_path
