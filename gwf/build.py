@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from gwf.callbacks import EvalCallback, UpdateProgress
 from gwf.checkpointing import AtomicCheckpointIO, CheckpointCadence, Preemption
 from gwf.conditioning import ConditioningSampler
-from gwf.config import conf_dir, refuse_set_keys, upgrade_config
+from gwf.config import conf_dir, refuse_set_keys, upgrade_config  # noqa: F401  (conf_dir: imported from here)
 from gwf.data.toy2d import make_sampler
 from gwf.jko import JKOSchedule
 from gwf.loggers import make_loggers
