@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from gwf.callbacks import EvalCallback, UpdateProgress
 from gwf.checkpointing import AtomicCheckpointIO, CheckpointCadence, Preemption
 from gwf.conditioning import ConditioningSampler
-from gwf.config import conf_dir, refuse_set_keys, upgrade_config  # noqa: F401  (conf_dir: imported from here)
+from gwf.config import conf_dir, upgrade_config  # noqa: F401  (conf_dir: imported from here)
 from gwf.data.toy2d import make_sampler
 from gwf.jko import JKOSchedule
 from gwf.loggers import make_loggers
@@ -21,12 +21,6 @@ from gwf.models import build_model
 from gwf.models.critics import build_critic
 from gwf.module import GWFModule, OptimConfig, UpdateSizes
 from gwf.objectives import Objective, build_objective as _objective
-
-def check_config(cfg: DictConfig) -> None:
-    """Refuse a composed config that still sets renamed keys or Trainer arguments gwf sets itself (from an experiment
-    file or +key=value)."""
-    refuse_set_keys(OmegaConf.to_container(cfg))
-
 
 def per_rank_batch(batch: dict, world_size: int, conditional: bool) -> dict:
     """Per-rank sizes of one update from ``batch.global_size`` (generated samples per update summed over all
@@ -86,7 +80,7 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int, world_size: int 
     jko, loop = c["jko"], c.get("loop", {})
     return GWFModule(
         generator, objective, data_shape=tuple(data_shape), conditioning=conditioning,
-        schedule=JKOSchedule(jko["steps"], jko["updates_per_step"], jko.get("updates_first_step")),
+        schedule=JKOSchedule.from_config(jko),
         tau=jko["tau"], jko_start=jko.get("start", "generator"),
         sizes=UpdateSizes(b["gen_per_label"], b["pos_per_label"], b["uncond_per_update"] if conditioning.guided else 0,
                           b["bank_capacity"], b.get("label_chunks", 1), bank_dtype(c["data"])),

@@ -171,8 +171,8 @@ class UpdateProgress(TQDMProgressBar):
 
     def __init__(self, refresh_rate: int = 1, enabled: bool = True, lines: int = 10):
         super().__init__(refresh_rate=refresh_rate)
-        self.enabled, self.lines = enabled, lines
-        self._last_line, self._clock = 0, None
+        self.lines = lines
+        self._last_line, self._clock = 0, (time.monotonic(), 0)
         if not enabled:
             self.disable()
 
@@ -202,7 +202,7 @@ class UpdateProgress(TQDMProgressBar):
         elif trainer.is_global_zero and update > self._last_line and (
                 update - self._last_line >= max(1, total // self.lines) or update == total):
             self._last_line = update
-            t0, u0 = self._clock or (time.monotonic(), 0)
+            t0, u0 = self._clock
             rate = (update - u0) / max(time.monotonic() - t0, 1e-9)
             log.info("update %d/%d (%s), %.1f updates/s", update, total, self._describe(module), rate)
 

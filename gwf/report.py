@@ -56,7 +56,7 @@ class Run:
 # ---------------------------------------------------------------------------------------------- reading
 def total_updates(jko: dict) -> int:
     jko = upgrade_config({"jko": dict(jko)})["jko"]  # runs of older versions too
-    return JKOSchedule(int(jko["steps"]), int(jko["updates_per_step"]), jko.get("updates_first_step")).total_updates
+    return JKOSchedule.from_config(jko).total_updates
 
 
 def _number(v: str):

@@ -21,6 +21,12 @@ class JKOSchedule:
                              f"got steps={self.steps}, "
                              f"updates_first_step={self.updates_first_step}, updates_per_step={self.updates_per_step}")
 
+    @classmethod
+    def from_config(cls, jko) -> "JKOSchedule":
+        """The schedule of a config's ``jko`` node (a dict or DictConfig)."""
+        first = jko.get("updates_first_step")
+        return cls(int(jko["steps"]), int(jko["updates_per_step"]), None if first is None else int(first))
+
     @property
     def first(self) -> int:
         return self.updates_per_step if self.updates_first_step is None else self.updates_first_step

@@ -109,8 +109,7 @@ def finished_summary(cfg: DictConfig, run_dir: Path) -> dict | None:
     marker, last = run_dir / "checkpoints" / FINISHED, run_dir / "checkpoints" / "last.ckpt"
     try:
         record = json.loads(marker.read_text())
-        jko = cfg.jko
-        total = JKOSchedule(int(jko.steps), int(jko.updates_per_step), jko.get("updates_first_step")).total_updates
+        total = JKOSchedule.from_config(cfg.jko).total_updates
         if record["total_updates"] == total and record["last_ckpt_mtime_ns"] == last.stat().st_mtime_ns:
             return record
     except (OSError, ValueError, KeyError, TypeError):

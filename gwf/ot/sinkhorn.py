@@ -3,7 +3,8 @@
 A fixed number of iterations from g = 0, as in the W-Flow code; f and the rows of the plan are recomputed from the
 final g, so row marginals are exact. fp32, outside autocast, without autograd, with fp32 matmuls. Several sets of
 problems that share N and M (feature sets of different dimensions) go through one loop: each set builds its own
-log-kernel -C/eps (its own GEMM) into one [sum B_k, N, M] buffer, and projects onto its own targets at the end.
+log-kernel -C/eps, up to a per-row constant (its own GEMM), into one [sum B_k, N, M] buffer, and projects onto its
+own targets at the end.
 
 Two forms of the same iteration. On an accelerator, the log-domain form: two log-sum-exp sweeps per iteration, no
 host synchronization. On the CPU, the "row-frame" form (bound by the exponentials, so it computes half as many):
