@@ -11,6 +11,7 @@ import time
 import warnings
 from contextlib import contextmanager
 
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 # Variables Lightning's launcher writes into its own process's environment when it starts the other ranks.
@@ -189,3 +190,49 @@ def one_job():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+SWEEP_ID_ENV = "GWF_SWEEP_ID"  # the sweep a launching process started, inherited by its jobs (submitit, sbatch)
+SWEEP_RECORDS = "sweeps"  # <hydra.sweep.dir>/sweeps/<id>/: one folder per `-m` launch
+
+
+class SweepRecord(Callback):
+    """A Hydra callback that keeps one record per ``-m`` launch. Sweeps of the same name share one directory (a
+    relaunch continues its points), and Hydra's ``multirun.yaml`` there holds only the last launch. So each launch
+    gets ``<sweep dir>/sweeps/<id>/``: its composed config (``multirun.yaml``), its command-line overrides
+    (``sweep.yaml``), and ``jobs/<n>`` naming the run directory of job n. ``gwf-report <dir> --sweep <id>|latest``
+    reports one launch. Only the launching process records (never a rank started beside it)."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        if not is_launching_process():
+            return
+        records = os.path.join(str(config.hydra.sweep.dir), SWEEP_RECORDS)
+        os.makedirs(records, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        sweep_id, n = stamp, 1
+        while True:
+            try:
+                os.mkdir(os.path.join(records, sweep_id))
+                break
+            except FileExistsError:  # two launches within a second
+                n += 1
+                sweep_id = f"{stamp}_{n}"
+        folder = os.path.join(records, sweep_id)
+        OmegaConf.save(config, os.path.join(folder, "multirun.yaml"))
+        OmegaConf.save(OmegaConf.create({"id": sweep_id, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                         "overrides": list(config.hydra.overrides.task)}),
+                       os.path.join(folder, "sweep.yaml"))
+        os.environ[SWEEP_ID_ENV] = sweep_id
+
+    def on_job_start(self, config, **kwargs) -> None:
+        from hydra.types import RunMode
+
+        sweep_id = os.environ.get(SWEEP_ID_ENV)
+        if sweep_id is None or config.hydra.mode != RunMode.MULTIRUN or not is_launching_process():
+            return
+        sweep_dir = os.path.abspath(str(config.hydra.sweep.dir))
+        jobs = os.path.join(sweep_dir, SWEEP_RECORDS, sweep_id, "jobs")
+        os.makedirs(jobs, exist_ok=True)
+        run_dir = os.path.relpath(os.path.abspath(str(config.hydra.runtime.output_dir)), sweep_dir)
+        with open(os.path.join(jobs, str(config.hydra.job.num)), "w") as f:
+            f.write(run_dir + "\n")

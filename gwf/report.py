@@ -21,6 +21,7 @@ import yaml
 from gwf import console_main
 from gwf.config import upgrade_config
 from gwf.jko import JKOSchedule
+from gwf.launch import SWEEP_RECORDS
 
 # [GWF]'s row order; other objectives follow alphabetically
 OBJECTIVE_ORDER = ("kl", "kl_dv", "chi2", "js", "mmd", "w1", "mmd_gan", "wflow", "drifting")
@@ -107,11 +108,33 @@ def excluded_keys(run_dir: Path) -> set[str]:
 
 def find_runs(root: Path) -> list[Run]:
     """Every run directory (holding gwf-train's config.yaml, not Hydra's .hydra/config.yaml) under ``root``."""
-    dirs = sorted(p.parent for p in root.rglob("config.yaml") if p.parent.name != ".hydra")
+    dirs = sorted(p.parent for p in root.rglob("config.yaml")
+                  if p.parent.name != ".hydra" and SWEEP_RECORDS not in p.relative_to(root).parts)
     if not dirs:
         raise FileNotFoundError(f"no run directory (with config.yaml) under {root}; pass the sweep directory, "
                                 "e.g. runs/<name>/multirun")
     return [read_run(d, root) for d in dirs]
+
+
+def sweep_records(root: Path) -> list[str]:
+    """The ids of the ``-m`` launches recorded under a sweep directory (gwf.launch.SweepRecord), oldest first."""
+    folder = root / SWEEP_RECORDS
+    return sorted(p.name for p in folder.iterdir() if (p / "sweep.yaml").exists()) if folder.is_dir() else []
+
+
+def sweep_runs(root: Path, sweep_id: str) -> tuple[str, set[str]]:
+    """(id, the run directories relative to ``root``) of one recorded launch; ``latest`` is the newest."""
+    ids = sweep_records(root)
+    if not ids:
+        raise FileNotFoundError(f"--sweep {sweep_id}: {root} holds no sweep records ({SWEEP_RECORDS}/<id>/, written "
+                                "by every `gwf-train -m` launch); drop --sweep to report every run under it")
+    if sweep_id == "latest":
+        sweep_id = ids[-1]
+    if sweep_id not in ids:
+        raise ValueError(f"--sweep {sweep_id}: no such launch under {root}; recorded: {', '.join(ids)} (or latest)")
+    jobs = root / SWEEP_RECORDS / sweep_id / "jobs"
+    names = {Path(p.read_text().strip()).as_posix() for p in jobs.iterdir()} if jobs.is_dir() else set()
+    return sweep_id, names
 
 
 def run_from_wandb(name: str, config: dict, summary: dict) -> Run:
@@ -331,7 +354,7 @@ def choose_metric(runs: list[Run], metric: str | None) -> str:
 
 
 def report(runs: list[Run], out: Path, metric: str | None = None) -> dict:
-    """Write the table (Markdown, CSV) and the figures; returns {"metric", "markdown", "files"}."""
+    """Write the table (Markdown, CSV) and the figures; returns {"metric", "markdown", "files", "runs"}."""
     metric = choose_metric(runs, metric)
     out.mkdir(parents=True, exist_ok=True)
     rows, columns, table = make_table(runs, metric)
@@ -340,7 +363,7 @@ def report(runs: list[Run], out: Path, metric: str | None = None) -> dict:
     files[0].write_text(markdown)
     files += [p for p in (plot_curves(runs, metric, out / f"curves_{metric}.png"),
                           plot_heatmap(rows, columns, table, metric, out / f"heatmap_{metric}.png")) if p]
-    return {"metric": metric, "markdown": markdown, "files": files}
+    return {"metric": metric, "markdown": markdown, "files": files, "runs": runs}
 
 
 def run(argv=None) -> dict:
@@ -349,6 +372,8 @@ def run(argv=None) -> dict:
     p.add_argument("sweep_dir", nargs="?", help="Hydra multirun directory, e.g. runs/<name>/multirun")
     p.add_argument("--metric", help="evaluation metric (default: sinkhorn_div, else fd)")
     p.add_argument("--out", help="output directory (default: <sweep_dir>/report)")
+    p.add_argument("--sweep", help="only the runs of one `-m` launch: its id (<sweep_dir>/sweeps/<id>) or latest; "
+                   "default: every run under the sweep directory")
     p.add_argument("--wandb-project", help="read runs from this wandb project (entity/project) instead")
     p.add_argument("--wandb-group", help="only this group of the wandb project (e.g. the experiment name)")
     args = p.parse_args(argv)
@@ -359,8 +384,19 @@ def run(argv=None) -> dict:
     else:
         p.error("give a sweep directory or --wandb-project")
     out = Path(args.out) if args.out else Path(args.sweep_dir or ".") / "report"
+    if args.sweep:
+        if not args.sweep_dir:
+            p.error("--sweep selects a launch within a sweep directory; give the directory")
+        sweep_id, names = sweep_runs(Path(args.sweep_dir), args.sweep)
+        runs = [r for r in runs if Path(r.path).as_posix() in names]
+        if not runs:
+            raise FileNotFoundError(f"--sweep {sweep_id}: none of its jobs has a run directory yet")
+        out = Path(args.out) if args.out else out / sweep_id
     result = report(runs, out, args.metric)
     print(result["markdown"])
+    launches = sweep_records(Path(args.sweep_dir)) if args.sweep_dir and not args.sweep else []
+    if len(launches) > 1:
+        print(f"{len(launches)} launches share this directory ({', '.join(launches)}); --sweep <id> reports one")
     print("wrote " + ", ".join(str(f) for f in result["files"]))
     return result
 

@@ -134,3 +134,41 @@ def test_curves_have_seed_bands_and_the_heat_map_text_is_readable(sweep):
     assert curves["mmd"][1.0][2] == [0.0] * len(curves["mmd"][1.0][0])  # one seed: no band
     assert text_color((0.99, 0.91, 0.14, 1.0)) == "black"  # viridis' light yellow end
     assert text_color((0.27, 0.00, 0.33, 1.0)) == "white"  # its dark purple end
+
+
+def test_two_launches_sharing_a_name_report_one_at_a_time(tmp_path):
+    """Two real `gwf-train -m` launches of one experiment write into one sweep directory (a relaunch continues its
+    points) and Hydra's multirun.yaml keeps only the last; each launch's record (gwf.launch.SweepRecord) lets
+    gwf-report show one launch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    runs = tmp_path / "runs"
+    common = ["experiment=gwf_2d", "jko.steps=1", "jko.updates_first_step=4", "batch.gen_per_label=32",
+              "batch.pos_per_label=32", "batch.bank_capacity=64", "data.batch_size=32", "eval.num_samples=100",
+              "eval.every_n_updates=4", "logger=none", "trainer.enable_progress_bar=false", "threads=1",
+              f"paths.root={runs}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("GWF_SWEEP_ID", "GWF_SWEEP_JOB")}
+    launches = (["method=kl", "seed=0,1"], ["method=kl,mmd", "seed=0"])  # the 2nd relaunches kl seed 0
+    for sweep in launches:
+        res = subprocess.run([sys.executable, "-m", "gwf.train", "-m", *sweep, *common], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=400)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    root = runs / "gwf_2d" / "multirun"
+    first, second = sorted(p.name for p in (root / "sweeps").iterdir())
+    assert yaml.safe_load((root / "sweeps" / first / "sweep.yaml").read_text())["overrides"][:2] == launches[0]
+    assert "seed=0,1" in (root / "sweeps" / first / "multirun.yaml").read_text()
+
+    def seeds(result):
+        return {(r.method, r.seed) for r in result["runs"]}
+
+    everything = main([str(root), "--out", str(tmp_path / "all")])
+    assert seeds(everything) == {("kl", 0), ("kl", 1), ("mmd", 0)}
+    latest = main([str(root), "--sweep", "latest"])
+    assert seeds(latest) == {("kl", 0), ("mmd", 0)}
+    assert Path(latest["files"][0]).parent == root / "report" / second
+    assert seeds(main([str(root), "--sweep", first, "--out", str(tmp_path / "one")])) == {("kl", 0), ("kl", 1)}
+    with pytest.raises(ValueError, match=f"--sweep nope: no such launch .*recorded: {first}, {second}"):
+        main([str(root), "--sweep", "nope"])
