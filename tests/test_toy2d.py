@@ -52,6 +52,18 @@ def test_sinkhorn_divergence_separates_target_from_shifted_copy():
     assert abs(same["mmd2"]) < 0.02 * shifted["mmd2"]
 
 
+@pytest.mark.parametrize("target, scale, n, m", [("8gaussians", 1.1, 600, 500), ("moons", 1.0, 400, 400),
+                                                  ("checkerboard", 3.0, 300, 350)])
+def test_sinkhorn_divergence_is_geomlosss_to_float_rounding(target, scale, n, m):
+    """The evaluator's own loop against geomloss's SamplesLoss (the algorithm it follows) on near and far clouds:
+    the clamped exponents (below -87, where fp32 exp underflows) change nothing beyond fp32 rounding."""
+    from geomloss import SamplesLoss
+
+    x, y = make_sampler(target)(n, _g(7)) * scale, make_sampler(target)(m, _g(8))
+    ref = float(SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.9, debias=True, backend="tensorized")(x, y))
+    assert sinkhorn_divergence(x, y) == pytest.approx(ref, rel=2e-5, abs=1e-8)
+
+
 def test_domain_transfer_oval_to_circle_is_near_optimal_transport(tmp_path):
     """W-Flow + JKO from the source itself (T_0 = identity): the pushed oval matches the circle, and the generator
     moves points on average no more than 15% beyond W1(oval, circle), the least possible mean displacement
@@ -72,3 +84,13 @@ def test_domain_transfer_oval_to_circle_is_near_optimal_transport(tmp_path):
     y = make_sampler("circle")(n, _g(8)).double().numpy()
     w1 = ot.emd2(np.full(n, 1 / n), np.full(n, 1 / n), ot.dist(x, y, metric="euclidean"), numItermax=10**7)
     assert last["mean_transport"] <= 1.15 * w1, (last["mean_transport"], w1)
+
+
+def test_eval2d_benchmark_runs_and_agrees_with_geomloss(tmp_path):
+    import json
+
+    from gwf.bench.eval2d import main as bench
+
+    bench(["--sizes", "80", "--repeats", "1", "--json", str(tmp_path / "rows.json")])
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert row["points"] == 80 and row["abs_diff"] <= 1e-5 * abs(row["geomloss"]) + 1e-8

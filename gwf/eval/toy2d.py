@@ -3,8 +3,8 @@ targets, mode recall and high-quality rate."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from geomloss import SamplesLoss
 from torch import Tensor
 
 from gwf.data.toy2d import GaussianMixture, make_sampler
@@ -13,10 +13,56 @@ from gwf.objectives.mmd import mmd2_unbiased
 from gwf.seeding import make_generator
 
 
-def sinkhorn_divergence(x: Tensor, y: Tensor, blur: float = 0.05) -> float:
-    """Debiased Sinkhorn divergence S_eps(x, y), cost |x-y|^2/2, eps = blur^2 (geomloss, tensorized, fp32)."""
-    loss = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=0.9, debias=True, backend="tensorized")
-    return float(loss(x.detach().float().cpu(), y.detach().float().cpu()))
+# fp32 exp(t) is subnormal or 0 below about -87.3, and torch's CPU exp is 20-50x slower on such inputs (measured:
+# 2.6 ms for 4M values in [-80, 0], 76 ms in [-200, 0]). Clamping there changes no sum of a log-sum-exp: its largest
+# term is 1 and all clamped terms together stay below 1e-34.
+EXP_FLOOR = -87.0
+
+
+def _softmin(eps: float, c: Tensor, h: Tensor) -> Tensor:
+    """-eps log sum_j exp(h_j - c_ij / eps) for each row i (geomloss's softmin_tensorized)."""
+    t = torch.add(h.view(1, -1), c, alpha=-1.0 / eps)
+    m = t.amax(1, keepdim=True)
+    return -eps * (t.sub_(m).clamp_min_(EXP_FLOOR).exp_().sum(1).log_() + m.view(-1))
+
+
+def _half_sq_dist(x: Tensor, y: Tensor) -> Tensor:
+    """|x_i - y_j|^2 / 2 as geomloss forms it: |x_i|^2 - 2 x_i.y_j + |y_j|^2, halved."""
+    return ((x * x).sum(1, keepdim=True) - 2 * x @ y.T + (y * y).sum(1)) / 2
+
+
+def eps_schedule(diameter: float, blur: float, scaling: float) -> list[float]:
+    """geomloss's annealing for p = 2: diameter^2, then blur^2 divided by scaling^2 at each step, down to blur^2."""
+    return ([diameter ** 2] + [float(np.exp(e)) for e in np.arange(2 * np.log(diameter), 2 * np.log(blur),
+                                                                   2 * np.log(scaling))] + [blur ** 2])
+
+
+def sinkhorn_divergence(x: Tensor, y: Tensor, blur: float = 0.05, scaling: float = 0.9) -> float:
+    """Debiased Sinkhorn divergence S_eps(x, y) = OT_eps(x, y) - OT_eps(x, x) / 2 - OT_eps(y, y) / 2 between
+    uniform clouds [N, D] and [M, D], cost |x - y|^2 / 2, eps = blur^2, in fp32. The algorithm of geomloss's
+    SamplesLoss("sinkhorn", p=2, debias=True, backend="tensorized"): symmetric updates annealed from the squared
+    diameter of the two clouds, then one last full update (tests/test_eval_toy2d.py checks agreement). Its
+    log-sum-exp clamps exponents that would underflow, which makes it 10-20x faster on a CPU."""
+    x, y = x.detach().float().cpu(), y.detach().float().cpu()
+    n, m = len(x), len(y)
+    log_a, log_b = float(np.log(np.float32(1.0 / n))), float(np.log(np.float32(1.0 / m)))
+    ha, hb = torch.full((n,), log_a), torch.full((m,), log_b)
+    c_xy, c_yx, c_xx, c_yy = _half_sq_dist(x, y), _half_sq_dist(y, x), _half_sq_dist(x, x), _half_sq_dist(y, y)
+    lo, hi = torch.minimum(x.min(0).values, y.min(0).values), torch.maximum(x.max(0).values, y.max(0).values)
+    schedule = eps_schedule(float((hi - lo).norm()), blur, scaling)
+
+    def update(eps, f_ba, g_ab, f_aa, g_bb):
+        return (_softmin(eps, c_xy, hb + g_ab / eps), _softmin(eps, c_yx, ha + f_ba / eps),
+                _softmin(eps, c_xx, ha + f_aa / eps), _softmin(eps, c_yy, hb + g_bb / eps))
+
+    eps = schedule[0]
+    f_ba, g_ab, f_aa, g_bb = (_softmin(eps, c_xy, hb), _softmin(eps, c_yx, ha), _softmin(eps, c_xx, ha),
+                              _softmin(eps, c_yy, hb))
+    for eps in schedule:
+        new = update(eps, f_ba, g_ab, f_aa, g_bb)
+        f_ba, g_ab, f_aa, g_bb = (0.5 * (old + t) for old, t in zip((f_ba, g_ab, f_aa, g_bb), new))
+    f_ba, g_ab, f_aa, g_bb = update(eps, f_ba, g_ab, f_aa, g_bb)
+    return float((f_ba - f_aa).mean() + (g_ab - g_bb).mean())
 
 
 def mode_metrics(x: Tensor, mixture: GaussianMixture, k_sigma: float = 3.0, recall_fraction: float = 0.25) -> dict:
