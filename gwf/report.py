@@ -1,7 +1,8 @@
 """``gwf-report``: a Hydra sweep (objective x tau x seed) as a table (Markdown, CSV) and figures.
 
     gwf-report runs/gwf_2d/multirun --metric sinkhorn_div          # -> runs/gwf_2d/multirun/report/
-    gwf-report runs/gwf_2d/multirun --wandb-project me/gwf          # the same from wandb run summaries
+    gwf-report runs/gwf_2d/multirun --sweep latest                 # one `-m` launch -> report/<id>/
+    gwf-report --wandb-project me/gwf --wandb-group gwf_2d-sweep   # the same from wandb run summaries
 
 Incomplete or crashed runs are listed, never averaged. Outputs and layout: docs/evaluation.md.
 """

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-from gwf.launch import register_resolvers
+from gwf.launch import SWEEP_RECORDS, register_resolvers
 from tests.conftest import CONF_DIR, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,8 +151,12 @@ def test_local_multirun_with_ddp_creates_exactly_one_run_dir_per_point(tmp_path)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no stray outputs/ or multirun/ trees
     assert [p.relative_to(runs).as_posix() for p in runs.glob("*/*")] == ["gwf_2d/multirun"]
-    points = sorted(p for p in (runs / "gwf_2d" / "multirun").iterdir() if p.is_dir())
+    sweep_dir = runs / "gwf_2d" / "multirun"
+    points = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != SWEEP_RECORDS)
     assert [p.name.split("seed=")[1].split(",")[0] for p in points] == ["0", "1"]
+    # one launch record, written by the parent only (the DDP child re-runs the sweep's command line)
+    (record,) = (sweep_dir / SWEEP_RECORDS).iterdir()
+    assert sorted((record / "jobs" / n).read_text().strip() for n in ("0", "1")) == [p.name for p in points]
     for p in points:
         import torch
 
