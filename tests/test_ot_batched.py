@@ -1,5 +1,5 @@
-"""The GPU-scale shape of the own engine: every feature set of an update in one Sinkhorn loop per target (bitwise equal
-to one call per set), no host synchronization on the training path, the optional torch.compile of the loop (same V
+"""The GPU-scale shape of the own engine: every feature set of an update in one Sinkhorn loop per target (equal to one
+call per set to fp32 rounding), no host synchronization on the training path, the optional torch.compile of the loop (same V
 within fp32 rounding), fp32 matmuls pinned inside the fp32 island, chunks sized per device."""
 
 import gwf  # noqa: F401  (first: torchvision workaround)
@@ -79,6 +79,12 @@ def _objective(cls, encoder=None, **kwargs):
     return objective
 
 
+def assert_fp32_equal(actual, expected):
+    """Equal to a few fp32 roundings of the larger magnitude (the batch count may change the CPU GEMM kernel)."""
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=4e-6, atol=4e-6 * max(scale, 1e-30))
+
+
 # --------------------------------------------------------------------------------------------------------
 # One Sinkhorn loop for several sets = one loop per set
 # --------------------------------------------------------------------------------------------------------
@@ -86,18 +92,20 @@ def _objective(cls, encoder=None, **kwargs):
 
 @pytest.mark.parametrize("n, m, chunk_size, mask", [(12, 10, None, False), (12, 12, None, True), (40, 33, 7, False),
                                                     (33, 33, 1, True), (300, 280, None, False)])
-def test_multi_set_projection_equals_one_call_per_set_bitwise(n, m, chunk_size, mask):
-    """Same arithmetic per problem (own GEMM per set, element-wise kernel sweep, per-row reductions), so on CPU the
-    sets batched along the problem axis give the per-set results bit for bit, chunked or not, masked or not."""
+def test_multi_set_projection_equals_one_call_per_set(n, m, chunk_size, mask):
+    """Same arithmetic per problem (own GEMM per set, element-wise kernel sweep, per-row reductions), so the sets
+    batched along the problem axis give the per-set results, chunked or not, masked or not. To fp32 rounding, not bit
+    for bit: on AVX-512 MKL's bmm of [b, 1, K] x [b, K, M] (the row frame's column sums) rounds a problem differently
+    with b = 1 and b > 1 (found on an AMD EPYC; bit for bit on the AVX2 machines before)."""
     xs, ys, eps = _sets(0, (3, 1, 5), (4, 7, 130), n, m)
     ys = xs if mask else ys
     together = barycentric_projections(xs, ys, eps, n_iters=15, mask_diagonal=mask, chunk_size=chunk_size)
     for x, y, e, t in zip(xs, ys, eps, together):
-        assert torch.equal(t, barycentric_projection(x, y, e, n_iters=15, mask_diagonal=mask, chunk_size=chunk_size))
+        assert_fp32_equal(t, barycentric_projection(x, y, e, n_iters=15, mask_diagonal=mask, chunk_size=chunk_size))
 
 
 @pytest.mark.parametrize("estimator", ["two_batch", "single", "masked"])
-def test_multi_set_velocities_equal_one_call_per_set_bitwise(estimator):
+def test_multi_set_velocities_equal_one_call_per_set(estimator):
     xs, pos, _ = _sets(1, (2, 5, 1), (3, 9, 40), 14, 11)
     negs, uncs, _ = _sets(2, (2, 5, 1), (3, 9, 40), 14, 6)
     uncs[1] = uncs[1][0]  # [U, D]: one unconditional batch shared by the set's problems
@@ -107,7 +115,9 @@ def test_multi_set_velocities_equal_one_call_per_set_bitwise(estimator):
     for k in range(3):
         v, info = sinkhorn_velocity(xs[k], pos[k], None if neg is None else neg[k], estimator=estimator,
                                     uncond=uncs[k], guidance_w=ws[k], n_iters=12)
-        assert torch.equal(vs[k], v) and all(torch.equal(infos[k][name], info[name]) for name in info)
+        assert_fp32_equal(vs[k], v)
+        for name in info:
+            assert_fp32_equal(infos[k][name], info[name])
 
 
 def test_multi_set_errors():
@@ -130,7 +140,7 @@ def test_multi_set_errors():
 @pytest.mark.parametrize("estimator", ["two_batch", "masked", "single"])
 def test_wflow_feature_loss_equals_the_per_set_path(estimator):
     """Same problems and fields; the merged width (loc and glob, C = 6) sums its sets' squares in another order than
-    one mean per set, so loss, gradient and logs agree to fp32 rounding (the fields themselves bitwise: above)."""
+    one mean per set, so loss, gradient and logs agree to fp32 rounding (the fields themselves: above)."""
     x, neg, pos, unc, alpha, w = _batch()
     batched = _loss(_objective(WFlow, Tokens(w), estimator=estimator, eta=0.7), x, neg, pos, unc, alpha)
     per_set = _loss(_objective(PerSetWFlow, Tokens(w), estimator=estimator, eta=0.7), x, neg, pos, unc, alpha)
