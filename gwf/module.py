@@ -177,16 +177,24 @@ class GWFModule(L.LightningModule):
     _ADVICE = ("Lower optim.lr, enable optim.grad_clip, or check the data for NaN/inf, then resume.")
 
     def _check_finite(self, what: str, **terms: Tensor) -> None:
-        """Stop on a non-finite loss. On CPU at once, before any parameter changes; on an accelerator the first
-        such update is recorded on the device and reported by ``raise_if_nonfinite`` (at logs and checkpoints, so
-        a non-finite state is never saved) instead of reading the device at every update."""
+        """Stop on a non-finite loss. On CPU at once, before any parameter changes, on every rank of a DDP run alike
+        (the terms are gathered from all ranks: one small all_gather per check); on an accelerator the first such
+        update is recorded on the device and reported by ``raise_if_nonfinite`` (at logs and checkpoints, so a
+        non-finite state is never saved, combined over the ranks) instead of reading the device at every update."""
         bad = ~torch.stack([torch.isfinite(t.detach()).all() for t in terms.values()]).all()
         if not (self.device.type != "cpu" if self.defer_finite_check is None else self.defer_finite_check):
-            if bool(bad):
-                values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
+            if self._trainer is not None and self.trainer.world_size > 1:  # every rank learns every rank's values
+                values = self.trainer.strategy.all_gather(values).reshape(self.trainer.world_size, -1)
+            else:
+                values = values[None]
+            ranks = [r for r in range(len(values)) if not bool(torch.isfinite(values[r]).all())]
+            if ranks:  # the same message on every rank, before any backward pass (no rank left in a collective)
+                where = f" on rank {', '.join(map(str, ranks))} of {len(values)}" if len(values) > 1 else ""
+                shown = ", ".join(f"{k}={float(v):.4g}" for k, v in zip(terms, values[ranks[0]]))
                 raise FloatingPointError(
-                    f"non-finite {what} at update {self.update} ({values}); no parameter was updated, so the last "
-                    f"checkpoint (checkpoints/last.ckpt in the run directory) is intact. {self._ADVICE}")
+                    f"non-finite {what} at update {self.update}{where} ({shown}); no parameter was updated, so the "
+                    f"last checkpoint (checkpoints/last.ckpt in the run directory) is intact. {self._ADVICE}")
             return
         found = torch.stack([self.update_count, self.update_count * 0 + self._LOSSES.index(what)])  # no host copy
         self._nonfinite.copy_(torch.where(bad & (self._nonfinite[0] < 0), found, self._nonfinite))

@@ -1,10 +1,11 @@
 """A training process for the tests that need a real one (DDP ranks started from outside, SIGKILL, signals):
 
-    python -m tests.driver RUN_DIR [--pause-at U] [--record] [OVERRIDES...]
+    python -m tests.driver RUN_DIR [--pause-at U] [--record] [--nan-at U R] [OVERRIDES...]
 
 ``--pause-at U`` blocks after update U (checkpoint callbacks have run) until RUN_DIR/go exists, after writing
 RUN_DIR/paused-rank<r>: the test then kills or signals the process at a known point. ``--record`` writes
 RUN_DIR/rank<r>.pt at the end of training: the module state and 8 draws of the rank's generator noise stream.
+``--nan-at U R`` makes rank R's generator loss NaN at update U (its first parameter set to NaN).
 ``--ignore-rank-state`` resumes without the per-rank side files (every rank keeps rank 0's buffers from the main
 checkpoint, the behaviour before side files existed): the negative control of tests/test_ddp_resume.py."""
 
@@ -34,6 +35,19 @@ class PauseAt(L.Callback):
             time.sleep(0.05)
 
 
+class PoisonAt(L.Callback):
+    """Sets this rank's first generator parameter to NaN before update U (only on rank R): one rank's loss becomes
+    non-finite while the others' stay finite."""
+
+    def __init__(self, update: int, rank: int):
+        self.update, self.rank = update, rank
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_rank == self.rank and module.update == self.update:
+            with torch.no_grad():
+                next(module.generator.parameters()).fill_(float("nan"))
+
+
 class Record(L.Callback):
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -51,6 +65,7 @@ def main() -> None:
     p.add_argument("--pause-at", type=int)
     p.add_argument("--record", action="store_true")
     p.add_argument("--ignore-rank-state", action="store_true")
+    p.add_argument("--nan-at", type=int, nargs=2, metavar=("UPDATE", "RANK"))
     args, overrides = p.parse_known_args()
     args.run_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [PauseAt(args.pause_at, args.run_dir)] if args.pause_at is not None else []
@@ -60,6 +75,8 @@ def main() -> None:
         CheckpointCadence.load_rank_state = lambda self, trainer, module, checkpoint: None
     if args.record:
         callbacks.append(Record(args.run_dir))
+    if args.nan_at:
+        callbacks.append(PoisonAt(*args.nan_at))
     summary = train(compose_config(overrides), args.run_dir, extra_callbacks=tuple(callbacks))
     print("SUMMARY " + json.dumps(summary), flush=True)
 

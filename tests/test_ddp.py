@@ -139,3 +139,25 @@ def test_two_process_label_chunks_equal_one_pass(tmp_path, digits_dir):
     for k, v in states[1].items():
         if k.startswith(("generator.", "ema.model.")):
             assert torch.allclose(states[2][k], v, atol=1e-5, rtol=1e-5), k
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tmp_path):
+    """Only rank 1's loss is NaN (at update 3): both ranks raise at that update, before any backward pass, with the
+    same message naming the rank, instead of rank 0 waiting in the gradient all-reduce until the collective timeout
+    (the timeout here makes a hang fail the test)."""
+    port = _free_port()
+    overrides = [*TINY_2D, "method=wflow"]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.driver", str(tmp_path), "--nan-at", "3", "1", *overrides],
+                              cwd=REPO, env={**_clean_env(), **torchrun_env(r, 2, port)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("a rank hung after another rank's non-finite loss")
+    message = "FloatingPointError: non-finite generator loss at update 3 on rank 1 of 2 (gen_loss=nan"
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode != 0 and message in out, f"rank {r}:\n{out[-3000:]}"
+    lines = [next(line[line.index(message):] for line in out.splitlines() if message in line) for out in outs]
+    assert lines[0] == lines[1]  # the whole message, values included
