@@ -5,7 +5,8 @@
                         [--batch-size 32] [--workers P] [--device auto]
     gwf-prepare digits  --out data/digits
 
-A rerun skips the shards that match their record in .records/, redoes the missing ones, and refuses to overwrite a
+Several hosts prepare one folder with ``--part i/n`` (part i of n: a deterministic, disjoint range of the shards);
+the part that finds every shard complete writes the manifest. A rerun skips the shards that match their record in .records/, redoes the missing ones, and refuses to overwrite a
 complete shard made from other inputs or settings (--overwrite redoes it). Formats and protocol: data/README.md.
 """
 
@@ -18,6 +19,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import socket
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -97,11 +99,51 @@ def is_complete(out: Path, job: ShardJob, fp: str, overwrite: bool = False) -> b
     )
 
 
+def parse_part(part: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    if part is None:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in str(part).split("/"))
+    except ValueError:
+        i = n = -1
+    if not 0 <= i < n:
+        raise ValueError(f"--part must be i/n with 0 <= i < n (e.g. 0/4 on the first of 4 hosts), got {part!r}")
+    return i, n
+
+
+def part_of(jobs: list[ShardJob], part: int, parts: int) -> list[ShardJob]:
+    """Part ``part`` of ``parts``: a contiguous range of the plan's shards, disjoint from the other parts' and the
+    same on every host (the plan is)."""
+    return jobs[part * len(jobs) // parts : (part + 1) * len(jobs) // parts]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_own_stale_temporaries(out: Path, name: str) -> list[Path]:
+    """Partial files of shard ``name`` left by dead processes of this host (temporary names carry host and pid:
+    gwf.data.shards.temporary_path). Other hosts' temporaries are theirs to clean: never touched here."""
+    host, removed = socket.gethostname(), []
+    for tmp in out.glob(f".{name}.tmp-*"):
+        owner, _, rest = tmp.name[len(f".{name}.tmp-"):].rpartition("-")[0].rpartition("-")
+        if owner == host and rest.isdigit() and int(rest) != os.getpid() and not _pid_alive(int(rest)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def write_shard(out: Path, job: ShardJob, maker, fp: str, on_item=lambda n: None) -> dict:
     """Write one shard: temporary file -> record -> rename. Returns the record."""
     path = out / job.name
-    for stale in out.glob(f".{job.name}.tmp-*"):  # a partial shard of an interrupted run
-        stale.unlink(missing_ok=True)
+    remove_own_stale_temporaries(out, job.name)  # partial shards of this host's interrupted runs
     tmp, counts = temporary_path(path), Counter()
     samples, corrupt = maker.samples(list(job.items), list(job.keys), on_item)
     try:
@@ -203,20 +245,33 @@ def write_manifest(out: Path, src: Path, classes: list[str], jobs: list[ShardJob
 
 
 def prepare(maker, src, out, *, samples_per_shard: int, val_fraction: float = 0.0, seed: int = 0,
-            device: str = "cpu", workers: int | None = 1, overwrite: bool = False) -> dict:  # fmt: skip
-    """Scan ``src``, plan the shards, write the missing ones with ``maker`` (PixelShards or LatentShards), then the
-    manifest, which is returned."""
+            device: str = "cpu", workers: int | None = 1, overwrite: bool = False,
+            part: str | None = None) -> dict | None:  # fmt: skip
+    """Scan ``src``, plan the shards, write the missing ones of this ``part`` ("i/n"; None: all) with ``maker``
+    (PixelShards or LatentShards), then, when every shard of the plan is complete, the manifest, which is returned
+    (None while other parts are missing)."""
     src, out, t0 = Path(src), Path(out), time.perf_counter()
+    index, parts = parse_part(part)
     items, classes = scan_image_folder(src)
     jobs = plan_jobs(items, samples_per_shard, val_fraction, seed)
+    mine = part_of(jobs, index, parts)
     devices = resolve_devices(device, workers)
     (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     fps = {job.name: fingerprint(job, src, maker.settings()) for job in jobs}
-    todo = [job for job in jobs if not is_complete(out, job, fps[job.name], overwrite)]
-    print(f"gwf-prepare {maker.kind}: {len(items)} images, {len(classes)} classes, {len(jobs)} shards "
-          f"({len(jobs) - len(todo)} already complete), {len(devices)} worker(s) on {', '.join(sorted(set(devices)))}")
+    todo = [job for job in mine if not is_complete(out, job, fps[job.name], overwrite)]
+    which = f", part {index}/{parts}: {len(mine)} of them ({mine[0].name} .. {mine[-1].name})" if parts > 1 and mine \
+        else f", part {index}/{parts}: none of them" if parts > 1 else ""
+    print(f"gwf-prepare {maker.kind}: {len(items)} images, {len(classes)} classes, {len(jobs)} shards{which} "
+          f"({len(mine) - len(todo)} already complete), {len(devices)} worker(s) on {', '.join(sorted(set(devices)))}")
     run_jobs(out, todo, maker, fps, devices)
     options = dict(samples_per_shard=samples_per_shard, val_fraction=val_fraction, seed=seed)
+    others = [job for job in jobs if job not in mine]
+    missing = [job.name for job in others if not is_complete(out, job, fps[job.name])]  # raises on a foreign shard
+    if missing:
+        print(f"part {index}/{parts} done in {time.perf_counter() - t0:.1f} s; {len(missing)} shard(s) of other parts "
+              f"are not complete yet (first: {missing[0]}): the part that completes the plan writes "
+              f"{out / MANIFEST_FILE} (or rerun any part once all are done)")
+        return None
     manifest = write_manifest(out, src, classes, jobs, maker, options)
     seconds = time.perf_counter() - t0
     written = sum(len(job.items) for job in todo)
@@ -250,6 +305,8 @@ def _common_args(p: argparse.ArgumentParser, samples_per_shard: int) -> None:
     p.add_argument("--val-fraction", type=float, default=0.0, help="stratified validation split (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--overwrite", action="store_true", help="redo complete shards that differ from the plan")
+    p.add_argument("--part", default=None, metavar="I/N",
+                   help="write part I of N (0-based) of the shards: one per host preparing the same --out")
 
 
 def _images_args(p: argparse.ArgumentParser) -> None:
@@ -275,13 +332,13 @@ def _digits_args(p: argparse.ArgumentParser) -> None:
 
 def _run_images(a) -> None:
     prepare_images(a.src, a.out, a.size, a.samples_per_shard, val_fraction=a.val_fraction, seed=a.seed,
-                   workers=a.workers, overwrite=a.overwrite)  # fmt: skip
+                   workers=a.workers, overwrite=a.overwrite, part=a.part)  # fmt: skip
 
 
 def _run_latents(a) -> None:
     prepare_latents(a.src, a.out, a.vae, a.subfolder, a.resolution, a.batch_size, a.samples_per_shard,
                     a.allow_download, a.device, val_fraction=a.val_fraction, seed=a.seed, workers=a.workers,
-                    overwrite=a.overwrite)  # fmt: skip
+                    overwrite=a.overwrite, part=a.part)  # fmt: skip
 
 
 def _run_digits(a) -> None:

@@ -2,6 +2,7 @@
 resampling, pixel shards -> ShardDataModule batches equal to the source images, the CLI, and refusing to overwrite."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,45 @@ def test_truncated_shard_is_a_clear_error(tmp_path):
         dm.load_split("train")
     with pytest.raises(FileExistsError, match="train-000001.tar does not match its recorded sha256"):
         prepare_images(src, tmp_path / "out", size=8, samples_per_shard=6)
+
+
+def test_two_hosts_prepare_one_folder_in_parts(tmp_path):
+    """--part 0/2 and --part 1/2 run at once on one --out (as two hosts would): disjoint shard ranges, the union
+    byte-identical to one process's shards, one manifest equal to the single run's (written by the part that
+    completes the plan). Temporary files are cleaned only by their owner: another host's partial shard stays, one of
+    a dead process of this host goes."""
+    src = make_image_folder(tmp_path / "src", per_class=6)
+    single = prepare_images(src, tmp_path / "single", size=8, samples_per_shard=2, val_fraction=0.25)
+    out = tmp_path / "parts"
+    out.mkdir()
+    foreign = out / ".train-000000.tar.tmp-other-host.example-4242-0a0b0c0d"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    own_stale = out / f".train-000000.tar.tmp-{socket.gethostname()}-{int(dead.stdout)}-deadbeef"
+    for f in (foreign, own_stale):
+        f.write_bytes(b"partial")
+    exe = Path(sys.executable).with_name("gwf-prepare")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gwf.prepare"]
+    args = ["images", "--src", str(src), "--out", str(out), "--size", "8", "--samples-per-shard", "2",
+            "--val-fraction", "0.25"]
+    procs = [subprocess.Popen(cmd + args + ["--part", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    shards = sorted(single["sha256"])
+    assert len(shards) == 10 and "part 0/2: 5 of them (train-000000.tar .. train-000004.tar)" in outs[0]
+    assert "part 1/2: 5 of them (train-000005.tar .. val-000002.tar)" in outs[1]
+    manifest = json.loads((out / MANIFEST_FILE).read_text())  # at least one part saw the plan complete
+    assert {k: v for k, v in manifest.items() if k != "source"} == {k: v for k, v in single.items() if k != "source"}
+    assert foreign.exists() and not own_stale.exists()
+    assert sorted(p.name for p in out.glob(".*.tmp-*")) == [foreign.name]  # no temporary of the parts left
+
+
+def test_part_errors(tmp_path):
+    src = make_image_folder(tmp_path / "src", corrupt=False)
+    for bad in ("2/2", "1", "a/b", "-1/3"):
+        with pytest.raises(ValueError, match="--part must be i/n with 0 <= i < n"):
+            prepare_images(src, tmp_path / "out", size=8, part=bad)
+    assert prepare_images(src, tmp_path / "out", size=8, samples_per_shard=6, part="0/2") is None  # 1 of 2 shards
+    assert not (tmp_path / "out" / MANIFEST_FILE).exists()
+    manifest = prepare_images(src, tmp_path / "out", size=8, samples_per_shard=6, part="1/2")  # completes the plan
+    assert manifest is not None and manifest["splits"]["train"]["count"] == 12
