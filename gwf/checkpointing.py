@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from gwf.data.shards import atomic_write
+from gwf.data.shards import atomic_write, link_or_copy
 
 log = logging.getLogger("gwf")
 
@@ -258,7 +258,7 @@ class CheckpointCadence(L.Callback):
         if trainer.is_global_zero:
             if numbered:
                 copy = self.ckpt_dir / f"update{update:07d}.ckpt"
-                atomic_write(lambda f: f.write(last.read_bytes()), copy)
+                link_or_copy(last, copy)  # a hard link: no second write of the checkpoint, nothing in memory
                 self._prune()
             self._prune_rank_state(update)
         self._last_saved_update = update

@@ -11,7 +11,7 @@ import torch
 import gwf  # noqa: F401
 import lightning as L
 from gwf.data import PREPARERS, ShardDataModule, read_samples, write_shards
-from gwf.data.shards import ShardReadError, shard_pattern
+from gwf.data.shards import ShardReadError, atomic_write, link_or_copy, shard_pattern
 
 SHAPE = (2, 3, 4)
 NUM_CLASSES = 5
@@ -234,3 +234,23 @@ def test_lightning_epochs_and_resume(shard_dir, tmp_path):
     _fit(shard_dir, 1, tmp_path / "b")
     resumed = _fit(shard_dir, 2, tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     assert list(resumed) == [1] and resumed[1] == straight[1]  # the resumed epoch reads what the straight run read
+
+
+def test_link_or_copy_makes_numbered_checkpoints_without_rewriting_them(tmp_path, monkeypatch):
+    """A hard link (the same inode: no bytes written, nothing read into memory) that keeps the old content when the
+    source is later replaced by atomic_write (as last.ckpt is); a streamed copy where hard links fail."""
+    last, numbered = tmp_path / "last.ckpt", tmp_path / "update0000010.ckpt"
+    atomic_write(lambda f: f.write(b"state at 10"), last)
+    assert link_or_copy(last, numbered) == "link"
+    assert numbered.stat().st_ino == last.stat().st_ino and numbered.read_bytes() == b"state at 10"
+    atomic_write(lambda f: f.write(b"state at 20"), last)
+    assert numbered.read_bytes() == b"state at 10" and last.read_bytes() == b"state at 20"
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr("os.link", no_links)
+    assert link_or_copy(last, tmp_path / "update0000020.ckpt") == "copy"
+    copy = tmp_path / "update0000020.ckpt"
+    assert copy.read_bytes() == b"state at 20" and copy.stat().st_ino != last.stat().st_ino
+    assert not list(tmp_path.glob(".*.tmp-*"))  # no temporary left

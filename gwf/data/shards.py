@@ -10,6 +10,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import socket
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -187,6 +188,28 @@ def atomic_write(write, path: str | Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> str:
+    """``dst`` becomes a copy of ``src`` without reading it into memory: a hard link (no bytes written; safe for files
+    only ever replaced by rename, as atomic_write does, never modified in place), else a streamed copy where the
+    filesystem has no hard links. Atomic like atomic_write. Returns "link" or "copy"."""
+    src, dst = Path(src), Path(dst)
+    tmp = temporary_path(dst)
+    try:
+        try:
+            os.link(src, tmp)
+            how = "link"
+        except OSError:  # no hard links here (some network or FUSE filesystems), or another device
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 16 << 20)
+                fout.flush()
+                os.fsync(fout.fileno())
+            how = "copy"
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return how
 
 
 def read_json(path: str | Path) -> dict | None:
