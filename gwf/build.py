@@ -68,6 +68,7 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int, world_size: int 
     if str(c["trainer"].get("precision", "")).startswith("bf16") and getattr(objective, "features", None) is not None:
         objective.features.to(torch.bfloat16)  # the frozen encoder: weights and feature maps in bf16
     model = dict(c["model"])
+    compile_mode = model.pop("compile", False)
     generator = build_model(model.pop("name"), out_shape=list(data_shape), num_classes=num_classes, **model)
     b = per_rank_batch(c["batch"], world_size, conditional=num_classes > 0)
     if num_classes and b["labels_per_update"] > num_classes:
@@ -88,7 +89,7 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int, world_size: int 
         critic_optim=OptimConfig(**c["critic_optim"]) if objective.critic is not None else None,
         critic_steps=loop.get("critic_steps", 1), generator_steps=loop.get("generator_steps", 1),
         ema_decay=c["ema_decay"], seed=c["seed"], source=make_sampler(c["source"]) if c.get("source") else None,
-        config=c,
+        config=c, compile=compile_mode,
     )
 
 

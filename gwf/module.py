@@ -63,6 +63,7 @@ class UpdateSizes:
     bank_dtype: torch.dtype = torch.float32
 
 
+COMPILE_MODES = (False, True, "auto")  # model.compile: auto compiles on CUDA only
 PROGRESS_BAR_KEYS = ("train/gen_loss", "train/v_rms", "train/critic_loss", "train/prox")
 
 
@@ -72,8 +73,12 @@ class GWFModule(L.LightningModule):
                  jko_start: str = "generator", sizes: UpdateSizes = UpdateSizes(), optim: OptimConfig = OptimConfig(),
                  critic_optim: OptimConfig | None = None, critic_steps: int = 1, generator_steps: int = 1,
                  ema_decay: float = 0.999, seed: int = 0,
-                 source: Callable[[int, torch.Generator], Tensor] | None = None, config: dict | None = None):
+                 source: Callable[[int, torch.Generator], Tensor] | None = None, config: dict | None = None,
+                 compile: bool | str = False):
         super().__init__()
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"model.compile must be false, true or auto (auto: on CUDA only), got {compile!r}")
+        self.compile_mode, self.compiled = compile, False
         self.automatic_optimization = False
         if config is not None:  # the composed Hydra config travels with every checkpoint
             self.save_hyperparameters({"config": config})
@@ -113,6 +118,20 @@ class GWFModule(L.LightningModule):
         if self._host_update is None:
             self._host_update = int(self.update_count)
         return self._host_update
+
+    def compile_networks(self, device_type: str) -> bool:
+        """``model.compile``: the generator (and the JKO frozen copy) through torch.compile, in place (parameter names
+        and state dicts unchanged), when true, or auto on CUDA (where an eager update is launch-bound). The EMA copy
+        stays eager (it only samples). Returns whether the networks are compiled."""
+        if not self.compiled and (self.compile_mode is True or (self.compile_mode == "auto" and device_type == "cuda")):
+            self.generator.compile()
+            if self.jko.previous is not None:
+                self.jko.previous.compile()
+            self.compiled = True
+        return self.compiled
+
+    def on_fit_start(self) -> None:
+        self.compile_networks(self.device.type)
 
     # ----------------------------------------------------------------------------------------------- sampling
     def rng(self, *stream) -> torch.Generator:

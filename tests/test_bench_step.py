@@ -1,6 +1,7 @@
 """gwf-bench-step on a tiny imagenet_b2 (dit_tiny, a 2-stage MAE of width 8, 4x8x8 latents): its JSON, the memory
 probe against hand counts, the activation-scaling rule against direct measurements at two batch sizes, and its op and
-sync counts (fake tensors, full batch) against a direct OpCounter count of the same update on real CPU tensors."""
+sync counts (fake tensors, full batch) against a direct OpCounter count of the same update on real CPU tensors, and
+the kernel counter of compiled code on known graphs."""
 
 import json
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from gwf.bench import step
-from gwf.bench.counting import OpCounter
+from gwf.bench.counting import KernelCounter, OpCounter
 from gwf.build import build_module
 
 TINY = ["model=dit_tiny", "data.shape=[4,8,8]", "data.num_classes=10", "data.batch_size=8",
@@ -42,7 +43,10 @@ def _tiny_mae(tmp_path, meta: bool):
 
 def test_json_has_the_keys_and_consistent_figures(result):
     assert {"recipe", "peak_gib", "ops", "syncs", "tflop", "floor_s_h100"} <= result.keys()
-    assert result["recipe"] == "imagenet_b2" and result["ops"] > 1000 and result["syncs"] == 0
+    assert result["recipe"] == "imagenet_b2" and result["ops_eager"] > 1000 and result["syncs"] == 0
+    # the recipe compiles the generator and the Sinkhorn loop on CUDA (model.compile, method.compile: auto): ops
+    # counts them compiled (dispatched ops + Inductor's kernels), fewer than the eager update's
+    assert result["compiled"] and 0 < result["ops_by_name"][KernelCounter.KERNEL] < result["ops"] < result["ops_eager"]
     assert result["floor_s_h100"] == pytest.approx(result["tflop"] * 1e12 / (989e12 * 0.6))
     assert result["peak_gib"] == pytest.approx(sum(result["memory_gib"].values()))  # the parts add up
     assert result["memory_gib"]["saved activations"] > 0 and result["memory_gib"]["transport workspace"] > 0
@@ -84,9 +88,9 @@ def test_ops_and_syncs_equal_a_direct_opcounter_count(result, tmp_path):
     counter, module, _ = step.count_update(step.as_on_gpu(cfg, step.tiny_overrides(cfg, _tiny_mae(tmp_path, False))),
                                            counter_cls=OpCounter)
     assert int(module.update_count) == 2 and type(counter) is OpCounter
-    assert result["ops"] == counter.ops
+    assert result["ops_eager"] == counter.ops
     extra = sum(result["syncs_by_op"].get(k, 0) for k in step.SiteCounter.EXTRA)
-    assert result["syncs"] - extra == counter.syncs
+    assert result["syncs_eager"] - extra == counter.syncs
 
 
 def test_memory_probe_counts_a_known_graph():
@@ -114,3 +118,22 @@ def test_cuda_autocast_policy_keeps_norms_in_fp32():
         with step.CudaAutocastPolicy():
             assert torch.nn.functional.group_norm(y, 4).dtype == torch.float32  # as CUDA autocast does
             assert torch.nn.functional.linear(y.flatten(1), torch.randn(3, 128)).dtype == torch.bfloat16
+
+
+def test_kernel_counter_counts_extern_and_generated_kernels():
+    """A compiled exp(sum(relu(x @ w), 1)) runs the GEMM as an extern kernel (dispatched) and one generated kernel
+    (relu, row sums and exp fused); eager code under the same counter counts as OpCounter does."""
+    from torch._inductor import config as inductor_config
+
+    x, w = torch.randn(16, 8), torch.randn(8, 4)
+    fn = lambda x, w: (x @ w).relu().sum(dim=1).exp()  # noqa: E731
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        compiled = torch.compile(fn)
+        compiled(x, w)  # compiles (a dispatch mode sees no compilation)
+    with KernelCounter() as counter:
+        out = compiled(x, w)
+    assert dict(counter.op_counts) == {"mm": 1, KernelCounter.KERNEL: 1}
+    torch.testing.assert_close(out, fn(x, w))
+    with KernelCounter() as kernels, OpCounter() as ops:
+        fn(x, w)
+    assert kernels.op_counts == ops.op_counts and ops.ops == 4  # mm, relu, sum, exp

@@ -18,7 +18,8 @@ from gwf.objectives.field import FieldObjective, attach_encoder
 from gwf.objectives.wflow import WFlow
 from gwf.ot import barycentric_projection, barycentric_projections, sinkhorn_velocities, sinkhorn_velocity
 from gwf.ot.sinkhorn import (_DEVICE_CHUNK_ENTRIES, _blocks, _log_kernels, _sinkhorn_loop, _sinkhorn_loop_rows,
-                             as_on_accelerator, chunk_entries, fp32_island, row_frame_loop, sinkhorn_potentials)
+                             as_on_accelerator, chunk_entries, compiled_loop, fp32_island, row_frame_loop,
+                             sinkhorn_potentials)
 from tests.conftest import compose_config
 
 L, N, M, U, SHAPE = 3, 12, 16, 10, (4, 8, 8)
@@ -258,6 +259,13 @@ def test_compile_option_in_the_config_and_constructor():
     x = torch.randn(2, 8, 3)
     with pytest.raises(ValueError, match="engine='own'"):
         sinkhorn_velocity(x, x + 1.0, x - 1.0, engine="geomloss", compile=True)
+    # auto (the ImageNet recipes): compiled on CUDA only; with another engine nothing is compiled
+    assert not compiled_loop("auto", torch.device("cpu")) and compiled_loop("auto", torch.device("cuda"))
+    assert compiled_loop(True, torch.device("cpu")) and not compiled_loop(False, torch.device("cuda"))
+    assert WFlow(engine="geomloss", compile="auto").compile is False
+    with pytest.raises(ValueError, match="method.compile must be false, true or auto"):
+        WFlow(compile="yes")
+    assert compose_config(["experiment=imagenet_b2"]).method.compile == "auto"
 
 
 # --------------------------------------------------------------------------------------------------------

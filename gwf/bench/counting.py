@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that read a value back to the host, or whose output size depends on the data.
@@ -61,3 +62,37 @@ class OpCounter(TorchDispatchMode):
         if self._is_sync(func, name, args, kwargs):
             self.sync_counts[name] += 1
         return func(*args, **kwargs)
+
+
+class KernelCounter(OpCounter):
+    """OpCounter for code that runs torch.compile'd graphs: the ops dispatched (eager code, and the extern kernels a
+    compiled graph calls: GEMMs, attention) plus, as op ``inductor kernel``, the kernels Inductor generated that
+    ran (from the profiler's records of them). Compile the graphs with
+    ``torch._inductor.config.cpp.enable_kernel_profile = True`` so that the profiler sees the CPU kernels; the
+    graphs must be compiled before entering (dispatch modes see no compilation)."""
+
+    KERNEL = "inductor kernel"
+    supports_higher_order_operators = True  # compiled activation checkpointing calls run_and_save_rng_state
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True  # Dynamo runs compiled graphs under this mode instead of falling back to eager
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if isinstance(func, torch._ops.HigherOrderOperator):  # one op wrapping one kernel (its inner op runs below
+            self.op_counts[func.name()] += 1  #                  this mode)
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def __enter__(self):
+        self._profile = profile(activities=[ProfilerActivity.CPU])
+        self._profile.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._profile.__exit__(*exc)
+        kernels = sum(1 for e in self._profile.events() if "cpp_fused" in e.name)
+        if kernels:
+            self.op_counts[self.KERNEL] += kernels
+        return False

@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from gwf.bench.counting import OpCounter, optimizer_step_counters
+from gwf.bench.counting import KernelCounter, OpCounter, optimizer_step_counters
 from gwf.ot.sinkhorn import as_on_accelerator
 
 GIB = 2**30
@@ -64,6 +64,14 @@ ASSUMPTIONS = [
     f"floor time = FLOPs / ({H100_BF16 / 1e12:.0f} TFLOP/s bf16 dense x {UTILISATION:.0%}); the fp32-aware floor "
     f"puts the fp32 FLOPs (transport GEMMs, no TF32) at {H100_FP32 / 1e12:.0f} TFLOP/s x {UTILISATION:.0%}; "
     "elementwise work (Sinkhorn sweeps) is memory-bound and not in the floor",
+    "with model.compile / method.compile true or auto (the ImageNet recipes compile the generator and the Sinkhorn "
+    "loop on CUDA): ops = the aten ops dispatched (eager parts, and the extern kernels the compiled graphs call: "
+    "GEMMs, attention) + the kernels Inductor generated, counted on real CPU tensors at tiny widths "
+    "(gwf.bench.counting.KernelCounter). Inductor's C++ kernels stand for its Triton ones: the same scheduler, but "
+    "the CPU fuses some loops that Triton keeps apart (with that CPU-only outer-loop fusion off, imagenet_b2 in data "
+    "space counted 1,182 instead of 1,205) and Triton fuses a reduction with its consumer where the CPU does not. "
+    "Memory and FLOPs are "
+    "the eager networks' (Inductor's partitioner saves no more for backward than eager autograd)",
     "FLOPs, ops and syncs: FlopCounterMode and OpCounter around the next update (the 3rd; no logging; from the bank "
     "push to the EMA update) "
     "on the fake tensors at the full per-rank batch (the transport's chunk loop depends on the batch sizes); the "
@@ -260,20 +268,31 @@ def tiny_overrides(cfg, mae_path: Path | None) -> dict:
     return out
 
 
-def count_update(cfg, counter_cls=SiteCounter, seed: int = 0):
+def count_update(cfg, counter_cls=SiteCounter, seed: int = 0, compiled: bool = False):
     """Ops and syncs of the 2nd update of ``module.training_step`` on real CPU tensors (the class bank filled first):
-    the counter, the module and its trainer."""
+    the counter, the module and its trainer. ``compiled``: what ``model.compile`` and ``method.compile`` (true or
+    auto) compile on CUDA compiled here too (by the 1st update), counted by a KernelCounter (dispatched ops + the
+    kernels Inductor generated)."""
     from gwf.build import build_module
 
     shape, num_classes = tuple(cfg.data.shape), int(cfg.data.num_classes)
     torch.manual_seed(seed)
     module = build_module(cfg, shape, num_classes)
     trainer = attach_trainer(module, str(cfg.trainer.precision))
+    profile_kernels = contextlib.nullcontext()
+    if compiled:
+        from torch._inductor import config as inductor_config
+
+        profile_kernels = inductor_config.patch({"cpp.enable_kernel_profile": True})  # the profiler sees them
+        module.compile_networks("cuda")
+        if getattr(module.objective, "compile", False) == "auto":
+            module.objective.compile = True  # the transport loop as on CUDA
+        counter_cls = KernelCounter
     g = torch.Generator().manual_seed(seed)
     for c0 in range(0, max(num_classes, 1), 64):  # fill every class: an update needs all of them ready
         labels = torch.arange(c0, min(c0 + 64, max(num_classes, 1))).repeat_interleave(module.bank.capacity)
         module.bank.push(torch.randn(len(labels), *shape, generator=g), labels if num_classes else None)
-    with warnings.catch_warnings(), as_on_accelerator():
+    with warnings.catch_warnings(), as_on_accelerator(), profile_kernels:
         warnings.simplefilter("ignore")
         training_step(module, trainer, data_batch(cfg, g), 0)
         counter = counter_cls(host_tensors=optimizer_step_counters(trainer.optimizers))
@@ -483,11 +502,14 @@ def predict(cfg, recipe: str = "", mae_channels: int = 640, mae_layers=MAE_LAYER
     labels, chunks = int(cfg.batch.labels_per_update) if conditional else 1, int(cfg.batch.get("label_chunks", 1))
     x1, x2 = (chunks, 2 * chunks) if conditional else (1, 1)  # one and two chunks' worth of labels
     shape = tuple(cfg.data.shape)
+    compiled = any(c in (True, "auto") for c in (cfg.model.get("compile", False), cfg.method.get("compile", False)))
     with tempfile.TemporaryDirectory(prefix="gwf-bench-step-") as tmp:
-        cpu = None
-        if cpu_count:
+        cpu = launches = None
+        if cpu_count or compiled:
             tiny_mae = write_mae(Path(tmp) / "tiny.pt", shape, tiny_mae_channels, mae_layers, meta=False)
-            cpu = count_update(as_on_gpu(cfg, tiny_overrides(cfg, tiny_mae)))[0]
+            tiny = as_on_gpu(cfg, tiny_overrides(cfg, tiny_mae))
+            cpu = count_update(tiny)[0] if cpu_count else None
+            launches = count_update(tiny, compiled=True)[0] if compiled else None
         if features:
             full_mae = write_mae(Path(tmp) / "full.pt", shape, mae_channels, mae_layers, meta=True)
             cfg = as_on_gpu(cfg, {"method.features.path": str(full_mae)})
@@ -504,7 +526,8 @@ def predict(cfg, recipe: str = "", mae_channels: int = 640, mae_layers=MAE_LAYER
                    "other transients": (transient["total"] - transient["saved"] - transient["field"]) / GIB})
     out = {
         "recipe": recipe or str(cfg.get("name")), "peak_gib": (persistent + transient["total"]) / GIB,
-        "ops": counter.ops, "syncs": counter.syncs, "tflop": flops / 1e12,
+        "ops": (launches or counter).ops, "syncs": (launches or counter).syncs, "compiled": compiled,
+        "ops_eager": counter.ops, "syncs_eager": counter.syncs, "tflop": flops / 1e12,
         "floor_s_h100": flops / (H100_BF16 * UTILISATION),
         "floor_s_h100_fp32_aware": flops * (1 - fp32) / (H100_BF16 * UTILISATION)
         + flops * fp32 / (H100_FP32 * UTILISATION),
@@ -516,7 +539,8 @@ def predict(cfg, recipe: str = "", mae_channels: int = 640, mae_layers=MAE_LAYER
                                                                           -kv[1]) if k != "total" and v > 0},
         "direct_gib": {"peak": (persistent + full["peak"]["total"]) / GIB, "saved activations": full["saved"] / GIB},
         "measured_at_labels": sorted({x1, x2}), "fp32_flop_share": fp32, "host_reads_fake": full["host_reads"],
-        "ops_by_name": dict(counter.op_counts.most_common()), "syncs_by_op": dict(counter.sync_counts),
+        "ops_by_name": dict((launches or counter).op_counts.most_common()),
+        "ops_by_name_eager": dict(counter.op_counts.most_common()), "syncs_by_op": dict(counter.sync_counts),
         "sync_sites": [{"op": op, "site": site, "count": n} for (op, site), n in counter.sites.most_common()],
         "batch": {"labels_per_update": labels, "label_chunks": chunks, "gen_per_label": int(cfg.batch.gen_per_label),
                   "pos_per_label": int(cfg.batch.pos_per_label), "uncond_per_update": int(cfg.batch.uncond_per_update),
@@ -546,7 +570,12 @@ def report(r: dict) -> str:
     lines.append(f"  saved activations at their peak {r['saved_activations_gib']:.2f} GiB; transport workspace at its "
                  f"peak {r['transport_peak_gib']:.2f} GiB (at {b['labels_per_update']} labels, by gwf function: "
                  f"{parts or '-'})")
-    lines.append(f"aten ops per update: {r['ops']:,}; host syncs: {r['syncs']:,} "
+    if r["compiled"]:
+        lines.append(f"kernels per update compiled as on CUDA (model.compile, method.compile): {r['ops']:,} (aten ops "
+                     f"dispatched {r['ops'] - r['ops_by_name'].get(KernelCounter.KERNEL, 0):,} + Inductor kernels "
+                     f"{r['ops_by_name'].get(KernelCounter.KERNEL, 0):,}, counted on CPU tensors at tiny widths); host "
+                     f"syncs {r['syncs']:,}; eager:")
+    lines.append(f"aten ops per update: {r['ops_eager']:,}; host syncs: {r['syncs_eager']:,} "
                  f"({', '.join(f'{k} {v}' for k, v in r['syncs_by_op'].items()) or 'none'})"
                  + (f"; on CPU tensors at tiny widths: {r['ops_cpu']:,} ops, {r['syncs_cpu']} syncs" if "ops_cpu" in r
                     else ""))
@@ -559,10 +588,11 @@ def report(r: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """One Markdown row per recipe."""
-    head = ("| recipe | peak GiB | saved act. GiB | transport GiB | ops | syncs | TFLOP | H100 floor s |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| recipe | peak GiB | saved act. GiB | transport GiB | ops | eager ops | syncs | TFLOP | H100 floor s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     body = [f"| {r['recipe']} | {r['peak_gib']:.1f} | {r['saved_activations_gib']:.1f} | {r['transport_peak_gib']:.1f}"
-            f" | {r['ops']:,} | {r['syncs']:,} | {r['tflop']:.1f} | {r['floor_s_h100']:.3f} |" for r in rows]
+            f" | {r['ops']:,} | {r['ops_eager']:,} | {r['syncs']:,} | {r['tflop']:.1f} | {r['floor_s_h100']:.3f} |"
+            for r in rows]
     return "\n".join([head, *body])
 
 

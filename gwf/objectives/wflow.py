@@ -16,12 +16,12 @@ class WFlow(FieldObjective):
     """The field loss of gwf.objectives.field with the W-Flow velocity (gwf.ot.sinkhorn_velocities), guided with
     w = alpha - 1 ([WF] Eq. 16) when ``guidance`` and the batch has alpha and unconditional reals. The fields of all
     feature sets are solved together: one Sinkhorn loop per target (positives, second batch, unconditional reals).
-    ``compile``: the own engine's fixed-iteration loop through torch.compile."""
+    ``compile``: the own engine's fixed-iteration loop through torch.compile: true, false or auto (on CUDA only)."""
 
     def __init__(self, eta: float = 1.0, eps_rel: float = DEFAULT_EPS_REL, engine: str = "own",
                  n_iters: int = DEFAULT_N_ITERS, estimator: str = "two_batch", rms_normalize: bool = True,
                  guidance: bool = True, features: FeatureSpec = None, feature_normalize: bool = True,
-                 compile: bool = False):
+                 compile: bool | str = False):
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown W-Flow estimator '{estimator}'; choose one of {ESTIMATORS}")
         if not eps_rel > 0:
@@ -30,10 +30,13 @@ class WFlow(FieldObjective):
             raise ValueError(f"unknown method.engine {engine!r}; valid engines: {sorted(_ot.ENGINES)}")
         if int(n_iters) < 1:
             raise ValueError(f"method.n_iters must be >= 1, got {n_iters}")
-        if compile and engine != "own":
+        if compile not in (False, True, "auto"):
+            raise ValueError(f"method.compile must be false, true or auto (auto: on CUDA only), got {compile!r}")
+        if compile is True and engine != "own":
             raise ValueError(f"method.compile compiles the own engine's loop; method.engine is {engine!r}")
         super().__init__(eta, features, feature_normalize)
-        self.eps_rel, self.engine, self.n_iters, self.compile = eps_rel, engine, n_iters, bool(compile)
+        self.eps_rel, self.engine, self.n_iters = eps_rel, engine, n_iters
+        self.compile = compile if engine == "own" else False  # auto with another engine: nothing to compile
         self.estimator, self.rms_normalize, self.guidance = estimator, rms_normalize, guidance
 
     def _guided(self, gen: GenBatch, real: RealBatch) -> bool:

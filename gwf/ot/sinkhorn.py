@@ -73,6 +73,12 @@ def row_frame_loop(device: torch.device) -> bool:
     return device.type == "cpu" and not (_FORCED["accelerator"] or _FORCED["log_domain"])
 
 
+def compiled_loop(compile: bool | str, device: torch.device) -> bool:
+    """Whether the loop runs through torch.compile: ``compile`` true, or "auto" on CUDA (where the eager loop's
+    launches, about 22 per iteration, dominate small problems)."""
+    return compile is True or (compile == "auto" and device.type == "cuda")
+
+
 def check_point_clouds(x: Tensor, y: Tensor, name_x: str = "x", name_y: str = "y") -> None:
     """Raise ValueError unless x [B, N, D] and y [B, M, D] are floating batched point clouds that match."""
     for name, t in ((name_x, x), (name_y, y)):
@@ -353,7 +359,7 @@ def _check_options(xs: Sequence[Tensor], ys: Sequence[Tensor], n_iters: int, mas
 
 
 def _solve(xs: Sequence[Tensor], ys: Sequence[Tensor], eps: Sequence[Tensor], n_iters: int, mask_diagonal: bool,
-           chunk_size: int | None, compile: bool = False, keep_plan: bool = False):
+           chunk_size: int | None, compile: bool | str = False, keep_plan: bool = False):
     """(logk, alpha, beta, q, centred x_k / eps, centred y_k, shifts, eps) of checked sets, eps_k [B_k]; logk, alpha, beta
     and eps stack the sets' problems; q is the row-frame loop's plan weights when it kept the plan (see
     ``_sinkhorn_loop_rows``), else None and logk the log-kernel."""
@@ -370,7 +376,7 @@ def _solve(xs: Sequence[Tensor], ys: Sequence[Tensor], eps: Sequence[Tensor], n_
     eps = eps[0] if len(eps) == 1 else torch.cat(list(eps))
     logk = _log_kernels(cx, cy, eps, mask_diagonal)
     q = None
-    if compile:
+    if compiled_loop(compile, logk.device):
         alpha, beta = _sinkhorn_loop_compiled(logk, int(n_iters))
     elif row_frame_loop(logk.device):
         alpha, beta, q = _sinkhorn_loop_rows(logk, int(n_iters), chunk_size, keep_plan,
@@ -382,12 +388,12 @@ def _solve(xs: Sequence[Tensor], ys: Sequence[Tensor], eps: Sequence[Tensor], n_
 
 def sinkhorn_potentials(x: Tensor, y: Tensor, eps: float | Tensor, n_iters: int = DEFAULT_N_ITERS,
                         mask_diagonal: bool = False, chunk_size: int | None = None,
-                        compile: bool = False) -> tuple[Tensor, Tensor]:
+                        compile: bool | str = False) -> tuple[Tensor, Tensor]:
     """Entropic OT dual potentials f [B, N], g [B, M] (fp32, detached) for x [B, N, D], y [B, M, D].
 
     eps: float or [B] tensor (> 0). n_iters (f, g) updates, then f from the last g. mask_diagonal sets C_ii = +inf
     (N == M, x and y the same batch). chunk_size: rows per chunk of the sweeps (None: automatic; same results).
-    compile: run the iterations through torch.compile (same results within fp32 rounding).
+    compile: run the iterations through torch.compile (same results within fp32 rounding); "auto": on CUDA only.
     """
     check_point_clouds(x, y)
     eps = as_eps(eps, x.shape[0], x.device)
@@ -399,7 +405,7 @@ def sinkhorn_potentials(x: Tensor, y: Tensor, eps: float | Tensor, n_iters: int 
 
 def barycentric_projection(x: Tensor, y: Tensor, eps: float | Tensor, n_iters: int = DEFAULT_N_ITERS,
                            mask_diagonal: bool = False, chunk_size: int | None = None,
-                           compile: bool = False) -> Tensor:
+                           compile: bool | str = False) -> Tensor:
     """Entropic barycentric projection T [B, N, D] (fp32, detached) of x [B, N, D] onto y [B, M, D].
 
     Arguments as in sinkhorn_potentials; each T(x_i) is a convex combination of the y_j.
@@ -411,7 +417,7 @@ def barycentric_projection(x: Tensor, y: Tensor, eps: float | Tensor, n_iters: i
 
 def barycentric_projections(xs: Sequence[Tensor], ys: Sequence[Tensor], eps: Sequence[float | Tensor],
                             n_iters: int = DEFAULT_N_ITERS, mask_diagonal: bool = False,
-                            chunk_size: int | None = None, compile: bool = False) -> list[Tensor]:
+                            chunk_size: int | None = None, compile: bool | str = False) -> list[Tensor]:
     """barycentric_projection of several sets of problems in one Sinkhorn loop: x_k [B_k, N, D_k] onto
     y_k [B_k, M, D_k] with eps_k (float or [B_k]); N and M shared by every set, B_k and D_k free. Same T_k as one
     call per set (bitwise on CPU where the kernels' arithmetic does not depend on the batch)."""
@@ -425,14 +431,14 @@ def barycentric_projections(xs: Sequence[Tensor], ys: Sequence[Tensor], eps: Seq
 
 def _barycentric_projection(x: Tensor, y: Tensor, eps: Tensor, n_iters: int = DEFAULT_N_ITERS,
                             mask_diagonal: bool = False, chunk_size: int | None = None,
-                            compile: bool = False) -> Tensor:
+                            compile: bool | str = False) -> Tensor:
     """barycentric_projection for checked clouds and eps a valid fp32 tensor [B]."""
     return _barycentric_projections([x], [y], [eps], n_iters, mask_diagonal, chunk_size, compile)[0]
 
 
 def _barycentric_projections(xs: Sequence[Tensor], ys: Sequence[Tensor], eps: Sequence[Tensor],
                              n_iters: int = DEFAULT_N_ITERS, mask_diagonal: bool = False,
-                             chunk_size: int | None = None, compile: bool = False) -> list[Tensor]:
+                             chunk_size: int | None = None, compile: bool | str = False) -> list[Tensor]:
     """barycentric_projections for checked clouds and eps valid fp32 tensors [B_k]: no host synchronization."""
     with fp32_island(xs[0].device):
         logk, _, beta, q, _, ys, shifts, _ = _solve(xs, ys, eps, n_iters, mask_diagonal, chunk_size, compile,

@@ -70,7 +70,7 @@ def _projector(engine: str, compile: bool) -> Callable[..., list[Tensor]]:
     multi = _ot._MULTI_SET.get(engine_fn)
     if multi is not None:
         return lambda xs, ys, eps, n_iters, **kw: multi(xs, ys, eps, n_iters=n_iters, compile=compile, **kw)
-    if compile:
+    if compile is True:
         raise ValueError(f"compile=True needs engine='own' (it compiles the own engine's loop), got {engine!r}")
     single = _ot._UNCHECKED.get(engine_fn, engine_fn)
     return lambda xs, ys, eps, n_iters, **kw: [single(x, y, e, n_iters=n_iters, **kw) for x, y, e in zip(xs, ys, eps)]
@@ -88,7 +88,7 @@ def _as_sets(t: Tensor | Sequence[Tensor] | None, count: int, name: str) -> list
 def sinkhorn_velocity(x: Tensor, pos: Tensor, neg: Tensor | None = None, *, eps_rel: float = DEFAULT_EPS_REL,
                       engine: str = "own", n_iters: int = DEFAULT_N_ITERS, estimator: str = "two_batch",
                       uncond: Tensor | None = None, guidance_w: float | Tensor | None = None,
-                      rms_normalize: bool = True, compile: bool = False) -> tuple[Tensor, dict]:
+                      rms_normalize: bool = True, compile: bool | str = False) -> tuple[Tensor, dict]:
     """W-Flow velocity V [B, N, D] (fp32, detached) for B independent problems (e.g. one per class).
 
     x: [B, N, D] generated samples; pos: [B, M, D] positives; neg: [B, N2, D] a second, independent batch from
@@ -97,7 +97,7 @@ def sinkhorn_velocity(x: Tensor, pos: Tensor, neg: Tensor | None = None, *, eps_
     "single" (q' = x unmasked: the ablation) or "masked" (q' = x, self pairs masked; own engine only).
     uncond: [B, U, D] or [U, D] unconditional reals, with guidance_w (float or [B]) for velocity guidance.
     rms_normalize: divide V by its RMS over (N, D), per problem. compile: the own engine's loop through
-    torch.compile (same V within fp32 rounding).
+    torch.compile (same V within fp32 rounding); "auto": on CUDA only.
     Returns V and {"eps": [B], "v_rms": [B] RMS of V before normalization, "msd": [B] the mean squared distance
     that eps is relative to}.
     """
@@ -112,7 +112,7 @@ def sinkhorn_velocities(xs: Sequence[Tensor], pos: Sequence[Tensor], neg: Sequen
                         eps_rel: float = DEFAULT_EPS_REL, engine: str = "own", n_iters: int = DEFAULT_N_ITERS,
                         estimator: str = "two_batch", uncond: Sequence[Tensor] | None = None,
                         guidance_w: Sequence[float | Tensor] | None = None, rms_normalize: bool = True,
-                        compile: bool = False) -> tuple[list[Tensor], list[dict]]:
+                        compile: bool | str = False) -> tuple[list[Tensor], list[dict]]:
     """sinkhorn_velocity of K sets of problems (e.g. the feature sets of an update) at once: set k is x_k
     [B_k, N, D_k] with pos_k [B_k, M, D_k], neg_k [B_k, N2, D_k], uncond_k [B_k, U, D_k] or [U, D_k] and
     guidance_w_k (float or [B_k]); N, M, N2, U are shared by the sets, B_k and D_k are free. The own engine
