@@ -126,7 +126,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[CheckpointCadence, 
                                 every_minutes=c.get("every_minutes"), updates_per_job=c.get("updates_per_job"),
                                 keep=c.keep, stop_requested=lambda: preemption.requested)
     evaluation = EvalCallback(instantiate(e.evaluator), every_n_updates=e.every_n_updates,
-                              num_samples=e.num_samples, alpha=e.alpha, grid_per_class=e.grid_per_class)
+                              num_samples=e.num_samples, alpha=e.alpha, grid_per_class=e.grid_per_class,
+                              max_seconds=e.get("max_seconds"))
     return cadence, preemption, evaluation
 
 

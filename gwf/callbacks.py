@@ -23,16 +23,20 @@ log = logging.getLogger("gwf")
 class EvalCallback(L.Callback):
     """Every ``every_n_updates`` updates, and at the start and end of training, scores ``num_samples`` EMA samples
     of fixed noise (labels balanced over classes) with ``evaluator().evaluate(x, labels) -> dict``, logs the metrics
-    and writes eval.csv, eval_summary.json and pictures into the run directory (docs/evaluation.md). Rank 0 only."""
+    and writes eval.csv, eval_summary.json and pictures into the run directory (docs/evaluation.md). Rank 0 only,
+    while the other ranks wait at their next collective: each evaluation's time is logged (``eval/seconds``) and
+    one longer than ``max_seconds`` (None: half the DDP collective timeout under DDP, else no limit) warns."""
 
     def __init__(self, evaluator: Callable[[], object], every_n_updates: int = 1000, num_samples: int = 1000,
-                 alpha: float | None = None, grid_per_class: int = 10, seed: int = 12345):
+                 alpha: float | None = None, grid_per_class: int = 10, seed: int = 12345,
+                 max_seconds: float | None = None):
         self.make_evaluator = evaluator
         self.every_n_updates = every_n_updates
         self.num_samples = num_samples
         self.alpha = alpha
         self.grid_per_class = grid_per_class
         self.seed = seed
+        self.max_seconds = max_seconds
         self.evaluator = None
         self.rows: list[dict] = []
         self.particles: list = []  # 2D data: positions of the first num_trajectories samples at each evaluation
@@ -60,6 +64,7 @@ class EvalCallback(L.Callback):
         update = module.update
         if self.rows and self.rows[-1]["update"] == update:  # already evaluated at this update
             return self.rows[-1]
+        t0 = time.monotonic()
         labels = self._labels(module)
         n = len(labels) if labels is not None else self.num_samples
         alpha = self.alpha if module.conditioning.guided else None
@@ -76,13 +81,33 @@ class EvalCallback(L.Callback):
         self._picture(trainer, x, labels, picture, update)
         row = {"update": update, **metrics}
         self.rows.append(row)
-        log.info("evaluation at update %d: %s", update, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        seconds = time.monotonic() - t0
+        log.info("evaluation at update %d (%.1f s): %s", update, seconds,
+                 ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        self._check_budget(trainer, seconds, n)
         for logger in trainer.loggers:
-            logger.log_metrics({"update": update, "eval/update": update,
+            logger.log_metrics({"update": update, "eval/update": update, "eval/seconds": seconds,
                                 **{f"eval/{k}": v for k, v in metrics.items()}}, step=trainer.global_step)
         self._log_images(trainer, picture, update)
         self._write(out)
         return row
+
+    def budget(self, trainer) -> float | None:
+        """Seconds one evaluation may take: ``max_seconds``, else half the DDP collective timeout under DDP (the
+        other ranks wait that long at most), else None (no limit)."""
+        if self.max_seconds is not None:
+            return float(self.max_seconds)
+        timeout = getattr(trainer.strategy, "_timeout", None) if trainer.world_size > 1 else None
+        return 0.5 * timeout.total_seconds() if timeout is not None else None
+
+    def _check_budget(self, trainer, seconds: float, n: int) -> None:
+        limit = self.budget(trainer)
+        if limit is not None and seconds > limit:
+            log.warning("the evaluation of %d samples took %.1f s, over eval.max_seconds=%.0f s: while rank 0 "
+                        "evaluates, the other ranks wait in their next collective, which fails after the DDP "
+                        "timeout. Lower eval.num_samples, evaluate on the training device (eval.evaluator.device="
+                        "auto), or evaluate less often (eval.every_n_updates); raise eval.max_seconds if this is "
+                        "intended", n, seconds, limit)
 
     def _log_images(self, trainer, picture: Path, update: int) -> None:
         """The evaluation's pictures to every logger that takes images (wandb media)."""

@@ -44,3 +44,10 @@ def test_prepare_train_decode(tmp_path):
     expected_u8 = ((decoded.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
     assert np.abs(expected_u8 - data["arr_0"].astype(np.float64)).max() <= 1.0
     assert result is not None
+
+    # in-training evaluation runs where the samples are (the training device) unless a device is named
+    from gwf.eval.fidelity import FidelityEvaluator
+
+    on_meta = torch.zeros(1, device="meta")
+    assert FidelityEvaluator(vae=str(vae)).device_for(on_meta).type == "meta"
+    assert FidelityEvaluator(device="cpu").device_for(on_meta).type == "cpu"

@@ -69,3 +69,28 @@ def test_the_callbacks_group_adds_the_users_callbacks(tmp_path):
     assert CountUpdates.seen >= 10  # every update's batch (and the bank's filling ones)
     cfg = compose_config(["callbacks=device_stats"])
     assert cfg.callbacks.device_stats._target_.endswith("DeviceStatsMonitor")
+
+
+def test_each_evaluation_is_timed_and_one_over_budget_warns(tmp_path, caplog):
+    """eval/seconds is logged at every evaluation; one longer than eval.max_seconds warns with what to do. Without
+    max_seconds the budget is half the DDP collective timeout under DDP, and no limit on one process."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from gwf.callbacks import EvalCallback
+
+    caplog.set_level(logging.INFO, logger="gwf")
+    train(compose_config([*RUN, "trainer.enable_progress_bar=false", "eval.max_seconds=0"]), tmp_path / "run")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("over eval.max_seconds=0 s" in m and "eval.num_samples" in m for m in warnings) == 3  # 0, 15, 30
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        header = f.readline().strip().split(",")
+        seconds = [float(row.split(",")[header.index("eval/seconds")]) for row in f if row.split(",")[
+            header.index("eval/seconds")]]
+    assert len(seconds) == 3 and all(s > 0 for s in seconds)
+
+    callback = EvalCallback(lambda: None)
+    ddp = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(timeout=timedelta(minutes=10)), logger=False)
+    assert callback.budget(ddp) == 300.0 and callback.budget(L.Trainer(accelerator="cpu", logger=False)) is None
+    assert EvalCallback(lambda: None, max_seconds=42).budget(ddp) == 42.0

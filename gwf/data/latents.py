@@ -197,6 +197,14 @@ class LatentDecoder:
         self.vae = load_vae(vae, subfolder, allow_download).to(device)
         self.device, self.scale, self.batch_size = torch.device(device), float(scale), int(batch_size)
 
+    def to(self, device) -> "LatentDecoder":
+        """The VAE on ``device`` (decoding runs there); returns self."""
+        device = torch.device(device)
+        if device != self.device:
+            self.vae.to(device)
+            self.device = device
+        return self
+
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         if z.ndim != 4 or z.shape[1] != self.vae.config.latent_channels:

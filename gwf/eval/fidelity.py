@@ -308,10 +308,12 @@ class FidelityEvaluator:
     """In-training FID (conf/eval/images.yaml, latents.yaml): ``evaluate(x, labels) -> {"fid": ...}`` against
     precomputed reference statistics ``ref_stats`` (gwf-eval --ref <train images> --save-stats FILE), with
     torch-fidelity's Inception (``weights``: see resolve_inception_weights). Latent samples are decoded with the VAE
-    at ``vae`` first. ``ref_stats`` null: no metric (the callback still draws the pictures it can)."""
+    at ``vae`` first. ``ref_stats`` null: no metric (the callback still draws the pictures it can). ``device``:
+    where decoding and Inception run; "auto" = the samples' device, i.e. the training device (a GPU run evaluates
+    on its GPU, in batches of ``batch_size``, instead of decoding thousands of latents on rank 0's CPU)."""
 
     def __init__(self, ref_stats: str | None = None, weights: str | None = None, vae: str | None = None,
-                 extractor: str = "inception", batch_size: int = 64, device: str = "cpu"):
+                 extractor: str = "inception", batch_size: int = 64, device: str = "auto"):
         self.name = extractor_name(extractor)
         self.reference = load_reference(ref_stats) if ref_stats else None
         self.weights = resolve_inception_weights(weights) if self.reference and self.name == INCEPTION_EXTRACTOR \
@@ -320,20 +322,26 @@ class FidelityEvaluator:
         if vae:
             from gwf.data.latents import LatentDecoder  # lazy: diffusers
 
-            self.decoder = LatentDecoder(vae, device=device)
+            self.decoder = LatentDecoder(vae, device="cpu" if device == "auto" else device)
         self.batch_size, self.device = batch_size, device
 
+    def device_for(self, x: Tensor) -> torch.device:
+        """Where the evaluation of samples ``x`` runs ("auto": where the samples are)."""
+        return x.device if self.device == "auto" else torch.device(self.device)
+
     def to_images(self, x: Tensor) -> Tensor | None:
-        """x [N, C, H, W] -> images in [-1, 1] (decoded when latents and a VAE is set), or None (not drawable)."""
+        """x [N, C, H, W] -> images in [-1, 1] (decoded when latents and a VAE is set, on ``device_for(x)``), or
+        None (not drawable)."""
         if self.decoder is not None:
-            return self.decoder.decode(x)
+            return self.decoder.to(self.device_for(x)).decode(x)
         return x if x.ndim == 4 and x.shape[1] in (1, 3) else None
 
     def evaluate(self, x: Tensor, labels: Tensor | None = None) -> dict:
         if self.reference is None:
             return {}
-        images = self.to_images(x.detach().float().cpu())
+        device = self.device_for(x)
+        images = self.to_images(x.detach().float())
         if images is None:
             raise ValueError(f"samples {list(x.shape)} are not images: set eval.evaluator.vae to decode latents")
-        return {"fid": compute_metrics(images, self.reference, ["fid"], self.name, self.weights, self.batch_size,
-                                       self.device)["fid"]}
+        return {"fid": compute_metrics(images.cpu(), self.reference, ["fid"], self.name, self.weights,
+                                       self.batch_size, str(device))["fid"]}
