@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 -m gwf.sample --ckpt last.ckpt --num-samples 50000 --vae sd-vae-ft-ema   # sharded
 
 Sample i uses noise seeded by (seed, i) and label classes[i % len(classes)]: the samples do not depend on the number
-of ranks. samples.npz: x float32 [N, *data shape], labels int64 [N] (-1: unconditional), alpha float32 [N] (nan: not
+of ranks. Each rank writes its share to per-rank files under --out (a filesystem every rank sees); rank 0 merges
+them into samples.npz block by block, so no rank holds all N samples. samples.npz: x float32 [N, *data shape], labels int64 [N] (-1: unconditional), alpha float32 [N] (nan: not
 guided), arr_0 uint8 [N, H, W, C] for images (ADM's layout); grid.png (a row per class); sample.json.
 """
 
@@ -88,56 +89,148 @@ def init_distributed(device: str) -> tuple[int, int]:
     return 0, 1
 
 
-def gather_to_rank0(tensors: dict[str, Tensor], device) -> dict[str, Tensor] | None:
-    """all_gather of equally shaped per-rank tensors; rank 0 gets them concatenated in rank order, others None."""
-    out = {}
-    for key, t in tensors.items():
-        t = t.to(device).contiguous()
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t)
-        out[key] = torch.cat(parts).cpu()
-    return out if dist.get_rank() == 0 else None
+PARTS_DIR = ".parts"  # per-rank sample files under --out, merged by rank 0 and removed
+MERGE_ROWS = 1024  # samples merged at once (rounded to a multiple of the ranks): what rank 0 holds, whatever N
 
 
-def sharded_generate(module, num_samples: int, classes, alpha, seed, use_ema, batch_size, decode=None,
-                     progress: bool = False):
-    """All ranks generate their strided share batch by batch; rank 0 returns (indices, x, images) sorted by index,
-    the others (None, None, None). ``decode`` maps a batch of x to images in [-1, 1] (latents) or is None."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = torch.arange(rank, num_samples, world)
-    per_rank = -(-num_samples // world)  # every rank runs the same number of gathers
-    kept = {"idx": [], "x": [], "img": []}
-    bar = tqdm(total=num_samples, unit="sample", desc="gwf-sample", disable=not progress or rank != 0)
-    for start in range(0, per_rank, batch_size):
-        chunk = mine[start: start + batch_size]
-        x, _ = generate(module, chunk, classes, alpha, seed, use_ema, batch_size)
-        img = decode(x) if decode is not None else None
-        bar.update(min(num_samples, (start + batch_size) * world) - bar.n)  # this round, all ranks together
-        if world > 1:  # pad to the common batch shape; index -1 marks padding
-            n_pad = min(batch_size, per_rank - start) - len(chunk)
-            chunk = torch.cat([chunk, torch.full((n_pad,), -1, dtype=torch.long)])
-            x = torch.cat([x, x.new_zeros(n_pad, *x.shape[1:])])
-            img = None if img is None else torch.cat([img, img.new_zeros(n_pad, *img.shape[1:])])
-            parts = {"idx": chunk, "x": x, **({"img": img} if img is not None else {})}
-            gathered = gather_to_rank0(parts, module.device)
-            if gathered is None:
-                continue
-            chunk, x, img = gathered["idx"], gathered["x"], gathered.get("img")
-        kept["idx"].append(chunk)
-        kept["x"].append(x)
-        if img is not None:
-            kept["img"].append(img)
-    bar.close()
-    if rank != 0:
-        return None, None, None
-    idx = torch.cat(kept["idx"])
-    order = idx.argsort()
-    order = order[idx[order] >= 0]  # drop padding
-    images = torch.cat(kept["img"])[order] if kept["img"] else None
-    return idx[order], torch.cat(kept["x"])[order], images
+class NpyWriter:
+    """An .npy file of known ``shape`` and ``dtype`` written row block by row block (never held whole in memory)."""
+
+    def __init__(self, f, shape: tuple[int, ...], dtype):
+        self.f, self.dtype, self.rows, self.written = f, np.dtype(dtype), int(shape[0]), 0
+        np.lib.format.write_array_header_2_0(
+            f, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": tuple(shape)})
+
+    def write(self, rows: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(rows, dtype=self.dtype).data)  # the array's own bytes, no copy
+        self.written += len(rows)
+
+    def close(self) -> None:
+        if self.written != self.rows:
+            raise RuntimeError(f"wrote {self.written} rows of {self.rows}")
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the .npy file ``f``, left positioned at its data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+class RankParts:
+    """The per-rank files of one sampling run: rank r holds samples r, r + W, r + 2W, ... (W ranks) of each array
+    in ``<out>/.parts/<name>.rank<r>.npy``; read back by sample index without loading a whole file."""
+
+    def __init__(self, out: Path, world: int, num_samples: int):
+        self.dir, self.world, self.n = Path(out) / PARTS_DIR, world, num_samples
+
+    def path(self, name: str, rank: int) -> Path:
+        return self.dir / f"{name}.rank{rank:05d}.npy"
+
+    def count(self, rank: int) -> int:
+        return len(range(rank, self.n, self.world))
+
+    def open_writer(self, name: str, rank: int, row_shape, dtype):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.path(name, rank), "wb")
+        return f, NpyWriter(f, (self.count(rank), *row_shape), dtype)
+
+    def names(self) -> list[str]:
+        return sorted({p.name.split(".rank")[0] for p in self.dir.glob("*.rank*.npy")})
+
+    def _rows(self, name: str, rank: int, start: int, count: int) -> np.ndarray:
+        """Rows ``start .. start + count`` of rank ``rank``'s file, read from disk (no memory map kept)."""
+        path = self.path(name, rank)
+        with open(path, "rb") as f:
+            shape, dtype = _npy_header(f)
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            f.seek(f.tell() + start * row)
+            return np.frombuffer(f.read(count * row), dtype=dtype).reshape(count, *shape[1:])
+
+    def info(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        with open(self.path(name, 0), "rb") as f:
+            shape, dtype = _npy_header(f)
+        return tuple(shape[1:]), dtype
+
+    def block(self, name: str, a: int, b: int) -> np.ndarray:
+        """Samples a .. b - 1 in index order, ``a`` a multiple of the world size."""
+        row_shape, dtype = self.info(name)
+        out = np.empty((b - a, *row_shape), dtype)
+        for r in range(min(self.world, b - a)):
+            count = len(range(a + r, b, self.world))
+            out[r :: self.world] = self._rows(name, r, a // self.world, count)
+        return out
+
+    def take(self, name: str, indices) -> np.ndarray:
+        """The samples at ``indices`` (a few: grids), one read each."""
+        return np.stack([self._rows(name, int(i) % self.world, int(i) // self.world, 1)[0] for i in indices])
+
+    def merge(self, path: Path, extra: dict[str, np.ndarray], rows: int = MERGE_ROWS) -> None:
+        """``path`` (.npz, uncompressed, as np.savez writes it) with every part array in index order plus ``extra``,
+        streamed block by block: the memory held is about ``rows`` samples (a multiple of the ranks), whatever N."""
+        import zipfile
+
+        step = max(rows // self.world, 1) * self.world
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name in self.names():
+                row_shape, dtype = self.info(name)
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    writer = NpyWriter(member, (self.n, *row_shape), dtype)
+                    for a in range(0, self.n, step):
+                        writer.write(self.block(name, a, min(a + step, self.n)))
+                    writer.close()
+            for name, array in extra.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+
+    def remove(self) -> None:
+        for p in self.dir.glob("*.rank*.npy"):
+            p.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
+
+
+def generate_parts(module, parts: RankParts, rank: int, classes, alpha, seed, use_ema, batch_size, decode=None,
+                   progress: bool = False) -> None:
+    """This rank's strided share, batch by batch, appended to its part files: x (float32) and, with ``decode`` (or
+    for image data), arr_0 (uint8 [n, H, W, C]). No samples travel between ranks."""
+    mine = torch.arange(rank, parts.n, parts.world)
+    files, writers = [], {}
+    bar = tqdm(total=parts.n, unit="sample", desc="gwf-sample", disable=not progress or rank != 0)
+    try:
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start: start + batch_size]
+            x, _ = generate(module, chunk, classes, alpha, seed, use_ema, batch_size)
+            img = decode(x) if decode is not None else x if x.ndim == 4 and x.shape[1] in (1, 3) else None
+            arrays = {"x": x.numpy().astype(np.float32), **({"arr_0": to_uint8_nhwc(img)} if img is not None else {})}
+            for name, array in arrays.items():
+                if name not in writers:
+                    f, writers[name] = parts.open_writer(name, rank, array.shape[1:], array.dtype)
+                    files.append(f)
+                writers[name].write(array)
+            bar.update(min(parts.n, (start + len(chunk)) * parts.world) - bar.n)  # all ranks together (estimate)
+        for w in writers.values():
+            w.close()
+    finally:
+        for f in files:
+            f.close()
+        bar.close()
 
 
 # ---------------------------------------------------------------------------------------------- outputs
+def grid_indices(labels: Tensor | None, n: int, per_class: int = 10) -> Tensor:
+    """The samples a grid shows: the first ``per_class`` of each of the first ``per_class`` classes (by label), or
+    the first k x k (k <= per_class) when unconditional; read alone from the parts."""
+    if labels is None:
+        k = max(1, min(per_class, int(n ** 0.5)))
+        return torch.arange(min(n, k * k))
+    shown = labels.unique(sorted=True)[:per_class]
+    return torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in shown])
+
+
 def save_grid(x: Tensor, labels: Tensor | None, path: Path, per_class: int = 10,
               target: Tensor | None = None) -> Path:
     """Rows = classes (the first ``per_class`` samples of each), or a square grid; 2D points as a scatter plot over
@@ -239,25 +332,33 @@ def run(argv=None) -> Path | None:
     if alpha is None and module.conditioning.guided:
         alpha = 1.0
     decode = make_decoder(args.vae, module.data_shape, device)
-    idx, x, images = sharded_generate(module, args.num_samples, classes, alpha, args.seed, args.use_ema,
-                                      args.batch_size, decode, progress=not args.quiet)
+    out = Path(args.out) if args.out else default_out(Path(args.ckpt), args.num_samples, args.use_ema, args.alpha)
+    parts = RankParts(out, world, args.num_samples)  # --out must be on a filesystem every rank sees
+    if rank == 0:
+        parts.remove()  # an interrupted earlier run's parts
+    if world > 1:
+        dist.barrier()
+    generate_parts(module, parts, rank, classes, alpha, args.seed, args.use_ema, args.batch_size, decode,
+                   progress=not args.quiet)
+    if world > 1:
+        dist.barrier()  # every part is complete
     if rank != 0:
-        dist.barrier()  # wait until rank 0 has written
+        dist.barrier()  # wait until rank 0 has merged
         dist.destroy_process_group()
         return None
-    out = Path(args.out) if args.out else default_out(Path(args.ckpt), args.num_samples, args.use_ema, args.alpha)
-    out.mkdir(parents=True, exist_ok=True)
+    idx = torch.arange(args.num_samples)
     labels = index_labels(idx, None if classes is None else classes.cpu())
-    arrays = {"x": x.numpy().astype(np.float32),
-              "labels": (labels if labels is not None else torch.full_like(idx, -1)).numpy(),
-              "alpha": np.full(len(idx), np.nan if alpha is None else alpha, dtype=np.float32)}
-    pictures = images if images is not None else (x if x.ndim == 4 and x.shape[1] in (1, 3) else None)
-    if pictures is not None:
-        arrays["arr_0"] = to_uint8_nhwc(pictures)
-    np.savez(out / "samples.npz", **arrays)
-    if pictures is not None or x.ndim == 2:
-        target = target_points(cfg, min(max(len(x), 2000), 10_000)) if x.ndim == 2 else None
-        save_grid(pictures if pictures is not None else x, labels, out / "grid.png", args.grid_per_class, target)
+    parts.merge(out / "samples.npz", {
+        "labels": (labels if labels is not None else torch.full_like(idx, -1)).numpy(),
+        "alpha": np.full(len(idx), np.nan if alpha is None else alpha, dtype=np.float32)})
+    if "arr_0" in parts.names() or module.data_shape == (2,):
+        shown = grid_indices(labels, args.num_samples, args.grid_per_class)
+        pictures = torch.from_numpy(parts.take("arr_0", shown)).permute(0, 3, 1, 2).float().div(127.5).sub(1) \
+            if "arr_0" in parts.names() else torch.from_numpy(parts.block("x", 0, args.num_samples))
+        target = target_points(cfg, min(max(args.num_samples, 2000), 10_000)) if module.data_shape == (2,) else None
+        save_grid(pictures, None if labels is None or module.data_shape == (2,) else labels[shown], out / "grid.png",
+                  args.grid_per_class, target)
+    parts.remove()
     meta = dict(ckpt=str(args.ckpt), num_samples=len(idx), seed=args.seed, weights="ema" if args.use_ema else "raw",
                 classes=None if classes is None else classes.tolist(), alpha=alpha, world_size=world,
                 update=int(module.update_count), experiment=cfg.get("name"))

@@ -142,3 +142,53 @@ def test_a_2d_run_is_drawn_over_its_target(tmp_path, capsys):
     # bluish pixels (the target's tab:blue, blue well above red; the samples are orange, the frame grey)
     assert ((grid[..., 2] - grid[..., 0]) > 20).sum() > 500
     assert target_points(compose_config([]), 10) is None  # digits: images, no scatter target
+
+
+MERGE_PROBE = r"""
+import sys, numpy as np
+from pathlib import Path
+from gwf.sample import RankParts
+out, rows = Path(sys.argv[1]), int(sys.argv[2])
+parts = RankParts(out, world=2, num_samples=2000)
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+before = status("VmRSS")
+parts.merge(out / "samples.npz", {"labels": np.arange(2000) % 10}, rows=rows)
+print(status("VmHWM") - before)
+"""
+
+
+def test_rank0_merge_memory_does_not_grow_with_the_samples(tmp_path):
+    """2,000 samples of 3x64x64 (x float32 and arr_0 uint8: 123 MB) in the parts of 2 ranks: rank 0's merge into
+    samples.npz (a fresh process; peak RSS from the kernel) holds one block of samples, not all of them, and the
+    result is the samples in index order. Extrapolated at the default block (MERGE_ROWS) to 50k 256x256 images
+    (arr_0 rows of 196,608 bytes): far below the 8 GB target."""
+    from gwf.sample import MERGE_ROWS, RankParts
+
+    n, world, rows = 2000, 2, 128
+    parts = RankParts(tmp_path, world, n)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 3, 64, 64), dtype=np.float32)
+    img = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+    for r in range(world):
+        for name, a in (("x", x), ("arr_0", img)):
+            f, w = parts.open_writer(name, r, a.shape[1:], a.dtype)
+            for start in range(r, n, 100 * world):  # appended in batches, as the ranks do
+                w.write(a[start : start + 100 * world : world])
+            w.close()
+            f.close()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    probe = subprocess.run([sys.executable, "-c", MERGE_PROBE, str(tmp_path), str(rows)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    growth = int(probe.stdout.split()[-1])
+    total = x.nbytes + img.nbytes
+    assert growth < total / 4, (growth, total)  # one block (128 samples: 6.3 MB of x), not 123 MB
+    with np.load(tmp_path / "samples.npz") as f:
+        np.testing.assert_array_equal(f["x"], x)
+        np.testing.assert_array_equal(f["arr_0"], img)
+        np.testing.assert_array_equal(f["labels"], np.arange(n) % 10)
+    largest_row = x[0].nbytes  # the largest array's sample, held in blocks of `rows`
+    predicted = growth * (MERGE_ROWS * 256 * 256 * 3) / (rows * largest_row)
+    assert predicted <= 8e9, predicted  # 50k 256x256 uint8 images merged on rank 0
