@@ -296,11 +296,22 @@ def test_mae_trains_its_checkpoint_loads_back_and_resumes(latent_shards, tmp_pat
     x = held_out[:8]
     a, b = enc(x), direct(x)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # and so does the encoder-only export written beside it, a fraction of the checkpoint's size
+    # the encoder-only export written beside it holds the weights in bf16, a fraction of the checkpoint's size: it
+    # gives the features of the encoder with bf16-rounded weights exactly, loaded memory-mapped once per process
+    from gwf.features import mae as mae_module
+
     export = build_features({"name": "mae", "path": str(tmp_path / "encoder.pt")})
-    c = export(x)
-    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
-    assert (tmp_path / "encoder.pt").stat().st_size < 0.5 * (tmp_path / "mae.pt").stat().st_size
+    rounded = MAEFeatures(load_mae(tmp_path / "mae.pt", use_ema=False).encoder)
+    with torch.no_grad():
+        for p in rounded.encoder.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    c, d = export(x), rounded(x)
+    assert c.keys() == a.keys() and all(torch.equal(c[k], d[k]) for k in a)
+    assert all(torch.allclose(c[k], a[k], rtol=0.05, atol=0.05) for k in a)  # bf16 weights: close to fp32's
+    exported = mae_module.load_checkpoint(tmp_path / "encoder.pt")
+    assert exported["dtype"] == "bfloat16" and exported["encoder"]["stem.0.weight"].dtype == torch.bfloat16
+    assert mae_module.load_checkpoint(tmp_path / "encoder.pt") is exported  # once per process (and file version)
+    assert (tmp_path / "encoder.pt").stat().st_size < 0.25 * (tmp_path / "mae.pt").stat().st_size
 
     # rerunning the command resumes at step 100 and keeps the history of the first 100 steps
     train_encoder_main(["--out", str(tmp_path), "--data", "digits", "--steps", "104", "--batch-size", "64",

@@ -179,25 +179,39 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(lambda f: torch.save(state, f), path)
 
 
-def export_encoder(state: dict) -> dict:
-    """The encoder-only export of a training checkpoint's state: the EMA encoder weights and the config, without the
-    decoder, the raw weights and the optimizer (a training run loads this; it is a fraction of the checkpoint)."""
+def export_encoder(state: dict, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The encoder-only export of a training checkpoint's state: the EMA encoder weights in ``dtype`` (bf16: what a
+    bf16 run computes with; half the bytes) and the config, without the decoder, the raw weights and the optimizer
+    (a training run loads this; it is a fraction of the checkpoint)."""
     weights = state["ema"] if state.get("ema") is not None else state["model"]
+    cast = lambda v: v.to(dtype) if v.is_floating_point() else v  # noqa: E731
     return {"format": MAE_ENCODER_FORMAT, "config": state["config"], "data_shape": state["data_shape"],
-            "step": state["step"], "encoder": {k[len("encoder."):]: v for k, v in weights.items()
-                                               if k.startswith("encoder.")}}
+            "step": state["step"], "dtype": str(dtype).removeprefix("torch."),
+            "encoder": {k[len("encoder."):]: cast(v) for k, v in weights.items() if k.startswith("encoder.")}}
+
+
+_LOADED: dict[tuple, dict] = {}  # (path, mtime, size) -> state: one load per process and file version
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """A gwf-train-encoder file, memory-mapped (its tensors are read from the page cache as used, shared by the
+    processes of a node) and loaded once per process: a run that builds its objective again reuses it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"no MAE checkpoint at {path}. Train one with `gwf-train-encoder --out DIR paths.data_dir=...` (it writes "
             "DIR/mae.pt) and pass method.features.path=DIR/mae.pt")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key in _LOADED:
+        return _LOADED[key]
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(state, dict) or state.get("format") not in (MAE_CHECKPOINT_FORMAT, MAE_ENCODER_FORMAT):
         raise ValueError(f"{path} is not a gwf MAE checkpoint (format {MAE_CHECKPOINT_FORMAT!r}); make one with "
                          "gwf-train-encoder")
+    if state["format"] == MAE_ENCODER_FORMAT:  # small and read-only: kept (training checkpoints are not)
+        _LOADED.clear()
+        _LOADED[key] = state
     return state
 
 

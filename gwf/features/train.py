@@ -81,7 +81,8 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
                   optim: OptimConfig = OptimConfig(name="adamw", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01,
                                                    warmup_steps=1000, grad_clip=1.0),
                   ema_decay: float = 0.9995, seed: int = 0, device: str | torch.device = "cpu", save_every: int = 1000,
-                  resume: bool = True, progress: bool = True) -> dict:  # fmt: skip
+                  resume: bool = True, progress: bool = True,
+                  export_dtype: torch.dtype = torch.bfloat16) -> dict:  # fmt: skip
     """Train (or resume) the MAE into ``out_dir/mae.pt``; returns the final checkpoint dict (CPU tensors). The mask
     of step n is seeded by (seed, n), so it does not depend on where a run resumed."""
     out = Path(out_dir) / CHECKPOINT_NAME
@@ -137,7 +138,7 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
         if step % save_every == 0 or step == steps:
             state = snapshot()
             save_checkpoint(out, state)
-            save_checkpoint(out.with_name(ENCODER_NAME), export_encoder(state))
+            save_checkpoint(out.with_name(ENCODER_NAME), export_encoder(state, export_dtype))
     return snapshot()
 
 
@@ -162,6 +163,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--no-resume", action="store_true", help="start over even if DIR/mae.pt exists")
+    p.add_argument("--export-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="dtype of the encoder export DIR/encoder.pt (bf16 runs compute in bf16)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="data.key=value / paths.key=value overrides of the data config")
     return p.parse_args(argv)
@@ -179,7 +182,8 @@ def main(argv=None) -> None:
     state = train_encoder(datamodule, args.out, steps=args.steps, base_channels=args.base_channels, layers=args.layers,
                           mask_patch=args.mask_patch, mask_ratio=tuple(args.mask_ratio), optim=optim,
                           ema_decay=args.ema_decay, seed=args.seed, device=args.device, save_every=args.save_every,
-                          resume=not args.no_resume, progress=not args.no_progress)
+                          resume=not args.no_resume, progress=not args.no_progress,
+                          export_dtype=getattr(torch, args.export_dtype))
     last = state["history"][-1][1] if state["history"] else float("nan")
     log.info("MAE checkpoint: %s (step %d, last loss %.4f); train with method.features.path=%s (its encoder export)",
              Path(args.out) / CHECKPOINT_NAME, state["step"], last, Path(args.out) / ENCODER_NAME)
