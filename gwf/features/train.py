@@ -2,11 +2,13 @@
 
     gwf-train-encoder --out runs/mae paths.data_dir=/data          # conf/data/latents.yaml: /data/imagenet256_latents
     gwf-train-encoder --out runs/mae --data digits data.prepare=null data.train_shards='my-{000000..000009}.tar'
-    gwf-train -m ... method.features='{name: mae, path: runs/mae/mae.pt}'
+    torchrun --nproc_per_node 8 -m gwf.features.train --out runs/mae_latent_640 --base-channels 640 paths.data_dir=/data
+    gwf-train -m ... method.features='{name: mae, path: runs/mae/encoder.pt}'
 
 The data are a data config's DataModule (``--data NAME`` = conf/data/NAME.yaml, with ``key=value`` overrides): the
 generator's own data, so the encoder sees what the generator produces. ``DIR/mae.pt`` is rewritten atomically every
-``--save-every`` steps; rerunning the command resumes from it. Defaults: the official recipe, smaller (one device).
+``--save-every`` steps; rerunning the command resumes from it. Defaults: the official recipe, smaller. Under torchrun or srun the ranks
+train one model with DDP (bf16 autocast on GPUs: ``--precision``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,41 @@ def batches(datamodule, start_step: int):
             yield x
 
 
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, this rank's device). Several processes started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT) or by srun (SLURM_PROCID, SLURM_NTASKS, ...: Lightning's SLURMEnvironment finds the main node and
+    port) form one process group: nccl on GPUs (one per rank, cuda:LOCAL_RANK), gloo on CPUs."""
+    import os
+
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if "WORLD_SIZE" not in os.environ and SLURMEnvironment.detect() and int(os.environ["SLURM_NTASKS"]) > 1:
+        env = SLURMEnvironment()
+        os.environ.update(RANK=str(env.global_rank()), WORLD_SIZE=str(env.world_size()),
+                          LOCAL_RANK=str(env.local_rank()), MASTER_ADDR=env.main_address, MASTER_PORT=str(env.main_port))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class _MaskedLoss(torch.nn.Module):
+    """The MAE's masked loss as a module's forward, so that DDP (which syncs through its wrapper's forward) wraps it."""
+
+    def __init__(self, mae: MaskedAutoencoder):
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, x, mask):
+        return self.mae.loss(x, mask)
+
+
 def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels: int = 64,
                   layers: Sequence[int] = (2, 2, 2, 2), mask_patch: int = 2,
                   mask_ratio: tuple[float, float] = (0.5, 0.5),
@@ -82,13 +119,22 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
                                                    warmup_steps=1000, grad_clip=1.0),
                   ema_decay: float = 0.9995, seed: int = 0, device: str | torch.device = "cpu", save_every: int = 1000,
                   resume: bool = True, progress: bool = True,
-                  export_dtype: torch.dtype = torch.bfloat16) -> dict:  # fmt: skip
+                  export_dtype: torch.dtype = torch.bfloat16, precision: str = "32") -> dict:  # fmt: skip
     """Train (or resume) the MAE into ``out_dir/mae.pt``; returns the final checkpoint dict (CPU tensors). The mask
-    of step n is seeded by (seed, n), so it does not depend on where a run resumed."""
+    of step n is seeded by (seed, n), so it does not depend on where a run resumed. ``precision`` "bf16": the
+    forward and backward under bf16 autocast (weights, optimizer and EMA in fp32). Inside a process group
+    (init_distributed) the model is wrapped in DDP: every rank draws its own data stream and masks (seeded by its
+    rank too), gradients are averaged, the loss is averaged for the log and the non-finite check (all ranks stop
+    together), rank 0 writes the files, and the ranks' weights are checked equal at the end."""
     out = Path(out_dir) / CHECKPOINT_NAME
     shape = tuple(int(s) for s in datamodule.shape)
     if len(shape) != 3:
         raise ValueError(f"the MAE encodes [C, H, W] latents or images; the data have shape {list(shape)}")
+    import torch.distributed as dist
+
+    if precision not in ("32", "bf16"):
+        raise ValueError(f"precision must be 32 or bf16, got {precision!r}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(seed)
     model = MaskedAutoencoder(shape[0], base_channels, layers, mask_patch).to(device)
     opt, sched = optim.build(model.parameters(), torch.device(device).type)
@@ -117,13 +163,27 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
     if step >= steps:
         return snapshot()
     model.train()
+    masked_loss = _MaskedLoss(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        masked_loss = DistributedDataParallel(masked_loss, device_ids=[torch.device(device).index]
+                                              if torch.device(device).type == "cuda" else None)
+    device_type = torch.device(device).type
     stream = batches(datamodule, step)
-    bar = tqdm(range(step, steps), initial=step, total=steps, desc="MAE", unit="step", disable=not progress)
+    bar = tqdm(range(step, steps), initial=step, total=steps, desc="MAE", unit="step",
+               disable=not progress or rank != 0)
     for n in bar:
         x = next(stream).to(device, non_blocking=True)
-        mask = model.random_mask(x, *mask_ratio, make_generator(x.device, "mae-mask", seed, n))
-        loss = model.loss(x, mask)
-        if not torch.isfinite(loss):
+        stream_key = (n,) if world == 1 else (n, rank)  # one process: the masks of earlier versions
+        mask = model.random_mask(x, *mask_ratio, make_generator(x.device, "mae-mask", seed, *stream_key))
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = masked_loss(x, mask).float()
+        shown = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(shown)
+            shown /= world
+        if not torch.isfinite(shown):
             raise FloatingPointError(f"non-finite MAE loss at step {n}; lower --lr or check the data. {out} holds "
                                      "the last good state: rerun to resume from it.")
         opt.zero_grad(set_to_none=True)
@@ -133,13 +193,32 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
         sched.step()
         ema.update(model)
         step = n + 1
-        history.append((step, loss.item()))
+        history.append((step, shown.item()))
         bar.set_postfix(loss=f"{history[-1][1]:.4f}")
-        if step % save_every == 0 or step == steps:
+        if (step % save_every == 0 or step == steps) and rank == 0:
             state = snapshot()
             save_checkpoint(out, state)
             save_checkpoint(out.with_name(ENCODER_NAME), export_encoder(state, export_dtype))
+    if world > 1:
+        check_ranks_agree(model)
+        dist.barrier()  # rank 0's files are written
     return snapshot()
+
+
+def check_ranks_agree(model: torch.nn.Module) -> None:
+    """Raise unless every rank holds the same weights (a sum and a weighted sum of all parameters, gathered)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        probe = torch.stack([flat.sum(), (flat * torch.arange(1, len(flat) + 1, dtype=flat.dtype,
+                                                              device=flat.device).remainder_(97)).sum()])
+    parts = [torch.empty_like(probe) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, probe)
+    if any(not torch.equal(parts[0], p) for p in parts[1:]):
+        raise RuntimeError(f"the ranks' MAE weights differ after training ({[p.tolist() for p in parts]})")
+    if dist.get_rank() == 0:
+        log.info("the %d ranks hold identical weights", dist.get_world_size())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -160,7 +239,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--ema-decay", type=float, default=0.9995, help="EMA of the weights (the features use it)")
     p.add_argument("--seed", type=int, default=0, help="initialization, masks and data stream")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (under torchrun or srun: cuda = this rank's GPU)")
+    p.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"],
+                   help="bf16: forward and backward under bf16 autocast; auto = bf16 on CUDA, 32 elsewhere")
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--no-resume", action="store_true", help="start over even if DIR/mae.pt exists")
     p.add_argument("--export-dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -176,15 +258,23 @@ def main(argv=None) -> None:
     overrides = list(args.overrides)
     if args.batch_size is not None:
         overrides.append(f"data.batch_size={args.batch_size}")
+    rank, world, device = init_distributed(args.device)  # before the data: each rank gets its own stream
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    precision = args.precision if args.precision != "auto" else "bf16" if device.startswith("cuda") else "32"
     datamodule = build_datamodule(data_config(args.data, overrides, args.seed))
     optim = OptimConfig(name="adamw", lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip)
     state = train_encoder(datamodule, args.out, steps=args.steps, base_channels=args.base_channels, layers=args.layers,
                           mask_patch=args.mask_patch, mask_ratio=tuple(args.mask_ratio), optim=optim,
-                          ema_decay=args.ema_decay, seed=args.seed, device=args.device, save_every=args.save_every,
+                          ema_decay=args.ema_decay, seed=args.seed, device=device, save_every=args.save_every,
                           resume=not args.no_resume, progress=not args.no_progress,
-                          export_dtype=getattr(torch, args.export_dtype))
+                          export_dtype=getattr(torch, args.export_dtype), precision=precision)
     last = state["history"][-1][1] if state["history"] else float("nan")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     log.info("MAE checkpoint: %s (step %d, last loss %.4f); train with method.features.path=%s (its encoder export)",
              Path(args.out) / CHECKPOINT_NAME, state["step"], last, Path(args.out) / ENCODER_NAME)
 
