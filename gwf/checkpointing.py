@@ -174,6 +174,13 @@ class CheckpointCadence(L.Callback):
         if position and seek is None:
             raise TypeError(f"{type(trainer.datamodule).__name__} cannot resume its stream exactly: derive it from "
                             "gwf.data.stream.SeekableDataModule")
+        bank = getattr(module, "bank", None)
+        start = bank.replay_from() if bank is not None else None
+        if start is not None and seek is not None:  # checkpoint.bank=replay: push this rank's stream stretch again
+            t0 = time.monotonic()
+            n = module.replay_bank(stream_batches(trainer.datamodule, start, position - start), start)
+            log.info("rank %d rebuilt its class bank from %d batches of its data stream in %.1f s "
+                     "(checkpoint.bank=replay)", trainer.global_rank, n, time.monotonic() - t0)
         if seek is not None:
             seek(position)
 
@@ -277,6 +284,21 @@ class CheckpointCadence(L.Callback):
         for side in (self.ckpt_dir / RANK_STATE_DIR).glob("rank*-update*.pt"):
             if _update_of(side) not in kept:
                 side.unlink(missing_ok=True)
+
+
+def stream_batches(datamodule, start: int, count: int):
+    """``count`` batches of a SeekableDataModule's training stream from position ``start`` (batches consumed), as
+    the training loop read them, across virtual epochs: each epoch's stretch from a fresh loader sought to it."""
+    position, end = start, start + count
+    while position < end:
+        datamodule.seek(position)
+        _, skip = datamodule.replay_point()
+        take = min(end - position, datamodule.batches_per_epoch - skip)
+        loader = iter(datamodule.train_dataloader())
+        for _ in range(take):
+            yield next(loader)
+        del loader  # its workers stop
+        position += take
 
 
 def _any_rank(trainer, *flags: bool) -> tuple[bool, ...]:

@@ -61,6 +61,7 @@ class UpdateSizes:
     bank_capacity: int = 128
     label_chunks: int = 1  # generator steps run the labels in this many chunks, gradients accumulated
     bank_dtype: torch.dtype = torch.float32
+    bank_persist: str = "data"  # checkpoint.bank: the samples in checkpoints ("data") or replayed on resume ("replay")
 
 
 COMPILE_MODES = (False, True, "auto")  # model.compile: auto compiles on CUDA only
@@ -96,7 +97,7 @@ class GWFModule(L.LightningModule):
             raise ValueError(f"batch.label_chunks={sizes.label_chunks} must divide the {labels} label(s) per rank and "
                              "update (batch.labels_per_update; 1 for unconditional data)")
         self.bank = ClassBank(conditioning.num_classes, sizes.bank_capacity, self.data_shape, sizes.uncond_per_update,
-                              dtype=sizes.bank_dtype)
+                              dtype=sizes.bank_dtype, persist=sizes.bank_persist)
         self.register_buffer("update_count", torch.zeros((), dtype=torch.long))
         # Batches consumed from this rank's data stream: a resumed run replays the stream to here (gwf/checkpointing.py)
         self.register_buffer("data_position", torch.zeros((), dtype=torch.long))
@@ -236,7 +237,7 @@ class GWFModule(L.LightningModule):
             return None
         x_data, y_data = batch
         self.data_position += 1
-        self.bank.push(x_data, y_data if self.conditioning.conditional else None)
+        self.push_to_bank(x_data, y_data, self.data_position)
         if not self._bank_ready:  # while the banks fill: one host decision per batch, on every rank alike
             ready = self.bank.ready(self.sizes.pos_per_label, self.sizes.uncond_per_update)
             self._bank_ready = self.trainer.strategy.reduce_boolean_decision(ready, all=True)
@@ -357,10 +358,26 @@ class GWFModule(L.LightningModule):
     def load_rank_local_state(self, state: dict[str, Tensor]) -> None:
         """Inverse of :meth:`rank_local_state` (same keys and shapes, or a clear error)."""
         expected = self._rank_local_keys()
-        if set(state) != expected:
+        optional = {"bank.data", "bank.uncond", "bank.pushed_at", "bank.uncond_pushed_at"}  # either bank persistence
+        if set(state) - optional != expected - optional:
             raise KeyError(f"rank-local state does not match this model: missing {sorted(expected - set(state))}, "
                            f"unexpected {sorted(set(state) - expected)}; it was written by a different configuration")
         self.load_state_dict(state, strict=False)
+
+    def push_to_bank(self, x: Tensor, y: Tensor, position: Tensor | int) -> None:
+        """A data batch into the class bank (training_step, and the replay of a resumed "replay" bank)."""
+        self.bank.push(x, y if self.conditioning.conditional else None, position)
+
+    def replay_bank(self, batches, start: int) -> int:
+        """Rebuild a "replay" bank (checkpoint.bank) from ``batches``, the data stream from position ``start`` on,
+        pushed as training_step pushed them; checked slot by slot against the loaded positions. Returns the
+        number of batches pushed."""
+        self.bank.start_replay()
+        n = 0
+        for n, (x, y) in enumerate(batches, 1):
+            self.push_to_bank(x.to(self.device), y.to(self.device), start + n)
+        self.bank.finish_replay()
+        return n
 
     def refill_bank(self) -> None:
         """Empty the class bank: it refills from this rank's stream before the next update, on every rank alike."""

@@ -55,6 +55,7 @@ class Record(L.Callback):
     def on_train_end(self, trainer, module):
         noise = torch.randn(8, generator=module.rng("gen", 0))  # this rank's stream at the final update
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        state["bank.samples"] = module.bank.data.detach().cpu().clone()  # also when checkpoints leave them out
         torch.save({"noise": noise, "state": state, "world_size": trainer.world_size,
                     "rank": trainer.global_rank}, self.run_dir / f"rank{trainer.global_rank}.pt")
 

@@ -96,3 +96,24 @@ def test_resume_on_fewer_ranks_warns_and_refills_the_bank(tmp_path, stopped_run,
     assert int(final["state_dict"]["data_position"]) == position_at_stop + 7 + 6
     # one process writes no side files, and those of the 2-rank checkpoints, no longer kept, are pruned
     assert list((run / "checkpoints" / "rank_state").glob("*.pt")) == []
+
+
+def test_two_rank_resume_with_a_replayed_bank(tmp_path):
+    """checkpoint.bank=replay: neither the side files nor the main checkpoint hold bank samples (only counts and
+    each slot's stream position); on resume each rank pushes its own stream stretch again, and both ranks end equal
+    to the straight run, their banks included."""
+    replay = [*TINY, "checkpoint.bank=replay"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_ranks(straight, replay, slurm_env)
+    run_ranks(resumed, [*replay, *STOP], slurm_env)
+    side = torch.load(resumed / "checkpoints" / "rank_state" / "rank00001-update0000006.pt")["state"]
+    main = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert "bank.pushed_at" in side and not any(k in d for k in ("bank.data", "bank.uncond") for d in (side, main))
+    run_ranks(resumed, [*replay, *STOP], slurm_env)
+    ref = _states(straight)
+    for r, state in enumerate(_states(resumed)):
+        assert int(state["update_count"]) == 12
+        diffs = _max_diff(state, ref[r])
+        assert "bank.samples" in diffs and "generator.out.weight" in diffs
+        bad = {k: d for k, d in diffs.items() if d > 1e-6}
+        assert not bad, f"rank {r} differs from the straight run: {bad}"

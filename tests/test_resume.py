@@ -116,12 +116,15 @@ def test_resume_differs_when_the_stream_is_not_replayed(tmp_path, straight_kl, m
                               atol=1e-6)
 
 
-def test_wflow_digits_shard_stream_resumes_exactly(digits_dir, tmp_path):
+@pytest.mark.parametrize("bank", ["data", "replay"])
+def test_wflow_digits_shard_stream_resumes_exactly(digits_dir, tmp_path, bank):
     """Class-conditional W-Flow on the digits shards, two data workers, 8 batches per virtual epoch: the shard
-    stream is replayed to its position (epoch and batches, worker by worker)."""
+    stream is replayed to its position (epoch and batches, worker by worker). checkpoint.bank=replay saves no bank
+    samples: the resumed run pushes the stream stretch its bank holds again (checked slot by slot), and the run
+    after it equals the straight one (its positives come from that bank)."""
     base = [f"paths.data_dir={digits_dir.parent}", "data.num_workers=2", "data.epoch_size=1024",
             "trainer.enable_progress_bar=false", "jko.updates_first_step=30", "eval.every_n_updates=1000",
-            "eval.num_samples=200", "logger=none", "ema_decay=0.9"]
+            "eval.num_samples=200", "logger=none", "ema_decay=0.9", f"checkpoint.bank={bank}"]
     train(compose_config(base), tmp_path / "straight")
     cfg = compose_config([*base, "checkpoint.updates_per_job=17"])
     assert not train(cfg, tmp_path / "resumed")["finished"]
@@ -129,6 +132,7 @@ def test_wflow_digits_shard_stream_resumes_exactly(digits_dir, tmp_path):
     a, b = _load(tmp_path / "straight"), _load(tmp_path / "resumed")
     assert int(a["state_dict"]["data_position"]) > 1024 // 128  # the run crossed virtual epochs
     sa, sb = a["state_dict"], b["state_dict"]
+    assert ("bank.data" in sa) == (bank == "data") and "bank.pushed_at" in sa
     for k in sa:
         assert torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6, rtol=0), k
 
