@@ -47,22 +47,28 @@ def torchrun_env(rank: int, world: int, port: int) -> dict:
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
+def start_ranks(args: list[str], env_of=torchrun_env, world: int = 2, timeout_s: float = 300,
+                extra_env: dict | None = None) -> tuple[list[int], list[str]]:
+    """``python ARGS`` as the ``world`` ranks of one job (launch variables from ``env_of``): their exit codes and
+    outputs; a rank still running after ``timeout_s`` (a hang) kills them all and fails the test."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, *args], cwd=REPO, env={**_clean_env(), **(extra_env or {}),
+                                                                      **env_of(r, world, port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    try:
+        outs = [p.communicate(timeout=timeout_s)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"a rank of `{' '.join(args[:3])} ...` still ran after {timeout_s} s (hung?)")
+    return [p.returncode for p in procs], outs
+
+
 def run_ranks(run_dir: Path, overrides: list[str], env_of, world: int = 2, timeout_s: float = 300) -> list[str]:
     """Start ``world`` driver processes as the ranks of one job; returns their outputs (asserts they succeeded)."""
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.driver", str(run_dir), "--record", *overrides],
-                              cwd=REPO, env={**_clean_env(), **env_of(r, world, port)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=timeout_s)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{out[-4000:]}"
+    codes, outs = start_ranks(["-m", "tests.driver", str(run_dir), "--record", *overrides], env_of, world, timeout_s)
+    for r, (code, out) in enumerate(zip(codes, outs)):
+        assert code == 0, f"rank {r} failed:\n{out[-4000:]}"
         assert "were not used in producing the loss" not in out and "SUMMARY" in out, out[-4000:]
     return outs
 
@@ -145,19 +151,10 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tm
     """Only rank 1's loss is NaN (at update 3): both ranks raise at that update, before any backward pass, with the
     same message naming the rank, instead of rank 0 waiting in the gradient all-reduce until the collective timeout
     (the timeout here makes a hang fail the test)."""
-    port = _free_port()
-    overrides = [*TINY_2D, "method=wflow"]
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.driver", str(tmp_path), "--nan-at", "3", "1", *overrides],
-                              cwd=REPO, env={**_clean_env(), **torchrun_env(r, 2, port)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("a rank hung after another rank's non-finite loss")
+    codes, outs = start_ranks(["-m", "tests.driver", str(tmp_path), "--nan-at", "3", "1", *TINY_2D, "method=wflow"],
+                              timeout_s=240)
     message = "FloatingPointError: non-finite generator loss at update 3 on rank 1 of 2 (gen_loss=nan"
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode != 0 and message in out, f"rank {r}:\n{out[-3000:]}"
+    for r, (code, out) in enumerate(zip(codes, outs)):
+        assert code != 0 and message in out, f"rank {r}:\n{out[-3000:]}"
     lines = [next(line[line.index(message):] for line in out.splitlines() if message in line) for out in outs]
     assert lines[0] == lines[1]  # the whole message, values included

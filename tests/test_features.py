@@ -339,28 +339,16 @@ def test_two_process_ddp_trains_one_encoder_in_bf16(latent_shards, tmp_path):
     checked equal at the end), rank 0 writes mae.pt and the bf16 encoder export, the logged loss is the ranks'
     mean and falls; a timeout makes a hang fail."""
     import os
-    import subprocess
-    import sys
 
-    from tests.test_ddp import REPO, _clean_env, _free_port, torchrun_env
+    from tests.test_ddp import start_ranks
 
-    port = _free_port()
     args = ["--out", str(tmp_path), "--data", "digits", "--steps", "30", "--batch-size", "32", "--base-channels", "8",
             "--layers", "1", "1", "--lr", "1e-2", "--warmup-steps", "0", "--ema-decay", "0", "--no-progress",
             "--precision", "bf16", "--device", "cpu", "data.prepare=null", f"data.train_shards={latent_shards}",
             "data.val_shards=null", "data.shape=[4,8,8]", "data.dtype=float32", "data.num_classes=3",
             "data.num_workers=0"]
-    env = {**_clean_env(), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "gwf.features.train", *args], cwd=REPO,
-                              env={**env, **torchrun_env(r, 2, port)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("a rank of gwf-train-encoder hung")
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    codes, outs = start_ranks(["-m", "gwf.features.train", *args], extra_env={"OMP_NUM_THREADS": "1"})
+    assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "the 2 ranks hold identical weights" in outs[0]
     state = torch.load(tmp_path / "mae.pt", weights_only=True)
     losses = [loss for _, loss in state["history"]]
