@@ -3,7 +3,9 @@ Used by gwf-train, gwf-sample, the benchmarks and gwf-train-encoder; nothing hap
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
 import lightning as L
 import torch
 from hydra.utils import instantiate
@@ -124,12 +126,22 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[CheckpointCadence, 
     c, e = cfg.checkpoint, cfg.eval
     preemption = Preemption()
     cadence = CheckpointCadence(run_dir / "checkpoints", every_n_updates=c.every_n_updates,
-                                every_minutes=c.get("every_minutes"), updates_per_job=c.get("updates_per_job"),
+                                every_minutes=every_minutes(c.get("every_minutes")), updates_per_job=c.get("updates_per_job"),
                                 keep=c.keep, stop_requested=lambda: preemption.requested)
     evaluation = EvalCallback(instantiate(e.evaluator), every_n_updates=e.every_n_updates,
                               num_samples=e.num_samples, alpha=e.alpha, grid_per_class=e.grid_per_class,
                               max_seconds=e.get("max_seconds"))
     return cadence, preemption, evaluation
+
+
+SLURM_EVERY_MINUTES = 30  # checkpoint.every_minutes=auto under SLURM
+
+
+def every_minutes(value) -> float | None:
+    """checkpoint.every_minutes: "auto" = 30 in a SLURM job (a preemption then loses at most 30 minutes), else off."""
+    if value == "auto":
+        return SLURM_EVERY_MINUTES if os.environ.get("SLURM_JOB_ID") else None
+    return value
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:

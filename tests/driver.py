@@ -6,6 +6,7 @@
 RUN_DIR/paused-rank<r>: the test then kills or signals the process at a known point. ``--record`` writes
 RUN_DIR/rank<r>.pt at the end of training: the module state and 8 draws of the rank's generator noise stream.
 ``--nan-at U R`` makes rank R's generator loss NaN at update U (its first parameter set to NaN).
+``--slow-save S`` stalls every checkpoint write S seconds before its rename (after writing RUN_DIR/saving-<n>).
 ``--ignore-rank-state`` resumes without the per-rank side files (every rank keeps rank 0's buffers from the main
 checkpoint, the behaviour before side files existed): the negative control of tests/test_ddp_resume.py."""
 
@@ -48,6 +49,24 @@ class PoisonAt(L.Callback):
                 next(module.generator.parameters()).fill_(float("nan"))
 
 
+def slow_saves(run_dir: Path, seconds: float) -> None:
+    """Every checkpoint write stalls ``seconds`` after its bytes are written, before the atomic rename, having written
+    RUN_DIR/saving-<n> (n = 1, 2, ... writes): the test signals or kills the process in the middle of a save."""
+    import gwf.checkpointing as checkpointing
+
+    atomic_write, writes = checkpointing.atomic_write, [0]
+
+    def slow(write, path):
+        def stalled(f):
+            write(f)
+            writes[0] += 1
+            (run_dir / f"saving-{writes[0]}").write_text(str(path))
+            time.sleep(seconds)
+        atomic_write(stalled, path)
+
+    checkpointing.atomic_write = slow
+
+
 class Record(L.Callback):
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -67,6 +86,7 @@ def main() -> None:
     p.add_argument("--record", action="store_true")
     p.add_argument("--ignore-rank-state", action="store_true")
     p.add_argument("--nan-at", type=int, nargs=2, metavar=("UPDATE", "RANK"))
+    p.add_argument("--slow-save", type=float, metavar="SECONDS")
     args, overrides = p.parse_known_args()
     args.run_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [PauseAt(args.pause_at, args.run_dir)] if args.pause_at is not None else []
@@ -78,6 +98,8 @@ def main() -> None:
         callbacks.append(Record(args.run_dir))
     if args.nan_at:
         callbacks.append(PoisonAt(*args.nan_at))
+    if args.slow_save:
+        slow_saves(args.run_dir, args.slow_save)
     summary = train(compose_config(overrides), args.run_dir, extra_callbacks=tuple(callbacks))
     print("SUMMARY " + json.dumps(summary), flush=True)
 

@@ -95,3 +95,32 @@ def test_ctrl_c_twice_stops_at_once_without_saving(tmp_path):
     assert stop.value.code == 1
     assert int(_load(tmp_path / "run")["state_dict"]["update_count"]) == 5  # the numbered save before
     signal.signal(signal.SIGINT, handler)  # Lightning leaves SIGINT ignored after its shutdown
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_during_a_save_leaves_a_valid_last_checkpoint(tmp_path, sig):
+    """The second save (update 10) stalls before its rename and the process gets SIGTERM or SIGKILL then. SIGTERM
+    is a stop request: the save completes (its numbered copy exists) and the process stops at the end of the next
+    update, saved (exit 0, last.ckpt at update 11); SIGKILL leaves the previous last.ckpt (update 5) whole and
+    loadable, and no partial file in its place."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.driver", str(run), "--slow-save", "5", *SHORT], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "saving-2").exists():  # the numbered copy of update 5 is a link, not a write
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (run / "saving-2").read_text().endswith("last.ckpt")
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    ckpt = _load(run)  # a whole checkpoint: torch.load reads it
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0 and int(ckpt["state_dict"]["update_count"]) == 11, out[-3000:]
+        assert not _summary(out)["finished"]
+        numbered = torch.load(run / "checkpoints" / "update0000010.ckpt", weights_only=False)
+        assert int(numbered["state_dict"]["update_count"]) == 10
+    else:
+        assert proc.returncode == -signal.SIGKILL and int(ckpt["state_dict"]["update_count"]) == 5
+    assert len(list((run / "checkpoints").glob(".*.tmp-*"))) == (1 if sig == signal.SIGKILL else 0)  # the killed
+    #                                                                  write's temporary, removed at the next start

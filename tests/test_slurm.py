@@ -62,7 +62,7 @@ def _sbatch_directives() -> dict:
 
 def test_sbatch_script_rendered_for_2_nodes_x_4_gpus_agrees_with_the_trainer(tmp_path, monkeypatch):
     directives = _sbatch_directives()
-    assert directives["signal"] == "SIGUSR1@90" and "requeue" in directives
+    assert directives["signal"] == "SIGUSR1@300" and "requeue" in directives
     calls = _run_sbatch(tmp_path, touch_requeue=False)
     assert len(calls) == 1 and calls[0].startswith("srun ")  # no requeue when the run did not ask for one
     argv = shlex.split(calls[0])
