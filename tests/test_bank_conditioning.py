@@ -72,3 +72,56 @@ def test_conditioning_sampler():
     assert ConditioningSampler(num_classes=0).sample(torch.Generator()) == (None, None)
     with pytest.raises(ValueError, match="labels_per_update"):
         ConditioningSampler(num_classes=3, labels_per_update=5)
+
+
+@pytest.mark.parametrize("saved_as,loaded_as,legacy", [("replay", "replay", False), ("data", "replay", False),
+                                                       ("replay", "data", False), ("data", "replay", True)])
+def test_bank_persistences_load_under_either_setting(saved_as, loaded_as, legacy):
+    """A bank saved with or without its samples (checkpoint.bank) and loaded under either setting, or a checkpoint
+    from before slot positions existed (legacy): replaying the stream where samples are missing rebuilds it exactly,
+    twice in a row (the second checkpoint taken after two more pushes), and a legacy bank keeps saving its samples
+    while slots without a position remain."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 2, generator=g), torch.randint(3, (6,), generator=g)) for _ in range(22)]
+
+    def resume(state, upto):
+        bank = ClassBank(3, 4, (2,), uncond_capacity=3, persist=loaded_as)
+        bank.load_state_dict(state)
+        start = bank.replay_from()
+        if start is not None:
+            bank.start_replay()
+            for i in range(start, upto):
+                bank.push(*batches[i], i + 1)
+            bank.finish_replay()
+        return bank
+
+    straight = ClassBank(3, 4, (2,), uncond_capacity=3, persist=saved_as)
+    for i in range(20):
+        straight.push(*batches[i], i + 1)
+    state = {k: v for k, v in straight.state_dict().items() if not (legacy and "pushed_at" in k)}
+    assert ("data" in state) == (saved_as == "data")
+    resumed = resume(state, 20)
+    assert torch.equal(resumed.data, straight.data) and torch.equal(resumed.uncond, straight.uncond)
+    for i in (20, 21):
+        straight.push(*batches[i], i + 1)
+        resumed.push(*batches[i], i + 1)
+    state = resumed.state_dict()
+    assert ("data" in state) == (loaded_as == "data" or legacy)
+    again = resume(state, 22)
+    assert torch.equal(again.data, straight.data) and torch.equal(again.count, straight.count)
+
+
+def test_bank_replay_of_another_stream_is_an_error():
+    g = torch.Generator().manual_seed(1)
+    bank = ClassBank(2, 4, (2,), persist="replay")
+    for i in range(6):
+        bank.push(torch.randn(4, 2, generator=g), torch.randint(2, (4,), generator=g), i + 1)
+    other = ClassBank(2, 4, (2,), persist="replay")
+    other.load_state_dict(bank.state_dict())
+    start = other.replay_from()
+    other.start_replay()
+    for i in range(start, 6):  # the same positions, other labels
+        other.push(torch.randn(4, 2, generator=g), torch.tensor([0, 0, 0, 0]) if i % 2 else torch.tensor([1, 1, 1, 1]),
+                   i + 1)
+    with pytest.raises(RuntimeError, match="did not rebuild the class bank as saved.*checkpoint.bank=data"):
+        other.finish_replay()

@@ -46,14 +46,15 @@ class ClassBank(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """Checkpoints of either persistence load: samples saved by "data" fill a "replay" bank (nothing to replay),
-        and checkpoints from before ``pushed_at`` existed mark every filled slot as written at position 0."""
-        if self.persist == "replay":  # samples are not part of this bank's state, but a checkpoint may hold them
-            saved = [state_dict.pop(prefix + name, None) for name in ("data", "uncond")]
-            for name, value in zip(("data", "uncond"), saved):
-                if value is not None:
-                    getattr(self, name).copy_(value)
-            self._samples_loaded = saved[0] is not None
+        """Checkpoints of either persistence load under either setting: saved samples are used as they are (nothing
+        to replay); a checkpoint without them (written by "replay") leaves the bank to be rebuilt by a replay, whatever
+        this bank's setting; checkpoints from before ``pushed_at`` existed mark every filled slot as written at
+        position 0 (such slots keep their samples in the checkpoints that follow: ``_save_to_state_dict``)."""
+        saved = [state_dict.pop(prefix + name, None) for name in ("data", "uncond")]
+        for name, value in zip(("data", "uncond"), saved):
+            if value is not None:
+                getattr(self, name).copy_(value)
+        self._samples_loaded = saved[0] is not None
         for name, count, cap in (("pushed_at", "count", self.capacity),
                                  ("uncond_pushed_at", "uncond_count", self.uncond_capacity)):
             if prefix + name not in state_dict and prefix + count in state_dict:
@@ -63,6 +64,18 @@ class ClassBank(nn.Module):
                     torch.where(slots < filled, 0, -1)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        for name in ("data", "uncond"):  # loaded above, or rebuilt by a replay: never missing
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A "replay" bank still saves its samples while a slot comes from a checkpoint without positions (0): those
+        samples cannot be replayed."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.persist == "replay" and bool((self.pushed_at == 0).any() or (self.uncond_pushed_at == 0).any()):
+            for name in ("data", "uncond"):
+                buf = getattr(self, name)
+                destination[prefix + name] = buf if keep_vars else buf.detach()
 
     @torch.no_grad()
     def push(self, x: Tensor, labels: Tensor | None, position: Tensor | int = 0) -> None:
@@ -105,16 +118,12 @@ class ClassBank(nn.Module):
     # ------------------------------------------------------------------------------------------------ replay
     def replay_from(self) -> int | None:
         """The stream position a replay must start after (the oldest slot's batch, minus one), or None when the
-        bank's samples are in memory (saved with the checkpoint, or nothing pushed yet)."""
-        if self.persist != "replay" or self._restored:
+        bank's samples are in memory (loaded with the checkpoint, or nothing pushed yet)."""
+        if self._samples_loaded:
             return None
         written = torch.cat([self.pushed_at.flatten(), self.uncond_pushed_at])
         written = written[written > 0]  # 0: a checkpoint from before positions were recorded (its samples are lost)
         return int(written.min()) - 1 if len(written) else None
-
-    @property
-    def _restored(self) -> bool:
-        return self._samples_loaded
 
     @torch.no_grad()
     def start_replay(self) -> None:

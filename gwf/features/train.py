@@ -58,10 +58,15 @@ def data_config(name: str, overrides: Sequence[str] = (), seed: int = 0) -> Dict
 
 
 def build_datamodule(cfg: DictConfig):
+    """The data config's DataModule, prepared (by rank 0 alone inside a process group, the others waiting) and set up."""
+    import torch.distributed as dist
     from hydra.utils import instantiate
 
     datamodule = instantiate(cfg, _convert_="all")
-    datamodule.prepare_data()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        datamodule.prepare_data()  # may write the data (digits) into a folder every rank reads
+    if dist.is_initialized():
+        dist.barrier()
     datamodule.setup("fit")
     return datamodule
 
@@ -86,7 +91,8 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     import torch.distributed as dist
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    if "WORLD_SIZE" not in os.environ and SLURMEnvironment.detect() and int(os.environ["SLURM_NTASKS"]) > 1:
+    step_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))  # an srun step's tasks (the batch step has 1)
+    if "WORLD_SIZE" not in os.environ and SLURMEnvironment.detect() and step_tasks > 1:
         env = SLURMEnvironment()
         os.environ.update(RANK=str(env.global_rank()), WORLD_SIZE=str(env.world_size()),
                           LOCAL_RANK=str(env.local_rank()), MASTER_ADDR=env.main_address, MASTER_PORT=str(env.main_port))
@@ -152,6 +158,12 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
         sched.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), list(state["history"])
         log.info("resuming the MAE from %s at step %d", out, step)
+    if world > 1:  # every rank must have read the same checkpoint (or none): --out on storage every rank sees
+        steps_seen = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world)]
+        dist.all_gather(steps_seen, torch.tensor(step, device=device))
+        if len({int(v) for v in steps_seen}) > 1:
+            raise RuntimeError(f"the ranks resume {out} at different steps {[int(v) for v in steps_seen]}: --out must "
+                               "be on a filesystem every rank sees, with the same mae.pt")
 
     def snapshot() -> dict:
         cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
@@ -188,7 +200,11 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
                                      "the last good state: rerun to resume from it.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip or float("inf"))
+        if not torch.isfinite(norm):  # the same on every rank (gradients averaged): all stop together
+            raise FloatingPointError(f"non-finite MAE gradient at step {n} (loss {shown.item():.4g}); lower --lr "
+                                     f"or train in fp32 (--precision 32). {out} holds the last good state: rerun "
+                                     "to resume from it.")
         opt.step()
         sched.step()
         ema.update(model)
