@@ -157,8 +157,9 @@ class ClassBank(nn.Module):
             short = (replayed < saved[count]) & (replayed < cap)  # a class the replay did not refill
             if bool(short.any()) or not torch.equal(now[then >= 0], then[then >= 0]):
                 raise RuntimeError("replaying the data stream did not rebuild the class bank as saved (a slot's "
-                                   "sample comes from another stream position): the data or its order changed "
-                                   "since the checkpoint; resume with checkpoint.bank=data, or start over")
+                                   "sample comes from another stream position): the data, their order or the data "
+                                   "settings (batch size, shards, seed) changed since the checkpoint; resume with "
+                                   "the data and settings the run was trained with, or start over (ckpt_path=null)")
 
     def filled(self, labels: Tensor | None = None) -> Tensor:
         """Number of valid samples per class (of ``labels`` if given)."""
