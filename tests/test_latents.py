@@ -5,6 +5,7 @@ from a random view; resume after an interruption; clear errors; LatentDecoder ag
 ``latent_shards`` and ``latent_datamodule`` are the reusable smoke path: image folder -> shards -> batches."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -209,8 +210,9 @@ def test_resume_redoes_only_partial_shards(prepared, tmp_path):
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar"]
     assert not list(out.glob(".*.tmp-*")) and not (out / MANIFEST_FILE).exists()
     first = (out / "train-000000.tar").stat().st_mtime_ns
-    # a partial temporary shard of a run that died harder (no cleanup) is dropped and redone
-    (out / ".train-000001.tar.tmp-host-123-abcd").write_bytes(b"partial")
+    # a partial temporary shard of a run on this host that died harder (no cleanup) is dropped and redone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / f".train-000001.tar.tmp-{socket.gethostname()}-{int(dead.stdout)}-abcd").write_bytes(b"partial")
 
     resumed = prepare_latents(src, out, vae, resolution=RESOLUTION, samples_per_shard=3, batch_size=2, device="cpu")
     assert (out / "train-000000.tar").stat().st_mtime_ns == first  # complete shard untouched
