@@ -23,7 +23,10 @@ from gwf.seeding import make_generator
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Adam/AdamW with linear LR warm-up then constant LR, and gradient-norm clipping (None: no clipping)."""
+    """Adam, AdamW or RMSprop, gradient-norm clipping (None: no clipping), and the learning rate per optimizer step:
+    a linear warm-up over ``warmup_steps``, times a ``schedule``: ``constant``, or ``cosine`` from ``lr`` down to
+    ``eta_min`` over the run's optimizer steps (``eta_min + (lr - eta_min) (1 + cos(pi n / T)) / 2``, torch's
+    CosineAnnealingLR, as the official GWF ``--lr_scheduler``; T is given to ``build``)."""
 
     name: str = "adam"
     lr: float = 1e-3
@@ -32,21 +35,36 @@ class OptimConfig:
     warmup_steps: int = 0
     grad_clip: float | None = None
     impl: str = "auto"  # auto: fused on CUDA (one kernel for all parameters), torch's default elsewhere | fused | foreach
+    alpha: float = 0.99  # RMSprop's smoothing constant (the official --rms_alpha); unused by Adam
+    schedule: str = "constant"  # constant | cosine
+    eta_min: float = 0.0  # cosine: the last optimizer step's learning rate
 
-    def build(self, params, device_type: str = "cpu") -> tuple[torch.optim.Optimizer,
-                                                               torch.optim.lr_scheduler.LRScheduler]:
-        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    def build(self, params, device_type: str = "cpu", total_steps: int | None = None) -> tuple[
+            torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """The optimizer and its per-optimizer-step LR schedule; ``total_steps``: the optimizer steps of the run
+        (the cosine's period; required by ``schedule: cosine``)."""
+        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
         if self.name not in optimizers:
             raise ValueError(f"unknown optimizer '{self.name}'; choose one of {sorted(optimizers)}")
-        impls = {"auto": {"fused": True} if device_type == "cuda" else {}, "fused": {"fused": True},
-                 "foreach": {"foreach": True}}
+        fused = {"foreach": True} if self.name == "rmsprop" else {"fused": True}  # torch's RMSprop has no fused form
+        impls = {"auto": fused if device_type == "cuda" else {}, "fused": fused, "foreach": {"foreach": True}}
         if self.impl not in impls:
             raise ValueError(f"optim.impl must be one of {sorted(impls)}, got {self.impl!r}")
-        opt = optimizers[self.name](params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay,
-                                    **impls[self.impl])
-        warm = max(self.warmup_steps, 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: min(1.0, (n + 1) / warm) if warm else 1.0)
-        return opt, sched
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.schedule must be constant or cosine, got {self.schedule!r}")
+        if self.schedule == "cosine" and not (total_steps and total_steps > 0):
+            raise ValueError("optim.schedule=cosine needs the run's number of optimizer steps (total_steps)")
+        hyper = {"alpha": self.alpha} if self.name == "rmsprop" else {"betas": tuple(self.betas)}
+        opt = optimizers[self.name](params, lr=self.lr, weight_decay=self.weight_decay, **hyper, **impls[self.impl])
+        warm, floor = max(self.warmup_steps, 0), self.eta_min / self.lr if self.lr else 0.0
+
+        def factor(n: int) -> float:
+            ramp = min(1.0, (n + 1) / warm) if warm else 1.0
+            if self.schedule == "constant":
+                return ramp
+            return ramp * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(n, total_steps) / total_steps)))
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 @dataclass(frozen=True)
@@ -177,10 +195,13 @@ class GWFModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- training
     def configure_optimizers(self):
-        opt_g, sched_g = self.optim.build(self.generator.parameters(), self.device.type)
+        updates = self.schedule.total_updates  # each network's optimizer steps over the run set a cosine's period
+        opt_g, sched_g = self.optim.build(self.generator.parameters(), self.device.type,
+                                          updates * self.generator_steps)
         if self.objective.critic is None:
             return [opt_g], [sched_g]
-        opt_c, sched_c = self.critic_optim.build(self.objective.critic.parameters(), self.device.type)
+        opt_c, sched_c = self.critic_optim.build(self.objective.critic.parameters(), self.device.type,
+                                                 updates * self.critic_steps)
         return [opt_g, opt_c], [sched_g, sched_c]
 
     def _real_batch(self, labels: Tensor | None, rng: torch.Generator) -> RealBatch:

@@ -187,3 +187,49 @@ def test_model_compile_modes():
     assert module.compile_networks("cpu")
     with pytest.raises(ValueError, match="model.compile must be false, true or auto"):
         build.build_module(compose_config([*TINY, "model.compile=yes"]), (1, 8, 8), 10)
+
+
+def test_cosine_schedule_and_rmsprop_as_the_official_options():
+    """optim.schedule=cosine is torch's CosineAnnealingLR over the run's optimizer steps (the official
+    --lr_scheduler: T_max = all optimizer steps, eta_min), times the linear warm-up when there is one, and stays at
+    eta_min after T; optim.name=rmsprop is torch's RMSprop with optim.alpha (the official --optimizer rms)."""
+    import math
+
+    w, v = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt, sched = OptimConfig(lr=1e-3, schedule="cosine", eta_min=1e-4).build([w], total_steps=10)
+    ref_opt = torch.optim.Adam([v], lr=1e-3)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=10, eta_min=1e-4)
+    for _ in range(10):
+        assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step(), sched.step(), ref_opt.step(), ref.step()
+    for _ in range(3):  # T reached: eta_min from here on
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-4, rel=1e-12)
+        opt.step(), sched.step()
+    opt, sched = OptimConfig(lr=1.0, schedule="cosine", warmup_steps=4).build([w], total_steps=8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step(), sched.step()
+    assert lrs == pytest.approx([min(1, (n + 1) / 4) * 0.5 * (1 + math.cos(math.pi * n / 8)) for n in range(8)])
+    with pytest.raises(ValueError, match="needs the run's number of optimizer steps"):
+        OptimConfig(schedule="cosine").build([w])
+    with pytest.raises(ValueError, match="optim.schedule must be constant or cosine"):
+        OptimConfig(schedule="step").build([w], total_steps=5)
+
+    rms, _ = OptimConfig(name="rmsprop", lr=5e-5, alpha=0.9).build([w])
+    assert isinstance(rms, torch.optim.RMSprop) and rms.defaults["alpha"] == 0.9 and rms.defaults["lr"] == 5e-5
+    assert OptimConfig(name="rmsprop").build([w], "cuda")[0].defaults["foreach"] is True  # no fused RMSprop
+
+
+def test_a_cosine_run_ends_each_optimizer_at_eta_min(tmp_path):
+    """KL with a critic, 2 critic steps per update: the generator's cosine spans its 30 optimizer steps, the critic's
+    its 60, so both end at their eta_min with the run."""
+    cfg = compose_config(["experiment=gwf_2d", "method=kl", "jko.steps=1", "jko.updates_first_step=30",
+                          "loop.critic_steps=2", "optim.schedule=cosine", "optim.eta_min=1e-5",
+                          "critic_optim.schedule=cosine", "critic_optim.eta_min=2e-6", "eval.every_n_updates=1000",
+                          "eval.num_samples=200", "logger=none", "trainer.enable_progress_bar=false", "threads=1"])
+    assert train(cfg, tmp_path / "run")["finished"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    gen, critic = (s["param_groups"][0]["lr"] for s in ckpt["optimizer_states"])
+    assert gen == pytest.approx(1e-5, rel=1e-9) and critic == pytest.approx(2e-6, rel=1e-9)
+    assert [s["last_epoch"] for s in ckpt["lr_schedulers"]] == [30, 60]
