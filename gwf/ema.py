@@ -10,7 +10,9 @@ from torch import nn
 
 class EMA(nn.Module):
     """``ema = decay_n * ema + (1 - decay_n) * raw`` after each generator update, with the usual warm-up
-    ``decay_n = min(decay, (1 + n) / (10 + n))`` so that short runs are not dominated by the initialization."""
+    ``decay_n = min(decay, (1 + n) / (10 + n))`` so that short runs are not dominated by the initialization; without
+    ``warmup``, as the official GWF EMA (utils.py: the shadow starts as the weights after the first optimizer step,
+    then a constant decay), ``decay_0 = 0`` and ``decay_n = decay`` after."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
         super().__init__()
@@ -34,7 +36,9 @@ class EMA(nn.Module):
         if self._host_updates is None:
             self._host_updates = int(self.num_updates)
         n = self._host_updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        if not self.warmup:
+            return self.decay if n else 0.0
+        return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

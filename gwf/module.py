@@ -91,7 +91,7 @@ class GWFModule(L.LightningModule):
                  conditioning: ConditioningSampler, schedule: JKOSchedule, tau: float | None = None,
                  jko_start: str = "generator", sizes: UpdateSizes = UpdateSizes(), optim: OptimConfig = OptimConfig(),
                  critic_optim: OptimConfig | None = None, critic_steps: int = 1, generator_steps: int = 1,
-                 ema_decay: float = 0.999, seed: int = 0,
+                 ema_decay: float = 0.999, ema_warmup: bool = True, seed: int = 0,
                  source: Callable[[int, torch.Generator], Tensor] | None = None, config: dict | None = None,
                  compile: bool | str = False):
         super().__init__()
@@ -105,7 +105,7 @@ class GWFModule(L.LightningModule):
         self.data_shape = tuple(int(s) for s in data_shape)
         self.conditioning, self.schedule = conditioning, schedule
         self.jko = JKOProximal(generator, tau, jko_start)
-        self.ema = EMA(generator, ema_decay)
+        self.ema = EMA(generator, ema_decay, ema_warmup)
         self.sizes, self.optim, self.critic_optim = sizes, optim, critic_optim or optim
         self.critic_steps, self.generator_steps = critic_steps, generator_steps  # optimizer steps per update
         self.seed = seed

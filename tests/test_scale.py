@@ -233,3 +233,24 @@ def test_a_cosine_run_ends_each_optimizer_at_eta_min(tmp_path):
     gen, critic = (s["param_groups"][0]["lr"] for s in ckpt["optimizer_states"])
     assert gen == pytest.approx(1e-5, rel=1e-9) and critic == pytest.approx(2e-6, rel=1e-9)
     assert [s["last_epoch"] for s in ckpt["lr_schedulers"]] == [30, 60]
+
+
+def test_ema_without_warm_up_is_the_official_one():
+    """ema_warmup=false: the shadow is the weights after the first update, then a constant decay (the official
+    utils.EMA: cloned after the first optimizer step, then ema = decay ema + (1 - decay) raw)."""
+    from gwf.ema import EMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9, warmup=False)
+    shadow = None
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(float(step + 1))
+        ema.update(model)
+        raw = [p.detach().clone() for p in model.parameters()]
+        shadow = raw if shadow is None else [0.9 * s + 0.1 * r for s, r in zip(shadow, raw)]
+        for s, e in zip(shadow, ema.model.parameters()):
+            torch.testing.assert_close(e, s, rtol=1e-6, atol=1e-6)
+    module = build.build_module(compose_config([*TINY, "ema_warmup=false"]), (1, 8, 8), 10)
+    assert module.ema.warmup is False and module.ema.current_decay() == 0.0
