@@ -85,6 +85,7 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int, world_size: int 
         generator, objective, data_shape=tuple(data_shape), conditioning=conditioning,
         schedule=JKOSchedule.from_config(jko),
         tau=jko["tau"], jko_start=jko.get("start", "generator"),
+        jko_previous_mode=jko.get("previous_mode", "generator"),
         sizes=UpdateSizes(b["gen_per_label"], b["pos_per_label"], b["uncond_per_update"] if conditioning.guided else 0,
                           b["bank_capacity"], b.get("label_chunks", 1), bank_dtype(c["data"]),
                           c.get("checkpoint", {}).get("bank", "data")),

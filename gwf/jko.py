@@ -16,6 +16,9 @@ from gwf.schedule import JKOSchedule  # noqa: F401  (its home before; torch-free
 
 
 STARTS = ("generator", "noise")
+# The frozen copy's mode: the generator's (default: equal weights give a zero term, batch norm included) or always
+# eval (batch norm with running statistics), as the official GWF train.py (``netT_old.eval()``).
+PREVIOUS_MODES = ("generator", "eval")
 
 
 def tau_from_official_lambda2(lambda2: float, data_dim: int) -> float:
@@ -26,13 +29,16 @@ def tau_from_official_lambda2(lambda2: float, data_dim: int) -> float:
 class JKOProximal(nn.Module):
     """Frozen previous generator G_{theta_k} and the proximal term 1/(2 tau) E ||G_theta(z) - G_theta_k(z)||^2."""
 
-    def __init__(self, generator: nn.Module, tau: float | None, start: str = "generator"):
+    def __init__(self, generator: nn.Module, tau: float | None, start: str = "generator",
+                 previous_mode: str = "generator"):
         super().__init__()
         if tau is not None and not tau > 0:
             raise ValueError(f"jko.tau must be > 0 (or null for no JKO term), got {tau}")
         if start not in STARTS:
             raise ValueError(f"jko.start must be one of {STARTS}, got {start!r}")
-        self.tau = tau
+        if previous_mode not in PREVIOUS_MODES:
+            raise ValueError(f"jko.previous_mode must be one of {PREVIOUS_MODES}, got {previous_mode!r}")
+        self.tau, self.previous_mode = tau, previous_mode
         # No copy at all for tau = None: the baseline carries no extra state.
         self.previous = self._frozen_copy(generator) if tau is not None else None
         # start="noise": T_0 = identity on z (needs noise of the data's size). A buffer, so checkpoints taken before
@@ -64,7 +70,8 @@ class JKOProximal(nn.Module):
 
     def forward(self, x: Tensor, *gen_inputs, train_mode: bool = True) -> Tensor:
         """Scalar proximal term (0 when tau is None) for ``x = G_theta(*gen_inputs)``: the SAME inputs go through
-        the frozen copy, in the generator's mode ``train_mode`` (so equal weights give 0 with batch norm too)."""
+        the frozen copy, in the generator's mode ``train_mode`` (so equal weights give 0 with batch norm too), or in
+        eval mode with ``previous_mode="eval"``."""
         if self.previous is None:
             return x.new_zeros(())
         with torch.no_grad():
@@ -78,6 +85,6 @@ class JKOProximal(nn.Module):
                                      "data dimension or jko.start=generator")
                 x_prev = z.reshape(x.shape)
             else:
-                x_prev = self.previous.train(train_mode)(*gen_inputs)
+                x_prev = self.previous.train(train_mode and self.previous_mode == "generator")(*gen_inputs)
         sq = (x.float() - x_prev.float()).pow(2).flatten(1).sum(1)  # [B] squared distances over all dims
         return sq.mean() / (2.0 * self.tau)

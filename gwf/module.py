@@ -89,7 +89,7 @@ PROGRESS_BAR_KEYS = ("train/gen_loss", "train/v_rms", "train/critic_loss", "trai
 class GWFModule(L.LightningModule):
     def __init__(self, generator: nn.Module, objective: Objective, data_shape: tuple[int, ...],
                  conditioning: ConditioningSampler, schedule: JKOSchedule, tau: float | None = None,
-                 jko_start: str = "generator", sizes: UpdateSizes = UpdateSizes(), optim: OptimConfig = OptimConfig(),
+                 jko_start: str = "generator", jko_previous_mode: str = "generator", sizes: UpdateSizes = UpdateSizes(), optim: OptimConfig = OptimConfig(),
                  critic_optim: OptimConfig | None = None, critic_steps: int = 1, generator_steps: int = 1,
                  ema_decay: float = 0.999, ema_warmup: bool = True, seed: int = 0,
                  source: Callable[[int, torch.Generator], Tensor] | None = None, config: dict | None = None,
@@ -104,7 +104,7 @@ class GWFModule(L.LightningModule):
         self.generator, self.objective = generator, objective
         self.data_shape = tuple(int(s) for s in data_shape)
         self.conditioning, self.schedule = conditioning, schedule
-        self.jko = JKOProximal(generator, tau, jko_start)
+        self.jko = JKOProximal(generator, tau, jko_start, jko_previous_mode)
         self.ema = EMA(generator, ema_decay, ema_warmup)
         self.sizes, self.optim, self.critic_optim = sizes, optim, critic_optim or optim
         self.critic_steps, self.generator_steps = critic_steps, generator_steps  # optimizer steps per update

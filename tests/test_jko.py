@@ -115,3 +115,20 @@ def test_batchnorm_generator_has_zero_proximal_term_at_equal_weights():
     gen.train()
     assert float(prox(gen(z), z, train_mode=True)) == 0.0
     assert float(prox(gen(z), z, train_mode=False)) > 0.01  # what the eval-mode copy would have measured
+
+
+def test_previous_mode_eval_is_the_official_frozen_copy():
+    """jko.previous_mode=eval runs the frozen copy in eval mode whatever the generator's mode (the official
+    ``netT_old.eval()``): with batch norm, its output is the running-statistics one, so equal weights give the term
+    the eval-mode copy measures; other values are refused."""
+    gen = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    z = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    official, ours = JKOProximal(gen, tau=1.0, previous_mode="eval"), JKOProximal(gen, tau=1.0)
+    gen.train()
+    x = gen(z)
+    expected = (x - official.previous.eval()(z)).pow(2).sum(1).mean() / 2.0
+    assert float(official(x, z, train_mode=True)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(expected) > 0.01
+    assert float(ours(x, z, train_mode=True)) == 0.0 and not official.previous.training
+    with pytest.raises(ValueError, match="jko.previous_mode"):
+        JKOProximal(gen, 1.0, previous_mode="train")
