@@ -82,6 +82,7 @@ class UpdateSizes:
     bank_persist: str = "data"  # checkpoint.bank: the samples in checkpoints ("data") or replayed on resume ("replay")
 
 
+NOISES = ("normal", "uniform")  # generator input noise: N(0, I), or U[-1, 1]^d (the official GWF default)
 COMPILE_MODES = (False, True, "auto")  # model.compile: auto compiles on CUDA only
 PROGRESS_BAR_KEYS = ("train/gen_loss", "train/v_rms", "train/critic_loss", "train/prox")
 
@@ -93,8 +94,11 @@ class GWFModule(L.LightningModule):
                  critic_optim: OptimConfig | None = None, critic_steps: int = 1, generator_steps: int = 1,
                  ema_decay: float = 0.999, ema_warmup: bool = True, seed: int = 0,
                  source: Callable[[int, torch.Generator], Tensor] | None = None, config: dict | None = None,
-                 compile: bool | str = False):
+                 compile: bool | str = False, noise: str = "normal"):
         super().__init__()
+        if noise not in NOISES:
+            raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+        self.noise = noise
         if compile not in COMPILE_MODES:
             raise ValueError(f"model.compile must be false, true or auto (auto: on CUDA only), got {compile!r}")
         self.compile_mode, self.compiled = compile, False
@@ -172,8 +176,12 @@ class GWFModule(L.LightningModule):
         return x.view(len(z) // n, n, *self.data_shape), (z, lab, alp)
 
     def draw_inputs(self, n: int, noise_shape: tuple[int, ...], rng: torch.Generator) -> Tensor:
-        """Generator inputs [n, *noise_shape]: Gaussian noise, or the source distribution's samples."""
+        """Generator inputs [n, *noise_shape]: noise (``noise``: standard normal, or uniform on [-1, 1] as the
+        official GWF's default ``--type_noise unif``), or the source distribution's samples."""
         if self.source is None:
+            if self.noise == "uniform":
+                u = torch.rand(n, *noise_shape, generator=rng, device=self.device, dtype=self.dtype)
+                return u.mul_(2.0).sub_(1.0)
             return torch.randn(n, *noise_shape, generator=rng, device=self.device, dtype=self.dtype)
         cpu = torch.Generator().manual_seed(rng.initial_seed())  # samplers draw on the CPU
         return self.source(n, cpu).reshape(n, *noise_shape).to(self.device)

@@ -254,3 +254,19 @@ def test_ema_without_warm_up_is_the_official_one():
             torch.testing.assert_close(e, s, rtol=1e-6, atol=1e-6)
     module = build.build_module(compose_config([*TINY, "ema_warmup=false"]), (1, 8, 8), 10)
     assert module.ema.warmup is False and module.ema.current_decay() == 0.0
+
+
+def test_uniform_noise_is_the_official_default_option():
+    """noise=uniform draws the generator's inputs from U[-1, 1]^d (the official --type_noise unif), from the same
+    seeded stream as the Gaussian; other names are refused."""
+    uniform = build.build_module(compose_config([*TINY, "noise=uniform"]), (1, 8, 8), 10)
+    normal = build.build_module(compose_config(TINY), (1, 8, 8), 10)
+    z = uniform.draw_inputs(20000, (4,), torch.Generator().manual_seed(3))
+    assert z.min() >= -1 and z.max() < 1
+    assert z.mean().abs() < 0.01 and z.var().item() == pytest.approx(1 / 3, rel=0.03)  # U[-1, 1]: mean 0, var 1/3
+    expected = torch.rand(20000, 4, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    assert torch.equal(z, expected)
+    g = normal.draw_inputs(10, (4,), torch.Generator().manual_seed(3))
+    assert torch.equal(g, torch.randn(10, 4, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="noise must be one of"):
+        build.build_module(compose_config([*TINY, "noise=laplace"]), (1, 8, 8), 10)
