@@ -45,6 +45,9 @@ def test_r1_r2_hand_values():
     # grouped helper: r1+r2 = weight (R1 + R2), all reals and all fakes used
     value = penalty("r1+r2", 0.2, critic, x_real.view(2, 8, D), x_fake.view(2, 6, D))
     torch.testing.assert_close(value.double(), 0.2 * (expected_r1 + expected_r2), rtol=1e-6, atol=0)
+    # r3gan: the official GWF weight 0.5 (R1 + R2)
+    value = penalty("r3gan", 0.2, critic, x_real.view(2, 8, D), x_fake.view(2, 6, D))
+    torch.testing.assert_close(value.double(), 0.1 * (expected_r1 + expected_r2), rtol=1e-6, atol=0)
 
 
 def test_interpolated_and_wgan_gp_hand_values():

@@ -60,7 +60,9 @@ PENALTIES: dict[str, PenaltyFn] = {
     "interpolated": interpolated_penalty,
     "wgan_gp": wgan_gp_penalty,
 }
-PENALTY_NAMES = ("none", *PENALTIES, "r1+r2")
+# "r1+r2": weight (R1 + R2); "r3gan": weight (R1 + R2) / 2, the official GWF gp_type r3gan (losses.py
+# gradient_penalty: 0.5 * (gp_real + gp_fake)).
+PENALTY_NAMES = ("none", *PENALTIES, "r1+r2", "r3gan")
 
 
 def check_penalty_name(name: str | None) -> None:
@@ -71,7 +73,8 @@ def check_penalty_name(name: str | None) -> None:
 def penalty(name: str | None, weight: float, critic: nn.Module, x_real: Tensor, x_fake: Tensor,
             labels: Tensor | None = None, rng: torch.Generator | None = None) -> Tensor:
     """weight * penalty on grouped samples: x_real [L, M, *shape], x_fake [L, N, *shape], labels [L] or None.
-    Interpolation pairs the first min(M, N) samples of each problem (same class); "r1+r2" = R1 + R2."""
+    Interpolation pairs the first min(M, N) samples of each problem (same class); "r1+r2" = R1 + R2, "r3gan" =
+    (R1 + R2) / 2."""
     check_penalty_name(name)
     if name in (None, "none") or weight == 0:
         return x_real.new_zeros((), dtype=torch.float32)
@@ -83,7 +86,7 @@ def penalty(name: str | None, weight: float, critic: nn.Module, x_real: Tensor, 
     def per_sample(k: int) -> Tensor | None:
         return None if labels is None else labels.repeat_interleave(k)
 
-    if name not in ("r1", "r2", "r1+r2"):
+    if name not in ("r1", "r2", "r1+r2", "r3gan"):
         K = min(M, N)
         return weight * PENALTIES[name](critic, x_real[:, :K].flatten(0, 1), x_fake[:, :K].flatten(0, 1),
                                         per_sample(K), rng=rng)
@@ -92,4 +95,4 @@ def penalty(name: str | None, weight: float, critic: nn.Module, x_real: Tensor, 
         value = value + r1_penalty(critic, x_real.flatten(0, 1), per_sample(M))
     if name != "r1":
         value = value + r2_penalty(critic, x_fake.flatten(0, 1), per_sample(N))
-    return weight * value
+    return weight * (0.5 * value if name == "r3gan" else value)
