@@ -45,7 +45,17 @@ class MLPCritic(nn.Module):
 CRITICS: dict[str, type[nn.Module]] = {"mlp": MLPCritic, "resnet": ResNetCritic}
 
 
-def build_critic(name: str, **kwargs) -> nn.Module:
+def build_critic(name: str, spectral_norm: bool = False, **kwargs) -> nn.Module:
+    """The critic ``name``; ``spectral_norm``: every linear and convolution weight spectrally normalized (torch's
+    parametrization, one power iteration per forward in training), as the official GWF ``--use_sn`` does to its
+    discriminator's layers (networks/__init__.py ``maybe_sn``)."""
     if name not in CRITICS:
         raise ValueError(f"unknown critic '{name}'; choose one of {sorted(CRITICS)} (method.critic.name=...)")
-    return CRITICS[name](**kwargs)
+    critic = CRITICS[name](**kwargs)
+    if spectral_norm:
+        from torch.nn.utils.parametrizations import spectral_norm as normalize
+
+        for module in list(critic.modules()):
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                normalize(module)
+    return critic
