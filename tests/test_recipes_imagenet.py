@@ -65,7 +65,8 @@ def test_recipe_composes_with_the_official_settings(recipe):
     assert c["batch"]["gen_per_label"] == 64 and c["batch"]["pos_per_label"] == want["pos"]
     assert c["batch"]["bank_capacity"] == 128
     assert c["optim"] == dict(name="adamw", lr=want["lr"], betas=[0.9, 0.95], weight_decay=want["wd"],
-                              warmup_steps=want["warmup"], grad_clip=2.0, impl="auto")
+                              warmup_steps=want["warmup"], grad_clip=2.0, impl="auto", alpha=0.99,
+                              schedule="constant", eta_min=0.0)  # warm-up then constant, as the official configs
     assert c["ema_decay"] == 0.999 and c["jko"]["tau"] is None
     sched = JKOSchedule(c["jko"]["steps"], c["jko"]["updates_per_step"], c["jko"]["updates_first_step"])
     assert sched.total_updates == want["updates"]
