@@ -92,7 +92,8 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int, world_size: int 
         optim=OptimConfig(**c["optim"]),
         critic_optim=OptimConfig(**c["critic_optim"]) if objective.critic is not None else None,
         critic_steps=loop.get("critic_steps", 1), generator_steps=loop.get("generator_steps", 1),
-        ema_decay=c["ema_decay"], ema_warmup=c.get("ema_warmup", True), seed=c["seed"], source=make_sampler(c["source"]) if c.get("source") else None,
+        ema_decay=c["ema_decay"], ema_warmup=c.get("ema_warmup", True), seed=c["seed"],
+        source=make_sampler(c["source"]) if c.get("source") else None,
         config=c, compile=compile_mode, noise=c.get("noise", "normal"),
     )
 
@@ -127,7 +128,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[CheckpointCadence, 
     c, e = cfg.checkpoint, cfg.eval
     preemption = Preemption()
     cadence = CheckpointCadence(run_dir / "checkpoints", every_n_updates=c.every_n_updates,
-                                every_minutes=every_minutes(c.get("every_minutes")), updates_per_job=c.get("updates_per_job"),
+                                every_minutes=every_minutes(c.get("every_minutes")),
+                                updates_per_job=c.get("updates_per_job"),
                                 keep=c.keep, stop_requested=lambda: preemption.requested)
     evaluation = EvalCallback(instantiate(e.evaluator), every_n_updates=e.every_n_updates,
                               num_samples=e.num_samples, alpha=e.alpha, grid_per_class=e.grid_per_class,

@@ -7,6 +7,7 @@ SD_VAE_LATENT_SHAPE = (4, 32, 32)
 DEFAULT_EPS_REL = 0.05  # W-Flow's relative eps R ([WF] official recipe; docs/conventions.md)
 # W-Flow's self-transport estimators: q' = a second batch (the paper's), q' = q (the ablation), q' = q self-masked.
 ESTIMATORS = ("two_batch", "single", "masked")
+COMPILE_MODES = (False, True, "auto")  # model.compile, method.compile: auto compiles on CUDA only
 # Floor of a field's RMS before normalization, relative to the per-coordinate distance scale (W-Flow and Drifting).
 RMS_FLOOR_REL = 1e-4
 # Drifting's temperatures, relative to the mean pairwise distance ([DRIFT] App. A.6).

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from gwf.conditioning import ConditioningSampler
+from gwf.constants import COMPILE_MODES
 from gwf.data.bank import ClassBank
 from gwf.ema import EMA
 from gwf.jko import JKOProximal, JKOSchedule
@@ -83,14 +84,14 @@ class UpdateSizes:
 
 
 NOISES = ("normal", "uniform")  # generator input noise: N(0, I), or U[-1, 1]^d (the official GWF default)
-COMPILE_MODES = (False, True, "auto")  # model.compile: auto compiles on CUDA only
 PROGRESS_BAR_KEYS = ("train/gen_loss", "train/v_rms", "train/critic_loss", "train/prox")
 
 
 class GWFModule(L.LightningModule):
     def __init__(self, generator: nn.Module, objective: Objective, data_shape: tuple[int, ...],
                  conditioning: ConditioningSampler, schedule: JKOSchedule, tau: float | None = None,
-                 jko_start: str = "generator", jko_previous_mode: str = "generator", sizes: UpdateSizes = UpdateSizes(), optim: OptimConfig = OptimConfig(),
+                 jko_start: str = "generator", jko_previous_mode: str = "generator",
+                 sizes: UpdateSizes = UpdateSizes(), optim: OptimConfig = OptimConfig(),
                  critic_optim: OptimConfig | None = None, critic_steps: int = 1, generator_steps: int = 1,
                  ema_decay: float = 0.999, ema_warmup: bool = True, seed: int = 0,
                  source: Callable[[int, torch.Generator], Tensor] | None = None, config: dict | None = None,
@@ -230,7 +231,6 @@ class GWFModule(L.LightningModule):
         (the terms are gathered from all ranks: one small all_gather per check); on an accelerator the first such
         update is recorded on the device and reported by ``raise_if_nonfinite`` (at logs and checkpoints, so a
         non-finite state is never saved, combined over the ranks) instead of reading the device at every update."""
-        bad = ~torch.stack([torch.isfinite(t.detach()).all() for t in terms.values()]).all()
         if not (self.device.type != "cpu" if self.defer_finite_check is None else self.defer_finite_check):
             values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
             if self._trainer is not None and self.trainer.world_size > 1:  # every rank learns every rank's values
@@ -245,6 +245,7 @@ class GWFModule(L.LightningModule):
                     f"non-finite {what} at update {self.update}{where} ({shown}); no parameter was updated, so the "
                     f"last checkpoint (checkpoints/last.ckpt in the run directory) is intact. {self._ADVICE}")
             return
+        bad = ~torch.stack([torch.isfinite(t.detach()).all() for t in terms.values()]).all()
         found = torch.stack([self.update_count, self.update_count * 0 + self._LOSSES.index(what)])  # no host copy
         self._nonfinite.copy_(torch.where(bad & (self._nonfinite[0] < 0), found, self._nonfinite))
 

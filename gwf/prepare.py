@@ -6,7 +6,8 @@
     gwf-prepare digits  --out data/digits
 
 Several hosts prepare one folder with ``--part i/n`` (part i of n: a deterministic, disjoint range of the shards);
-the part that finds every shard complete writes the manifest. A rerun skips the shards that match their record in .records/, redoes the missing ones, and refuses to overwrite a
+the part that finds every shard complete writes the manifest.
+A rerun skips the shards that match their record in .records/, redoes the missing ones, and refuses to overwrite a
 complete shard made from other inputs or settings (--overwrite redoes it). Formats and protocol: data/README.md.
 """
 
@@ -34,8 +35,8 @@ from tqdm import tqdm
 from gwf.constants import (IMAGES_SAMPLES_PER_SHARD, LABEL_KEY, LATENTS_SAMPLES_PER_SHARD, SD_VAE_RESOLUTION,
                            TENSOR_KEY)  # fmt: skip
 from gwf.data.images import Item, PixelShards, sample_key, scan_image_folder
-from gwf.data.shards import (encode_sample, read_json, sha256_file, shard_name, shard_pattern, temporary_path,
-                             write_json)
+from gwf.data.shards import (encode_sample, read_json, sha256_file, shard_name, shard_pattern, temporary_owner,
+                             temporary_path, write_json)
 
 MANIFEST_FILE = "manifest.json"
 RECORDS_DIR = ".records"
@@ -133,8 +134,8 @@ def remove_own_stale_temporaries(out: Path, name: str) -> list[Path]:
     gwf.data.shards.temporary_path). Other hosts' temporaries are theirs to clean: never touched here."""
     host, removed = socket.gethostname(), []
     for tmp in out.glob(f".{name}.tmp-*"):
-        owner, _, rest = tmp.name[len(f".{name}.tmp-"):].rpartition("-")[0].rpartition("-")
-        if owner == host and rest.isdigit() and int(rest) != os.getpid() and not _pid_alive(int(rest)):
+        owner = temporary_owner(tmp, out / name)
+        if owner is not None and owner[0] == host and owner[1] != os.getpid() and not _pid_alive(owner[1]):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
@@ -265,7 +266,8 @@ def prepare(maker, src, out, *, samples_per_shard: int, val_fraction: float = 0.
           f"({len(mine) - len(todo)} already complete), {len(devices)} worker(s) on {', '.join(sorted(set(devices)))}")
     run_jobs(out, todo, maker, fps, devices)
     options = dict(samples_per_shard=samples_per_shard, val_fraction=val_fraction, seed=seed)
-    others = [job for job in jobs if job not in mine]
+    mine_names = {job.name for job in mine}
+    others = [job for job in jobs if job.name not in mine_names]
     missing = [job.name for job in others if not is_complete(out, job, fps[job.name])]  # raises on a foreign shard
     if missing:
         print(f"part {index}/{parts} done in {time.perf_counter() - t0:.1f} s; {len(missing)} shard(s) of other parts "

@@ -5,8 +5,9 @@
 
 Sample i uses noise seeded by (seed, i) and label classes[i % len(classes)]: the samples do not depend on the number
 of ranks. Each rank writes its share to per-rank files under --out (a filesystem every rank sees); rank 0 merges
-them into samples.npz block by block, so no rank holds all N samples. samples.npz: x float32 [N, *data shape], labels int64 [N] (-1: unconditional), alpha float32 [N] (nan: not
-guided), arr_0 uint8 [N, H, W, C] for images (ADM's layout); grid.png (a row per class); sample.json.
+them into samples.npz block by block, so no rank holds all N samples. samples.npz: x float32 [N, *data shape],
+labels int64 [N] (-1: unconditional), alpha float32 [N] (nan: not guided), arr_0 uint8 [N, H, W, C] for images (ADM's
+layout); grid.png (a row for each of the first 10 classes); sample.json.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
+from gwf.data.images import to_unit
 from gwf.seeding import make_generator
 
 
@@ -351,12 +353,13 @@ def run(argv=None) -> Path | None:
     parts.merge(out / "samples.npz", {
         "labels": (labels if labels is not None else torch.full_like(idx, -1)).numpy(),
         "alpha": np.full(len(idx), np.nan if alpha is None else alpha, dtype=np.float32)})
-    if "arr_0" in parts.names() or module.data_shape == (2,):
+    if "arr_0" in parts.names():  # the grid's images alone, read back from the parts
         shown = grid_indices(labels, args.num_samples, args.grid_per_class)
-        pictures = torch.from_numpy(parts.take("arr_0", shown)).permute(0, 3, 1, 2).float().div(127.5).sub(1) \
-            if "arr_0" in parts.names() else torch.from_numpy(parts.block("x", 0, args.num_samples))
-        target = target_points(cfg, min(max(args.num_samples, 2000), 10_000)) if module.data_shape == (2,) else None
-        save_grid(pictures, None if labels is None or module.data_shape == (2,) else labels[shown], out / "grid.png",
+        pictures = torch.from_numpy(to_unit(parts.take("arr_0", shown))).permute(0, 3, 1, 2)
+        save_grid(pictures, None if labels is None else labels[shown], out / "grid.png", args.grid_per_class)
+    elif module.data_shape == (2,):  # every 2D sample over the data's target points
+        target = target_points(cfg, min(max(args.num_samples, 2000), 10_000))
+        save_grid(torch.from_numpy(parts.block("x", 0, args.num_samples)), None, out / "grid.png",
                   args.grid_per_class, target)
     parts.remove()
     meta = dict(ckpt=str(args.ckpt), num_samples=len(idx), seed=args.seed, weights="ema" if args.use_ema else "raw",

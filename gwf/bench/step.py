@@ -69,9 +69,9 @@ ASSUMPTIONS = [
     "GEMMs, attention) + the kernels Inductor generated, counted on real CPU tensors at tiny widths "
     "(gwf.bench.counting.KernelCounter). Inductor's C++ kernels stand for its Triton ones: the same scheduler, but "
     "the CPU fuses some loops that Triton keeps apart (with that CPU-only outer-loop fusion off, the data-space "
-    "imagenet_b2 update counted 23 kernels fewer, 1,182 instead of 1,205) and Triton fuses a reduction with its consumer where the CPU does not. "
-    "Memory and FLOPs are "
-    "the eager networks' (Inductor's partitioner saves no more for backward than eager autograd)",
+    "imagenet_b2 update counted 23 kernels fewer, 1,182 instead of 1,205) and Triton fuses a reduction with its "
+    "consumer where the CPU does not. Memory and FLOPs are the eager networks' (Inductor's partitioner saves no "
+    "more for backward than eager autograd)",
     "FLOPs, ops and syncs: FlopCounterMode and OpCounter around the next update (the 3rd; no logging; from the bank "
     "push to the EMA update) "
     "on the fake tensors at the full per-rank batch (the transport's chunk loop depends on the batch sizes); the "

@@ -42,7 +42,7 @@ class ClassBank(nn.Module):
         self.register_buffer("pushed_at", torch.full((self.num_classes, self.capacity), -1, dtype=torch.long))
         self.register_buffer("uncond_pushed_at", torch.full((self.uncond_capacity,), -1, dtype=torch.long))
         self._replay: dict | None = None
-        self._samples_loaded = False  # a "replay" bank loaded from a checkpoint that held its samples
+        self._samples_loaded = False  # loaded from a checkpoint that held the samples (nothing to replay)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -60,8 +60,7 @@ class ClassBank(nn.Module):
             if prefix + name not in state_dict and prefix + count in state_dict:
                 filled = state_dict[prefix + count].clamp(max=cap)
                 slots = torch.arange(cap)
-                state_dict[prefix + name] = torch.where(slots < filled[..., None], 0, -1) if filled.dim() else \
-                    torch.where(slots < filled, 0, -1)
+                state_dict[prefix + name] = torch.where(slots < filled[..., None], 0, -1)  # [C, cap] or [cap]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         for name in ("data", "uncond"):  # loaded above, or rebuilt by a replay: never missing

@@ -174,6 +174,15 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+def temporary_owner(tmp: Path, path: Path) -> tuple[str, int] | None:
+    """(host, pid) that made ``tmp``, a ``temporary_path(path)``; None for another file."""
+    prefix = f".{path.name}.tmp-"
+    if not tmp.name.startswith(prefix):
+        return None
+    host, _, pid = tmp.name[len(prefix):].rpartition("-")[0].rpartition("-")
+    return (host, int(pid)) if host and pid.isdigit() else None
+
+
 def atomic_write(write, path: str | Path) -> None:
     """``write(file)`` into a temporary sibling, fsync, then rename over ``path`` (atomic on POSIX): a reader sees the
     old file or the new one, never a partial one."""

@@ -7,8 +7,8 @@
 
 The data are a data config's DataModule (``--data NAME`` = conf/data/NAME.yaml, with ``key=value`` overrides): the
 generator's own data, so the encoder sees what the generator produces. ``DIR/mae.pt`` is rewritten atomically every
-``--save-every`` steps; rerunning the command resumes from it. Defaults: the official recipe, smaller. Under torchrun or srun the ranks
-train one model with DDP (bf16 autocast on GPUs: ``--precision``).
+``--save-every`` steps; rerunning the command resumes from it. Defaults: the official recipe, smaller. Under
+torchrun or srun the ranks train one model with DDP (bf16 autocast on GPUs: ``--precision``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import gwf  # noqa: F401  (first: makes torchvision importable next to a CPU tor
 import argparse
 import itertools
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -58,8 +60,8 @@ def data_config(name: str, overrides: Sequence[str] = (), seed: int = 0) -> Dict
 
 
 def build_datamodule(cfg: DictConfig):
-    """The data config's DataModule, prepared (by rank 0 alone inside a process group, the others waiting) and set up."""
-    import torch.distributed as dist
+    """The data config's DataModule, prepared (by rank 0 alone inside a process group, the others waiting) and
+    set up."""
     from hydra.utils import instantiate
 
     datamodule = instantiate(cfg, _convert_="all")
@@ -86,16 +88,14 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     """(rank, world size, this rank's device). Several processes started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT) or by srun (SLURM_PROCID, SLURM_NTASKS, ...: Lightning's SLURMEnvironment finds the main node and
     port) form one process group: nccl on GPUs (one per rank, cuda:LOCAL_RANK), gloo on CPUs."""
-    import os
-
-    import torch.distributed as dist
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     step_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))  # an srun step's tasks (the batch step has 1)
     if "WORLD_SIZE" not in os.environ and SLURMEnvironment.detect() and step_tasks > 1:
         env = SLURMEnvironment()
         os.environ.update(RANK=str(env.global_rank()), WORLD_SIZE=str(env.world_size()),
-                          LOCAL_RANK=str(env.local_rank()), MASTER_ADDR=env.main_address, MASTER_PORT=str(env.main_port))
+                          LOCAL_RANK=str(env.local_rank()), MASTER_ADDR=env.main_address,
+                          MASTER_PORT=str(env.main_port))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -136,8 +136,6 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
     shape = tuple(int(s) for s in datamodule.shape)
     if len(shape) != 3:
         raise ValueError(f"the MAE encodes [C, H, W] latents or images; the data have shape {list(shape)}")
-    import torch.distributed as dist
-
     if precision not in ("32", "bf16"):
         raise ValueError(f"precision must be 32 or bf16, got {precision!r}")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -223,8 +221,6 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
 
 def check_ranks_agree(model: torch.nn.Module) -> None:
     """Raise unless every rank holds the same weights (a sum and a weighted sum of all parameters, gathered)."""
-    import torch.distributed as dist
-
     with torch.no_grad():
         flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
         probe = torch.stack([flat.sum(), (flat * torch.arange(1, len(flat) + 1, dtype=flat.dtype,
@@ -288,8 +284,6 @@ def main(argv=None) -> None:
                           export_dtype=getattr(torch, args.export_dtype), precision=precision)
     last = state["history"][-1][1] if state["history"] else float("nan")
     if world > 1:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
     log.info("MAE checkpoint: %s (step %d, last loss %.4f); train with method.features.path=%s (its encoder export)",
              Path(args.out) / CHECKPOINT_NAME, state["step"], last, Path(args.out) / ENCODER_NAME)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 import gwf.ot as _ot
-from gwf.constants import DEFAULT_EPS_REL, DEFAULT_N_ITERS, ESTIMATORS
+from gwf.constants import COMPILE_MODES, DEFAULT_EPS_REL, DEFAULT_N_ITERS, ESTIMATORS
 from gwf.features import FeatureSpec
 from gwf.objectives.base import GenBatch, RealBatch
 from gwf.objectives.field import FieldObjective
@@ -30,7 +30,7 @@ class WFlow(FieldObjective):
             raise ValueError(f"unknown method.engine {engine!r}; valid engines: {sorted(_ot.ENGINES)}")
         if int(n_iters) < 1:
             raise ValueError(f"method.n_iters must be >= 1, got {n_iters}")
-        if compile not in (False, True, "auto"):
+        if compile not in COMPILE_MODES:
             raise ValueError(f"method.compile must be false, true or auto (auto: on CUDA only), got {compile!r}")
         if compile is True and engine != "own":
             raise ValueError(f"method.compile compiles the own engine's loop; method.engine is {engine!r}")
