@@ -205,13 +205,18 @@ class GWFModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------------- training
     def configure_optimizers(self):
         updates = self.schedule.total_updates  # each network's optimizer steps over the run set a cosine's period
-        opt_g, sched_g = self.optim.build(self.generator.parameters(), self.device.type,
+        opt_g, sched_g = self.optim.build(self.generator_parameters(), self.device.type,
                                           updates * self.generator_steps)
         if self.objective.critic is None:
             return [opt_g], [sched_g]
         opt_c, sched_c = self.critic_optim.build(self.objective.critic.parameters(), self.device.type,
                                                  updates * self.critic_steps)
         return [opt_g, opt_c], [sched_g, sched_c]
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """What the generator's optimizer updates: the generator and the objective's parameters trained by both
+        players (the official MMD GAN's kernel weights)."""
+        return [*self.generator.parameters(), *self.objective.generator_parameters()]
 
     def _real_batch(self, labels: Tensor | None, rng: torch.Generator) -> RealBatch:
         uncond = self.bank.sample_uncond(self.sizes.uncond_per_update, rng) if self.sizes.uncond_per_update else None
@@ -285,9 +290,10 @@ class GWFModule(L.LightningModule):
         if self.objective.critic is not None:
             for j in range(self.critic_steps):
                 with torch.no_grad():
-                    x_fake, _ = self.generate(self.generator, labels, alpha, self.sizes.gen_per_label,
-                                              self.rng("critic", j))
-                loss_c, logs_c = self.objective.critic_loss(x_fake, real, self.rng("penalty", j))
+                    x_fake, inputs = self.generate(self.generator, labels, alpha, self.sizes.gen_per_label,
+                                                   self.rng("critic", j))
+                noise = {"z": inputs[0]} if self.objective.uses_noise else {}
+                loss_c, logs_c = self.objective.critic_loss(x_fake, real, self.rng("penalty", j), **noise)
                 self._check_finite("critic loss", critic_loss=loss_c)
                 optimizers[1].zero_grad(set_to_none=True)
                 self.manual_backward(loss_c)
@@ -340,12 +346,12 @@ class GWFModule(L.LightningModule):
             with self._gradient_sync(start + size == num):
                 x, inputs = self._forward(self.generator, z[rows], lab, alp, n)
                 chunk_real = real if size == num else RealBatch(real.pos[chunk], real.uncond, lab)
-                loss, logs_g = self.objective.generator_loss(GenBatch(x, lab, alp, sample=second_batch), chunk_real,
-                                                             self.rng("objective", j))
+                loss, logs_g = self.objective.generator_loss(GenBatch(x, lab, alp, second_batch, inputs[0]),
+                                                             chunk_real, self.rng("objective", j))
                 prox = self.jko(x.flatten(0, 1), *inputs, train_mode=self.generator.training)
                 self._check_finite("generator loss", gen_loss=loss, prox=prox)
                 self.manual_backward(loss + prox if size == num else (loss + prox) * (size / num))
-        grad_norm = self._optimizer_step(opt, sched, self.generator.parameters(), self.optim.grad_clip)
+        grad_norm = self._optimizer_step(opt, sched, self.generator_parameters(), self.optim.grad_clip)
         return {"train/grad_norm_gen": grad_norm, "train/gen_loss": loss.detach(), "train/prox": prox.detach(),
                 **{f"train/{k}": v for k, v in logs_g.items()}}
 

@@ -25,7 +25,8 @@ from gwf.jko import JKOSchedule
 from gwf.launch import SWEEP_RECORDS
 
 # [GWF]'s row order; other objectives follow alphabetically
-OBJECTIVE_ORDER = ("kl", "kl_dv", "chi2", "js", "mmd", "w1", "mmd_gan", "wflow", "drifting")
+OBJECTIVE_ORDER = ("kl", "kl_centered", "kl_dv", "chi2", "chi2_tight", "js", "mmd", "w1", "mmd_gan", "smmd", "immd",
+                   "ckmmd", "wflow", "drifting")
 HIGHER_IS_BETTER = frozenset({"hq_rate", "mode_recall", "class_acc", "isc_mean", "precision", "recall"})
 DEFAULT_METRICS = ("sinkhorn_div", "fd")  # the first present in eval.csv is the default
 ROW_KEYS = frozenset({"method", "jko.tau", "seed"})

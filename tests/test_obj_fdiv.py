@@ -22,7 +22,7 @@ from gwf.objectives.critic import CriticDivergence
 MP, SP, MQ, SQ = 0.0, 1.0, 0.5, 0.95
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 B = 200_000  # Monte Carlo samples per distribution
-CLASSES = {name: OBJECTIVES[name] for name in ("kl", "kl_dv", "chi2", "js")}  # the f-divergence rows
+CLASSES = {name: OBJECTIVES[name] for name in ("kl", "kl_centered", "kl_dv", "chi2", "js")}  # the f-divergence rows
 CASES = [(name, rev) for name in CLASSES for rev in (False, True)]
 
 
@@ -49,6 +49,8 @@ def gan_div_quad(mq, sq):  # 2 JS(p, q) - log 4 by trapezoidal quadrature on a f
 ENERGY = {
     ("kl", False): lambda m: kl_gauss(m, SQ, MP, SP),
     ("kl_dv", False): lambda m: kl_gauss(m, SQ, MP, SP),
+    ("kl_centered", False): lambda m: kl_gauss(m, SQ, MP, SP),
+    ("kl_centered", True): lambda m: kl_gauss(MP, SP, m, SQ),
     ("chi2", False): lambda m: chi2_gauss(m, SQ, MP, SP),
     ("js", False): lambda m: kl_gauss(m, SQ, MP, SP) - gan_div_quad(m, SQ) - math.log(4),  # KL(q||p) - 2 JS
     ("kl", True): lambda m: kl_gauss(MP, SP, m, SQ),
@@ -60,6 +62,7 @@ ENERGY = {
 VALUE = {
     ("kl", False): kl_gauss(MQ, SQ, MP, SP), ("kl_dv", False): kl_gauss(MQ, SQ, MP, SP),
     ("kl", True): kl_gauss(MP, SP, MQ, SQ), ("kl_dv", True): kl_gauss(MP, SP, MQ, SQ),
+    ("kl_centered", False): kl_gauss(MQ, SQ, MP, SP), ("kl_centered", True): kl_gauss(MP, SP, MQ, SQ),
     ("chi2", False): chi2_gauss(MQ, SQ, MP, SP), ("chi2", True): chi2_gauss(MP, SP, MQ, SQ),
     ("js", False): gan_div_quad(MQ, SQ), ("js", True): gan_div_quad(MQ, SQ),
 }
@@ -67,6 +70,7 @@ VALUE = {
 # d* as a function of log r = log(q/p); DV is optimal up to a constant (0.3 here, to test the invariance).
 OPTIMAL_D = {
     ("kl", False): lambda lr: -1 - lr, ("kl", True): lambda lr: 1 - lr,
+    ("kl_centered", False): lambda lr: -lr, ("kl_centered", True): lambda lr: -lr,
     ("kl_dv", False): lambda lr: 0.3 - lr, ("kl_dv", True): lambda lr: 0.3 - lr,
     ("chi2", False): lambda lr: -2 * (lr.exp() - 1), ("chi2", True): lambda lr: 2 * ((-lr).exp() - 1),
     ("js", False): lambda lr: -lr, ("js", True): lambda lr: -lr,
@@ -99,9 +103,10 @@ def expected_field(key, x):  # B * d(generator loss)/dx_i at d*, analytic (modul
     lr, g = log_ratio(x)
     r = lr.exp()
     return {
-        ("kl", False): g, ("kl_dv", False): g, ("chi2", False): 2 * r * g,
+        ("kl", False): g, ("kl_dv", False): g, ("kl_centered", False): g, ("chi2", False): 2 * r * g,
         ("js", False): r / (1 + r) * g,  # q/(p+q) grad log(q/p): non-saturating
         ("kl", True): g / r,  # -grad(p/q)
+        ("kl_centered", True): g / r,
         ("kl_dv", True): (1 / r) / (1 / r).mean() * g,  # -grad(p/q) normalized by the batch mean of p/q
         ("chi2", True): 2 * r.pow(-2) * g,  # -grad (p/q)^2
         ("js", True): g / (1 + r),  # grad log(q/(p+q))

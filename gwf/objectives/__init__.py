@@ -7,21 +7,31 @@ from functools import partial
 from typing import Callable
 
 from gwf.objectives.base import GenBatch, Objective, RealBatch
+from gwf.objectives.chi2_tight import Chi2Tight
+from gwf.objectives.ckmmd import CKMMD
 from gwf.objectives.critic import DIVERGENCES, CriticDivergence
 from gwf.objectives.drifting import Drifting
+from gwf.objectives.immd import InverseMMD
 from gwf.objectives.mmd import MMD
 from gwf.objectives.mmd_gan import MMDGAN
 from gwf.objectives.sliced import SlicedWasserstein
+from gwf.objectives.smmd import ScaledMMD
 from gwf.objectives.wflow import WFlow
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "wflow": WFlow,  # W-Flow, Sinkhorn flow ([WF])
     "drifting": Drifting,  # Drifting baseline ([DRIFT])
-    # critic-based rows ([GWF]): f-divergences kl, kl_dv, chi2, js with R1 (0.2); the IPM w1 with WGAN-GP (10)
+    # critic-based rows ([GWF]): f-divergences kl, kl_centered, kl_dv, chi2, js with R1 (0.2); the IPM w1 with
+    # WGAN-GP (10)
     **{name: partial(CriticDivergence, name) for name in DIVERGENCES if name != "w1"},
     "w1": partial(CriticDivergence, "w1", penalty="wgan_gp", penalty_weight=10.0),
+    "chi2_tight": Chi2Tight,  # chi2 by the Hammersley-Chapman-Robbins bound, positive critic
     "mmd": MMD,  # MMD-JKO with a fixed kernel ([GWF] Algorithm 1)
-    "mmd_gan": MMDGAN,  # learned-kernel JKO MMD GAN
+    # Table 4's MMD rows ([GWF] --divergence MMD, sMMD, iMMD, ckMMD): learned-kernel MMD GANs
+    "mmd_gan": MMDGAN,
+    "smmd": ScaledMMD,
+    "immd": InverseMMD,
+    "ckmmd": CKMMD,
     "sw": SlicedWasserstein,  # sliced-Wasserstein flow (random projections from the update's rng)
 }
 

@@ -32,12 +32,14 @@ class GenBatch:
     labels: [L] or None;  alpha: [L] guidance strength alpha = w + 1 (>= 1) or None
     sample: draws a fresh, independent [L, N, *shape] batch from the current generator without gradient
             (W-Flow's second batch q'); same labels and alpha.
+    z:      the generator's inputs [L*N, *noise_shape] that gave x, or None (ckmmd reads them)
     """
 
     x: Tensor
     labels: Tensor | None
     alpha: Tensor | None
     sample: Callable[[], Tensor]
+    z: Tensor | None = None
 
 
 class Objective(nn.Module):
@@ -51,10 +53,19 @@ class Objective(nn.Module):
         # class-level `critic = None` would hide the critic a subclass assigns.
         return self._modules.get("critic")
 
+    uses_noise = False  # True: critic_loss also takes the generator's inputs z of x_gen (ckmmd)
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """The objective's own parameters that the generator's optimizer updates too (the official MMD GAN's kernel
+        weights, trained by both players); none by default."""
+        return []
+
     def generator_loss(self, gen: GenBatch, real: RealBatch, rng: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         """Scalar loss whose gradient w.r.t. gen.x moves the particles along the flow, and detached logs."""
         raise NotImplementedError
 
-    def critic_loss(self, x_gen: Tensor, real: RealBatch, rng: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        """Scalar critic loss (minimized) on detached generated samples ``x_gen`` [L, N, *shape]."""
+    def critic_loss(self, x_gen: Tensor, real: RealBatch, rng: torch.Generator,
+                    z: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar critic loss (minimized) on detached generated samples ``x_gen`` [L, N, *shape] (``z``: their
+        inputs [L*N, *noise_shape], passed when ``uses_noise``)."""
         raise NotImplementedError(f"{type(self).__name__} has no critic")

@@ -1,5 +1,5 @@
-"""Critic-based objectives as rows of one table (f-GAN, Nowozin et al. 2016): the f-divergences KL, KL_DV, chi2,
-JS and the IPM W1; p = data, q = generated, critic d: x -> R (docs/objectives.md).
+"""Critic-based objectives as rows of one table (f-GAN, Nowozin et al. 2016): the f-divergences KL, KL_centered,
+KL_DV, chi2, JS and the IPM W1; p = data, q = generated, critic d: x -> R (docs/objectives.md).
 
 The critic minimizes -(variational bound); the generator loss is the first variation at that critic averaged over
 fakes, so B * grad_x of it is the Wasserstein gradient. ``reverse=False`` minimizes D(q||p) with h = -d,
@@ -33,6 +33,14 @@ def kl_critic_loss(d_real: Tensor, d_fake: Tensor, reverse: bool = False) -> Ten
     return d_fake.mean() + torch.exp(-d_real - 1).mean()
 
 
+# KL_centered ([GWF] losses.py): f*(h) = e^h - 1, KL(q||p) = sup_h E_q[h] - E_p[e^h - 1], h = -d;
+# reverse: KL(p||q) = sup_d E_p[d] - E_q[e^d - 1]. The same divergence as kl, with d* shifted by 1.
+def kl_centered_critic_loss(d_real: Tensor, d_fake: Tensor, reverse: bool = False) -> Tensor:
+    if reverse:
+        return torch.expm1(d_fake).mean() - d_real.mean()
+    return d_fake.mean() + torch.expm1(-d_real).mean()
+
+
 # Donsker-Varadhan: KL(q||p) = sup_h E_q[h] - log E_p[exp(h)], h = -d;  reverse: KL(p||q) = sup_d E_p[d] - log E_q[e^d]
 def kl_dv_critic_loss(d_real: Tensor, d_fake: Tensor, reverse: bool = False) -> Tensor:
     if reverse:
@@ -63,6 +71,10 @@ def kl_generator_loss(d_fake: Tensor, reverse: bool = False) -> Tensor:
     return -torch.exp(d_fake - 1).mean() if reverse else -d_fake.mean()
 
 
+def kl_centered_generator_loss(d_fake: Tensor, reverse: bool = False) -> Tensor:
+    return -torch.expm1(d_fake).mean() if reverse else -d_fake.mean()
+
+
 def kl_dv_generator_loss(d_fake: Tensor, reverse: bool = False) -> Tensor:
     return -_lse_mean(d_fake) if reverse else -d_fake.mean()
 
@@ -89,6 +101,7 @@ class Divergence(NamedTuple):
 
 DIVERGENCES: dict[str, Divergence] = {
     "kl": Divergence(kl_critic_loss, kl_generator_loss, "fdiv"),
+    "kl_centered": Divergence(kl_centered_critic_loss, kl_centered_generator_loss, "fdiv"),
     "kl_dv": Divergence(kl_dv_critic_loss, kl_dv_generator_loss, "fdiv"),
     "chi2": Divergence(chi2_critic_loss, chi2_generator_loss, "fdiv"),
     "js": Divergence(js_critic_loss, js_generator_loss, "fdiv"),  # fdiv = 2 JS - log 4
@@ -119,7 +132,8 @@ class CriticDivergence(Objective):
         d = self.critic(x.flatten(0, 1), None if labels is None else labels.repeat_interleave(k))
         return d.reshape(num_problems * k).to(torch.promote_types(d.dtype, torch.float32))
 
-    def critic_loss(self, x_gen: Tensor, real: RealBatch, rng: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    def critic_loss(self, x_gen: Tensor, real: RealBatch, rng: torch.Generator,
+                    z: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         x_gen = x_gen.detach()
         if x_gen.shape[0] != real.pos.shape[0] or x_gen.shape[2:] != real.pos.shape[2:]:
             raise ValueError(f"x_gen [L, N, *shape] {tuple(x_gen.shape)} does not match real.pos [L, M, *shape] "

@@ -1,106 +1,141 @@
-"""JKO MMD GAN ([GWF]): MMD^2 with a learned kernel k(a, b) = k_mix(phi(a), phi(b)), maximized by the critic and
-minimized by the generator (a parametric JKO step on the learned-kernel MMD)."""
+"""JKO MMD GAN, the official GWF ``--divergence MMD`` ([GWF] losses.py, mmd.py, kernels.py, train.py): MMD^2 between
+the critic's embeddings phi(x) [B, E] (E = 128 by default) under a learned kernel, maximized by the critic and
+minimized by the generator, with the interpolated gradient penalty (weight 10) of the sum of the embedding's
+coordinates. The kernel's mixture weights are trained by both players (in both optimizers, as train.py's
+``params_T`` and ``params_D``). The variants smmd, immd and ckmmd subclass it."""
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from gwf.objectives.base import GenBatch, Objective, RealBatch
-from gwf.objectives.kernels import squared_distances
-from gwf.objectives.mmd import mmd2_unbiased
-from gwf.objectives.penalties import interpolated_penalty
-
-# Bandwidths of the Gaussian mixture, in units of the embedding (Li et al. 2017 use a fixed set of this kind).
-DEFAULT_BANDWIDTHS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+from gwf.objectives.kernels import make_kernel
+from gwf.objectives.learned_kernel import LearnedKernel
+from gwf.objectives.penalties import check_penalty_name, penalty
 
 
-class MixtureKernelCritic(nn.Module):
-    """The learned kernel k(a, b) = sum_s w_s exp(-||phi(a) - phi(b)||^2 / (2 s^2)), w = softmax(logits), in ONE
-    module so that the trainer's critic optimizer updates phi and w."""
+class EmbeddingCritic(nn.Module):
+    """The critic of the MMD rows: the embedding network phi and, for ``kernel: learned``, the kernel's logits, in
+    ONE module so that the critic optimizer updates both."""
 
-    def __init__(self, phi: nn.Module, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
+    def __init__(self, phi: nn.Module, kernel: str = "learned", kernel_params: dict | None = None,
                  embedding_dim: int | None = None):
         super().__init__()
-        self.embedding_dim = embedding_dim
-        if len(bandwidths) == 0 or min(bandwidths) <= 0:
-            raise ValueError(f"MMD GAN bandwidths must be a non-empty list of positive numbers, got {list(bandwidths)}")
-        self.phi = phi
-        self.register_buffer("bandwidths", torch.tensor([float(s) for s in bandwidths]))
-        self.logits = nn.Parameter(torch.zeros(len(bandwidths)))  # uniform mixture at init
+        self.phi, self.embedding_dim = phi, embedding_dim
+        self.learned = kernel == "learned"
+        if self.learned:
+            if kernel_params:
+                raise ValueError(f"kernel 'learned' takes no kernel_params (its families are the official fixed "
+                                 f"ones), got {kernel_params}")
+            self.mixture = LearnedKernel()
+        else:
+            self.fixed = make_kernel(kernel, **(kernel_params or {}))
 
-    @property
-    def weights(self) -> Tensor:
-        """Mixture weights [S], on the simplex."""
-        return self.logits.softmax(0)
+    def embed(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """phi on flat samples: x [B, *shape] (, labels [B]) -> [B, E]."""
+        e = self.phi(x, labels)
+        if e.dim() != 2 or e.shape[1] != (self.embedding_dim or e.shape[1]):
+            raise ValueError(f"the MMD critic must return embeddings [B, {self.embedding_dim or 'E'}] (a critic "
+                             f"network with out_dim = method.embedding_dim), got {tuple(e.shape)}")
+        return e
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Embeddings per problem: x [L, N, *shape] -> [L, N, E]; labels [L] (one per problem) for a
-        class-conditional phi."""
+        """Embeddings per problem: x [L, N, *shape], labels [L] (one per problem) or None -> [L, N, E]."""
         n_prob, n = x.shape[:2]
-        if getattr(self.phi, "class_emb", None) is not None:
-            if labels is None:
-                raise ValueError("the MMD GAN embedding is class-conditional: pass labels")
-            e = self.phi(x.flatten(0, 1), labels.repeat_interleave(n))
-        else:
-            e = self.phi(x.flatten(0, 1))
-        if e.dim() != 2 or e.shape[1] != (self.embedding_dim or e.shape[1]):
-            raise ValueError(f"the MMD GAN critic must return embeddings [B, {self.embedding_dim or 'E'}] (a critic "
-                             f"network with out_dim = method.embedding_dim), got {tuple(e.shape)}")
-        return e.reshape(n_prob, n, -1)
+        return self.embed(x.flatten(0, 1), None if labels is None else labels.repeat_interleave(n)).reshape(
+            n_prob, n, -1)
 
     def kernel(self, a: Tensor, b: Tensor) -> Tensor:
-        """Mixture kernel on embeddings: a [L, N, E], b [L, M, E] -> [L, N, M]."""
-        with torch.autocast(device_type=a.device.type, enabled=False):
-            d2 = squared_distances(a.float(), b.float())  # [L, N, M]
-            scales = 2.0 * self.bandwidths.square()  # [S]
-            return torch.einsum("s,lnms->lnm", self.weights, torch.exp(-d2[..., None] / scales))
+        """Gram matrices on embeddings: a [L, N, E], b [L, M, E] -> [L, N, M]."""
+        return self.mixture.gram(a, b) if self.learned else self.fixed(a, b)
+
+
+def mmd2(kxx: Tensor, kyy: Tensor, kxy: Tensor | None, unbiased: bool, l: float = 1.0) -> Tensor:
+    """l * mean k(x, x') + mean k(y, y') - (l + 1) * mean k(x, y) per problem [L] from Gram blocks [L, ., .] (the
+    official ``MMD2``: l = 1 the MMD^2, l = -1 drops the cross term). ``unbiased``: the same-sample means leave out
+    the diagonal (U-statistic); otherwise every entry counts (V-statistic)."""
+    def same(k: Tensor) -> Tensor:
+        n = k.shape[1]
+        if not unbiased:
+            return k.mean((1, 2))
+        if n < 2:
+            raise ValueError(f"the unbiased MMD^2 needs at least 2 points per sample, got {n}")
+        return (k.sum((1, 2)) - k.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))
+
+    out = l * same(kxx) + same(kyy)
+    return out if kxy is None else out - (l + 1) * kxy.mean((1, 2))
 
 
 class MMDGAN(Objective):
-    """critic loss = -MMD_u^2 + penalty_weight * GP (interpolated penalty of the MMD witness; 0: none), generator
-    loss = +MMD_u^2, averaged over the L problems. ``critic``: the embedding phi [B, *shape] -> [B, E]
-    (E = ``embedding_dim``, None: any), wrapped into a MixtureKernelCritic."""
+    """critic loss = -MMD^2(phi(p), phi(q)) + penalty, generator loss = +MMD^2, averaged over the L problems.
 
-    def __init__(self, critic: nn.Module, embedding_dim: int | None = None,
-                 bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS, penalty_weight: float = 0.0):
+    critic: the embedding network phi [B, *shape] (, labels) -> [B, E]. kernel: ``learned`` (official) or a key of
+    gwf.objectives.kernels.KERNELS with ``kernel_params`` (the official ``--kernel rbf|riesz|imq|...``).
+    unbiased: the U-statistic (official default ``--mmd_unbiased``). penalty: on the scalar sum of the embedding's
+    coordinates (the mean for ``r3gan``), as losses.py ``gradient_penalty`` on ``netD``. kernel_players: ``both``
+    (official) puts the kernel's logits in the generator's optimizer too; ``critic`` only in the critic's.
+    """
+
+    estimate = "mmd2"  # log key of the critic's objective (penalty aside)
+
+    def __init__(self, critic: nn.Module, embedding_dim: int | None = 128, kernel: str = "learned",
+                 kernel_params: dict | None = None, unbiased: bool = True, penalty: str | None = "interpolated",
+                 penalty_weight: float = 10.0, kernel_players: str = "both"):
         super().__init__()
         if penalty_weight < 0:
             raise ValueError(f"method.penalty_weight must be >= 0, got {penalty_weight}")
-        self.critic = (critic if isinstance(critic, MixtureKernelCritic)
-                       else MixtureKernelCritic(critic, bandwidths, embedding_dim))
-        self.penalty_weight = penalty_weight
+        if kernel_players not in ("both", "critic"):
+            raise ValueError(f"method.kernel_players must be 'both' (official) or 'critic', got '{kernel_players}'")
+        check_penalty_name(penalty)
+        self.critic = (critic if isinstance(critic, EmbeddingCritic)
+                       else EmbeddingCritic(critic, kernel, kernel_params, embedding_dim))
+        self.unbiased, self.penalty, self.penalty_weight = bool(unbiased), penalty, float(penalty_weight)
+        self.kernel_players = kernel_players
 
-    def mmd2(self, x_gen: Tensor, x_real: Tensor, labels: Tensor | None) -> Tensor:
-        """MMD_u^2 per problem [L] between the embedded samples x_gen [L, N, *shape] and x_real [L, M, *shape]."""
-        return mmd2_unbiased(self.critic(x_real, labels), self.critic(x_gen, labels), self.critic.kernel)
+    def generator_parameters(self) -> list[nn.Parameter]:
+        if self.kernel_players == "both" and self.critic.learned:
+            return list(self.critic.mixture.parameters())
+        return []
 
-    def witness_penalty(self, x_gen: Tensor, x_real: Tensor, labels: Tensor | None,
-                        rng: torch.Generator | None = None) -> Tensor:
-        """E_z ||grad_z f(z)||^2 (the interpolated penalty) of the empirical MMD witness
-        f(z) = mean_j k(z, real_j) - mean_j k(z, gen_j), at interpolates of the first min(N, M) real and generated
-        samples of each problem."""
-        n_prob, n = x_real.shape[0], min(x_gen.shape[1], x_real.shape[1])
+    def divergence(self, e_real: Tensor, e_gen: Tensor, l: float = 1.0) -> Tensor:
+        """The official MMD2(d_real, d_fake, l) per problem [L] on embeddings [L, M, E], [L, N, E]."""
+        k = self.critic.kernel
+        return mmd2(k(e_real, e_real), k(e_gen, e_gen), k(e_real, e_gen) if l > -1 else None, self.unbiased, l)
 
-        def witness(z: Tensor, _labels=None) -> Tensor:  # z [L*n, *shape] -> [L*n]
-            ez = self.critic(z.reshape(n_prob, n, *z.shape[1:]), labels)
-            er, eg = self.critic(x_real, labels), self.critic(x_gen, labels)
-            return (self.critic.kernel(ez, er).mean(2) - self.critic.kernel(ez, eg).mean(2)).flatten()
+    def scalar_critic(self, name: str | None):
+        """The critic a gradient penalty differentiates: x [B, *shape] (, labels) -> [B], the sum of phi's
+        coordinates (``netD(x).sum()`` in losses.py), their mean for r3gan (``d_real.mean(dim=1)`` there)."""
+        reduce = torch.mean if name == "r3gan" else torch.sum
+        return lambda x, labels=None: reduce(self.critic.embed(x, labels), 1)
 
-        return interpolated_penalty(witness, x_real[:, :n].flatten(0, 1), x_gen[:, :n].flatten(0, 1), rng=rng)
+    def critic_penalty(self, x_gen: Tensor, real: RealBatch, rng: torch.Generator) -> Tensor:
+        return penalty(self.penalty, self.penalty_weight, self.scalar_critic(self.penalty), real.pos, x_gen,
+                       real.labels, rng)
 
-    def critic_loss(self, x_gen: Tensor, real: RealBatch, rng: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        mmd2 = self.mmd2(x_gen.detach(), real.pos, real.labels).mean()
-        loss = -mmd2
-        logs = {"mmd2": mmd2.detach()}
-        if self.penalty_weight > 0:
-            gp = self.witness_penalty(x_gen.detach(), real.pos, real.labels, rng)
-            loss = loss + self.penalty_weight * gp
-            logs["gp"] = gp.detach()
-        return loss, logs
+    def real_side(self, real: RealBatch, rng: torch.Generator, create_graph: bool) -> tuple[Tensor, Tensor]:
+        """The reals' embeddings [L, M, E] and the factor [L] (or a scalar) the critic's objective is scaled by: 1
+        here, smmd's Jacobian scale there (``create_graph``: differentiable for the critic's update)."""
+        return self.critic(real.pos, real.labels), torch.ones((), device=real.pos.device)
+
+    def critic_value(self, e_real: Tensor, e_gen: Tensor, z: Tensor | None) -> Tensor:
+        """The critic's objective (maximized) per problem [L], before the scale; immd and ckmmd change it."""
+        return self.divergence(e_real, e_gen)
+
+    def critic_loss(self, x_gen: Tensor, real: RealBatch, rng: torch.Generator,
+                    z: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        x_gen = x_gen.detach()
+        e_real, scale = self.real_side(real, rng, create_graph=True)
+        value = (scale * self.critic_value(e_real, self.critic(x_gen, real.labels), z)).mean()
+        pen = self.critic_penalty(x_gen, real, rng)
+        logs = {self.estimate: value, "penalty": pen}
+        return -value + pen, {k: v.detach() for k, v in logs.items()}
+
+    def generator_value(self, e_real: Tensor, e_gen: Tensor, gen: GenBatch) -> Tensor:
+        """The generator's loss per problem [L], before the scale; ckmmd changes it."""
+        return self.divergence(e_real, e_gen)
 
     def generator_loss(self, gen: GenBatch, real: RealBatch, rng: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        mmd2 = self.mmd2(gen.x, real.pos, real.labels).mean()
-        return mmd2, {"mmd2": mmd2.detach()}
+        e_real, scale = self.real_side(real, rng, create_graph=False)
+        loss = (scale.detach() * self.generator_value(e_real, self.critic(gen.x, gen.labels), gen)).mean()
+        return loss, {"mmd2": loss.detach()}
