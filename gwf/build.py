@@ -94,7 +94,7 @@ def build_module(cfg: DictConfig, data_shape, num_classes: int, world_size: int 
         critic_steps=loop.get("critic_steps", 1), generator_steps=loop.get("generator_steps", 1),
         ema_decay=c["ema_decay"], ema_warmup=c.get("ema_warmup", True), seed=c["seed"],
         source=make_sampler(c["source"]) if c.get("source") else None,
-        config=c, compile=compile_mode, noise=c.get("noise", "normal"),
+        config=c, compile=compile_mode, noise=c.get("noise", "normal"), reals=loop.get("reals", "shared"),
     )
 
 

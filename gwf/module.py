@@ -84,6 +84,7 @@ class UpdateSizes:
 
 
 NOISES = ("normal", "uniform")  # generator input noise: N(0, I), or U[-1, 1]^d (the official GWF default)
+REALS = ("shared", "fresh")  # one real batch per update for all its steps, or one per optimizer step (official GWF)
 PROGRESS_BAR_KEYS = ("train/gen_loss", "train/v_rms", "train/critic_loss", "train/prox")
 
 
@@ -95,11 +96,14 @@ class GWFModule(L.LightningModule):
                  critic_optim: OptimConfig | None = None, critic_steps: int = 1, generator_steps: int = 1,
                  ema_decay: float = 0.999, ema_warmup: bool = True, seed: int = 0,
                  source: Callable[[int, torch.Generator], Tensor] | None = None, config: dict | None = None,
-                 compile: bool | str = False, noise: str = "normal"):
+                 compile: bool | str = False, noise: str = "normal", reals: str = "shared"):
         super().__init__()
         if noise not in NOISES:
             raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
         self.noise = noise
+        if reals not in REALS:
+            raise ValueError(f"loop.reals must be one of {REALS}, got {reals!r}")
+        self.reals = reals
         if compile not in COMPILE_MODES:
             raise ValueError(f"model.compile must be false, true or auto (auto: on CUDA only), got {compile!r}")
         self.compile_mode, self.compiled = compile, False
@@ -113,6 +117,12 @@ class GWFModule(L.LightningModule):
         self.ema = EMA(generator, ema_decay, ema_warmup)
         self.sizes, self.optim, self.critic_optim = sizes, optim, critic_optim or optim
         self.critic_steps, self.generator_steps = critic_steps, generator_steps  # optimizer steps per update
+        steps = (critic_steps if objective.critic is not None else 0) + generator_steps
+        if reals == "fresh" and sizes.bank_capacity < steps * sizes.pos_per_label:
+            raise ValueError(
+                f"loop.reals=fresh gives each of the update's {steps} optimizer steps its own "
+                f"{sizes.pos_per_label} reals, disjoint draws from the bank: set batch.bank_capacity (and, for data "
+                f"never seen before, data.batch_size) to at least {steps * sizes.pos_per_label}, or loop.reals=shared")
         self.seed = seed
         self.source = source  # generator input: None (Gaussian noise) or a CPU sampler (n, Generator) -> [n, *shape]
         labels = conditioning.labels_per_update if conditioning.conditional else 1
@@ -218,9 +228,14 @@ class GWFModule(L.LightningModule):
         players (the official MMD GAN's kernel weights)."""
         return [*self.generator.parameters(), *self.objective.generator_parameters()]
 
-    def _real_batch(self, labels: Tensor | None, rng: torch.Generator) -> RealBatch:
+    def _real_batches(self, labels: Tensor | None, steps: int, rng: torch.Generator) -> list[RealBatch]:
+        """The reals of each of the update's ``steps`` optimizer steps: one batch for all (``reals: shared``), or
+        ``steps`` disjoint batches drawn together without replacement (``fresh``; the guidance reals are shared)."""
         uncond = self.bank.sample_uncond(self.sizes.uncond_per_update, rng) if self.sizes.uncond_per_update else None
-        return RealBatch(self.bank.sample(labels, self.sizes.pos_per_label, rng), uncond, labels)
+        m = self.sizes.pos_per_label
+        if self.reals == "shared":
+            return [RealBatch(self.bank.sample(labels, m, rng), uncond, labels)] * steps
+        return [RealBatch(pos, uncond, labels) for pos in self.bank.sample(labels, steps * m, rng).split(m, dim=1)]
 
     def _optimizer_step(self, opt, sched, params, grad_clip: float | None) -> Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf, foreach=True)
@@ -281,7 +296,8 @@ class GWFModule(L.LightningModule):
 
         update = self.update
         labels, alpha = self.conditioning.sample(self.rng("conditioning"), self.device)
-        real = self._real_batch(labels, self.rng("real"))
+        critic_steps = self.critic_steps if self.objective.critic is not None else 0
+        reals = self._real_batches(labels, critic_steps + self.generator_steps, self.rng("real"))
         optimizers, schedulers = self.optimizers(), self.lr_schedulers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
@@ -293,7 +309,7 @@ class GWFModule(L.LightningModule):
                     x_fake, inputs = self.generate(self.generator, labels, alpha, self.sizes.gen_per_label,
                                                    self.rng("critic", j))
                 noise = {"z": inputs[0]} if self.objective.uses_noise else {}
-                loss_c, logs_c = self.objective.critic_loss(x_fake, real, self.rng("penalty", j), **noise)
+                loss_c, logs_c = self.objective.critic_loss(x_fake, reals[j], self.rng("penalty", j), **noise)
                 self._check_finite("critic loss", critic_loss=loss_c)
                 optimizers[1].zero_grad(set_to_none=True)
                 self.manual_backward(loss_c)
@@ -302,7 +318,7 @@ class GWFModule(L.LightningModule):
                 logs.update({"train/critic_loss": loss_c.detach(), **{f"train/{k}": v for k, v in logs_c.items()}})
 
         for j in range(self.generator_steps):
-            logs.update(self._generator_step(optimizers[0], schedulers[0], labels, alpha, real, j))
+            logs.update(self._generator_step(optimizers[0], schedulers[0], labels, alpha, reals[critic_steps + j], j))
 
         self.ema.update(self.generator)
         if self.schedule.ends_outer_step(update):
