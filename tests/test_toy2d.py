@@ -94,3 +94,29 @@ def test_eval2d_benchmark_runs_and_agrees_with_geomloss(tmp_path):
     bench(["--sizes", "80", "--repeats", "1", "--json", str(tmp_path / "rows.json")])
     (row,) = json.loads((tmp_path / "rows.json").read_text())
     assert row["points"] == 80 and row["abs_diff"] <= 1e-5 * abs(row["geomloss"]) + 1e-8
+
+
+def test_official_gwf_targets_have_the_official_geometry():
+    """[GWF] dataset.py's samplers: 8 modes on the unit circle with variance 0.01; circles of radius 4 and 8 (noise
+    0.2) alternating; three noiseless rings of radius 0.3 centred at y = 0, -0.75, -1.5; moons x 3 - 1."""
+    x = make_sampler("8gaussians_gwf")(100_000, _g(1))
+    mix = make_sampler("8gaussians_gwf")
+    assert torch.allclose(mix.centers.norm(dim=1), torch.ones(8)) and mix.std == pytest.approx(0.1)
+    resid = x - mix.centers[torch.cdist(x, mix.centers).argmin(1)]
+    assert float(resid.var(0).mean()) == pytest.approx(0.01, rel=0.02)
+    assert mode_metrics(x, mix)["hq_rate"] == pytest.approx(1 - math.exp(-4.5), abs=2e-3)
+
+    c = make_sampler("circles_gwf")(20_000, _g(2))
+    r = c.norm(dim=1)
+    assert float(r[0::2].mean()) == pytest.approx(4.0, abs=0.01) and float(r[1::2].mean()) == pytest.approx(8.0, abs=0.01)
+    assert float(r[0::2].std()) == pytest.approx(0.2, rel=0.05)
+
+    t = make_sampler("three_rings")(30_000, _g(3))
+    centers = torch.tensor([[0.0, 0.0], [0.0, -0.75], [0.0, -1.5]])
+    d = torch.cdist(t, centers)
+    assert torch.allclose(d.min(1).values, torch.full((len(t),), 0.3), atol=1e-6)  # on a ring, no noise
+    assert torch.bincount(d.argmin(1), minlength=3).float().div(len(t)).tolist() == pytest.approx([1 / 3] * 3, abs=0.01)
+
+    m = make_sampler("moons_gwf")(200_000, _g(4))
+    # E over both moons of (x, y) before x 3 - 1: upper (0, 2/pi), lower (1, 0.5 - 2/pi) -> mean (0.5, 0.25)
+    assert m.mean(0).tolist() == pytest.approx([0.5, -0.25], abs=0.02)

@@ -112,9 +112,62 @@ def circle(radius: float = 2.0, noise: float = 0.05) -> Sampler:
     return rings(radii=(radius,), noise=noise)
 
 
+# ---- the official GWF 2D targets ([GWF] dataset.py, --dataset eight_gaussians | circles | three_rings | moons) ----
+
+def eight_gaussians_gwf() -> GaussianMixture:
+    """``EightGaussians``: 8 modes on the unit circle (every 45 degrees), variance 0.01 (std 0.1)."""
+    return eight_gaussians(radius=1.0, std=0.1)
+
+
+def circles_gwf(radii: tuple[float, float] = (4.0, 8.0), noise: float = 0.2) -> Sampler:
+    """``Circles``: two concentric circles of radius 4 and 8 around 0, Gaussian noise 0.2; a batch alternates
+    between them (sample i on circle i mod 2, as the official tiled centers), directions uniform."""
+    r = torch.tensor(radii)
+
+    def sample(n: int, g: torch.Generator) -> Tensor:
+        noise_ = torch.randn(n, 2, generator=g)
+        direction = torch.randn(n, 2, generator=g)
+        direction = direction / direction.norm(dim=1, keepdim=True)
+        return r[torch.arange(n) % 2, None] * direction + noise * noise_
+
+    return sample
+
+
+def three_rings(radius: float = 0.3, gap: float = 0.5, points_per_ring: int = 1000) -> Sampler:
+    """``ThreeRings``: 3 x 1,000 fixed points, equally spaced on three circles of radius 0.3 stacked downwards
+    (centers (0, 0), (0, -0.75), (0, -1.5)), no noise; a batch draws points uniformly with replacement."""
+    angle = torch.arange(points_per_ring, dtype=torch.float64) * (2 * math.pi / points_per_ring)
+    ring = radius * torch.stack([angle.cos(), angle.sin()], 1)
+    offset = torch.tensor([0.0, (2 + gap) * radius], dtype=torch.float64)
+    points = torch.cat([ring - k * offset for k in range(3)]).float()
+
+    def sample(n: int, g: torch.Generator) -> Tensor:
+        return points[torch.randint(0, len(points), (n,), generator=g)]
+
+    return sample
+
+
+def moons_gwf(noise: float = 0.2) -> Sampler:
+    """``Moons``: n // 2 points on the upper half circle (cos t, sin t) and the rest on (1 - cos t, 0.5 - sin t),
+    t ~ U[0, pi], Gaussian noise 0.2, shuffled, then x 3 - 1 (about [-4, 6] x [-3, 3])."""
+
+    def sample(n: int, g: torch.Generator) -> Tensor:
+        half = n // 2
+        t = torch.rand(n, generator=g) * math.pi
+        upper = torch.arange(n) < half
+        x = torch.where(upper, t.cos(), 1 - t.cos())
+        y = torch.where(upper, t.sin(), 0.5 - t.sin())
+        data = torch.stack([x, y], 1) + noise * torch.randn(n, 2, generator=g)
+        return data[torch.randperm(n, generator=g)] * 3 - 1
+
+    return sample
+
+
 TARGETS: dict[str, Callable[..., Sampler]] = {
     "oval": oval, "circle": circle, "8gaussians": eight_gaussians, "25gaussians": twenty_five_gaussians,
     "imbalanced": imbalanced, "checkerboard": checkerboard, "moons": two_moons, "rings": rings, "swissroll": swiss_roll,
+    "8gaussians_gwf": eight_gaussians_gwf, "circles_gwf": circles_gwf, "three_rings": three_rings,
+    "moons_gwf": moons_gwf,
 }
 
 
