@@ -1,6 +1,8 @@
 """[GWF] Small-Net ResNet generator and critic: the official architecture's parameter counts, tanh range,
 per-sample critic gradients (no batch statistics), projection conditioning, the official quirks, clear errors."""
 
+import math
+
 import pytest
 import torch
 
@@ -128,3 +130,39 @@ def test_small_net_pair_trains_kl_on_digits(digits_dir, tmp_path):
     summary = train(cfg, tmp_path / "run")
     assert summary["last"]["update"] == 20
     assert summary["last"]["fd"] < 0.8 * summary["first"]["fd"], summary
+
+
+# The official resnet_MMDGAN for CIFAR-10 (Paulcauch/GWF networks/__init__.py, get_model: GeneratorResNet(z_dim=128,
+# start_res=4, base_ch=256, n_up=3), DiscriminatorResNet(img_size=32, embed_dim=128, base_ch=128, n_down=2,
+# n_nodown=2)), written out as the parameter shapes of each of its layers (weight, bias; BatchNorm: weight, bias).
+def _conv_shapes(c_in, c_out, k):
+    return [(c_out, c_in, k, k), (c_out,)]
+
+
+OFFICIAL_G = ([(4096, 128), (4096,)]  # fc
+              + 3 * ([(256,), (256,)] + _conv_shapes(256, 256, 3) + [(256,), (256,)] + _conv_shapes(256, 256, 3) + _conv_shapes(256, 256, 1))
+              + [(256,), (256,)] + _conv_shapes(256, 3, 3))  # bn_final, conv_out
+OFFICIAL_D = (_conv_shapes(3, 128, 3) + _conv_shapes(128, 128, 3) + _conv_shapes(3, 128, 1)  # DFirstResBlock
+              + 3 * (_conv_shapes(128, 128, 3) + _conv_shapes(128, 128, 3) + _conv_shapes(128, 128, 1))  # 1 down, 2 no-down DResBlocks
+              + [(128, 128 * 8 * 8), (128,)])  # fc: flatten -> embed_dim
+
+
+def test_resnet_mmdgan_matches_the_official_parameter_count():
+    from gwf.build import build_objective
+    from gwf.models import build_model
+    from omegaconf import OmegaConf
+    from tests.conftest import compose_config
+
+    cfg = OmegaConf.to_container(compose_config(["model=resnet_mmdgan", "critic=resnet_mmdgan", "method=mmd_gan"]),
+                                 resolve=True)
+    model = dict(cfg["model"])
+    model.pop("compile")
+    gen = build_model(model.pop("name"), out_shape=[3, 32, 32], num_classes=0, **model)
+    critic = build_objective(cfg["method"], (3, 32, 32), 0).critic.phi
+    count = lambda shapes: sum(math.prod(s) for s in shapes)  # noqa: E731
+    assert sum(p.numel() for p in gen.parameters()) == count(OFFICIAL_G) == 4_276_739
+    assert sorted(tuple(p.shape) for p in gen.parameters()) == sorted(OFFICIAL_G)
+    assert sum(p.numel() for p in critic.parameters()) == count(OFFICIAL_D) == 2_135_424
+    assert sorted(tuple(p.shape) for p in critic.parameters()) == sorted(OFFICIAL_D)
+    x = gen(torch.rand(4, 128) * 2 - 1)
+    assert x.shape == (4, 3, 32, 32) and critic(x).shape == (4, 128)

@@ -17,6 +17,7 @@ from gwf.models.resnet import ResNetGenerator
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLPGenerator,
     "resnet": ResNetGenerator,
+    "resnet_mmdgan": ResNetGenerator,  # the official resnet_MMDGAN: conf/model/resnet_mmdgan.yaml sets its layout
     **{size: partial(dit, size) for size in DIT_SIZES},  # dit_tiny, dit_b2, dit_l2, dit_xl2
 }
 

@@ -42,7 +42,10 @@ class MLPCritic(nn.Module):
 
 # Keys mirror the config group conf/critic/: critic=mlp for 2D toys and flat data, critic=resnet (ndf 256) for images
 # ([GWF] Small-Net critic, gwf/models/resnet.py).
-CRITICS: dict[str, type[nn.Module]] = {"mlp": MLPCritic, "resnet": ResNetCritic}
+CRITICS: dict[str, type[nn.Module]] = {
+    "mlp": MLPCritic, "resnet": ResNetCritic,
+    "resnet_mmdgan": ResNetCritic,  # the official resnet_MMDGAN critic: conf/critic/resnet_mmdgan.yaml sets its layout
+}
 
 
 def build_critic(name: str, spectral_norm: bool = False, **kwargs) -> nn.Module:
