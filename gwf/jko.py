@@ -41,7 +41,8 @@ class JKOProximal(nn.Module):
         self.tau, self.previous_mode = tau, previous_mode
         # No copy at all for tau = None: the baseline carries no extra state.
         self.previous = self._frozen_copy(generator) if tau is not None else None
-        # start="noise": T_0 = identity on z (needs noise of the data's size). A buffer, so checkpoints taken before
+        # start="noise": T_0 = identity on z, or on the image-shaped part a generator's identity_input(z) returns (needs
+        # noise of the data's size). A buffer, so checkpoints taken before
         # and after the first refresh have the same keys.
         self.register_buffer("from_noise", torch.tensor(start == "noise"))
         self._host_from_noise: bool | None = start == "noise"  # host copy (no device read per update); None: re-read
@@ -79,6 +80,8 @@ class JKOProximal(nn.Module):
                 self._host_from_noise = bool(self.from_noise)
             if self._host_from_noise:
                 z = gen_inputs[0]
+                if hasattr(self.previous, "identity_input"):  # the generator's image-shaped part of z (NCSN++)
+                    z = self.previous.identity_input(z)
                 if z[0].numel() != x[0].numel():
                     raise ValueError(f"jko.start=noise needs noise of the data's size (T_0 = identity), got noise "
                                      f"{tuple(z.shape[1:])} for data {tuple(x.shape[1:])}: set model.noise_dim to the "

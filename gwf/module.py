@@ -176,7 +176,7 @@ class GWFModule(L.LightningModule):
                  rng: torch.Generator) -> tuple[Tensor, tuple]:
         """n samples per label: x [L, n, *shape] and the generator inputs (z, labels, alpha), flattened to L*n."""
         num_problems = 1 if labels is None else len(labels)
-        return self._forward(model, self.draw_inputs(num_problems * n, model.noise_shape, rng), labels, alpha, n)
+        return self._forward(model, self.model_inputs(model, num_problems * n, rng), labels, alpha, n)
 
     def _forward(self, model: nn.Module, z: Tensor, labels: Tensor | None, alpha: Tensor | None,
                  n: int) -> tuple[Tensor, tuple]:
@@ -186,13 +186,26 @@ class GWFModule(L.LightningModule):
         x = model(z, lab, alp)
         return x.view(len(z) // n, n, *self.data_shape), (z, lab, alp)
 
-    def draw_inputs(self, n: int, noise_shape: tuple[int, ...], rng: torch.Generator) -> Tensor:
+    def model_inputs(self, model: nn.Module, n: int, rng: torch.Generator) -> Tensor:
+        """n inputs of ``model``: its ``noise_shape``, and its ``normal_tail`` (0 when it has none)."""
+        return self.draw_inputs(n, model.noise_shape, rng, getattr(model, "normal_tail", 0))
+
+    def draw_inputs(self, n: int, noise_shape: tuple[int, ...], rng: torch.Generator, normal_tail: int = 0) -> Tensor:
         """Generator inputs [n, *noise_shape]: noise (``noise``: standard normal, or uniform on [-1, 1] as the
-        official GWF's default ``--type_noise unif``), or the source distribution's samples."""
+        official GWF's default ``--type_noise unif``), or the source distribution's samples. ``normal_tail`` = k:
+        the last k coordinates of flat noise are standard normal whatever ``noise`` (a generator's latent next to
+        its image-shaped noise, as the official NCSN++'s ``zz = torch.randn``)."""
         if self.source is None:
             if self.noise == "uniform":
                 u = torch.rand(n, *noise_shape, generator=rng, device=self.device, dtype=self.dtype)
-                return u.mul_(2.0).sub_(1.0)
+                u = u.mul_(2.0).sub_(1.0)
+                if normal_tail:
+                    if len(noise_shape) != 1 or not 0 < normal_tail <= noise_shape[0]:
+                        raise ValueError(f"normal_tail={normal_tail} needs flat noise of at least that size, got "
+                                         f"noise_shape {tuple(noise_shape)}")
+                    u[:, -normal_tail:] = torch.randn(n, normal_tail, generator=rng, device=self.device,
+                                                      dtype=self.dtype)
+                return u
             return torch.randn(n, *noise_shape, generator=rng, device=self.device, dtype=self.dtype)
         cpu = torch.Generator().manual_seed(rng.initial_seed())  # samplers draw on the CPU
         return self.source(n, cpu).reshape(n, *noise_shape).to(self.device)
@@ -205,7 +218,7 @@ class GWFModule(L.LightningModule):
         model = self.ema.model if use_ema else self.generator
         was_training = model.training
         model.eval()  # batch-norm generators sample with their running statistics
-        z = self.draw_inputs(n, model.noise_shape, make_generator(self.device, "sample", seed))
+        z = self.model_inputs(model, n, make_generator(self.device, "sample", seed))
         if alpha is not None and not torch.is_tensor(alpha):
             alpha = torch.full((n,), float(alpha), device=self.device)
         x = model(z, labels, alpha)
@@ -344,7 +357,7 @@ class GWFModule(L.LightningModule):
         update as one pass (objectives whose loss is a mean over problems; batch-norm generators and
         feature_normalize see per-chunk statistics). The noise of all labels is drawn first, as in one pass."""
         n, num = self.sizes.gen_per_label, 1 if labels is None else len(labels)
-        z = self.draw_inputs(num * n, self.generator.noise_shape, self.rng("gen", j))
+        z = self.model_inputs(self.generator, num * n, self.rng("gen", j))
         second_rng, second_z = self.rng("second", j), []
         size = num // self.sizes.label_chunks
         opt.zero_grad(set_to_none=True)
@@ -356,7 +369,7 @@ class GWFModule(L.LightningModule):
             @torch.no_grad()
             def second_batch(lab=lab, alp=alp, rows=rows) -> Tensor:  # W-Flow's q', drawn for all labels once
                 if not second_z:
-                    second_z.append(self.draw_inputs(num * n, self.generator.noise_shape, second_rng))
+                    second_z.append(self.model_inputs(self.generator, num * n, second_rng))
                 return self._forward(self.generator, second_z[0][rows], lab, alp, n)[0]
 
             with self._gradient_sync(start + size == num):

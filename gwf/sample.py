@@ -50,9 +50,9 @@ def index_labels(indices: Tensor, classes: Tensor | None) -> Tensor | None:
     return None if classes is None else classes[indices % len(classes)]
 
 
-def index_inputs(module, indices: Tensor, noise_shape: tuple[int, ...], seed: int) -> Tensor:
-    """Generator inputs [n, *noise_shape], input i drawn from its own generator seeded by (seed, i)."""
-    return torch.cat([module.draw_inputs(1, noise_shape, make_generator(module.device, "gwf-sample", seed, int(i)))
+def index_inputs(module, indices: Tensor, model: torch.nn.Module, seed: int) -> Tensor:
+    """Inputs [n, *noise_shape] of ``model``, input i drawn from its own generator seeded by (seed, i)."""
+    return torch.cat([module.model_inputs(model, 1, make_generator(module.device, "gwf-sample", seed, int(i)))
                       for i in indices.tolist()])
 
 
@@ -65,7 +65,7 @@ def generate(module, indices: Tensor, classes: Tensor | None, alpha: float | Non
     for chunk in indices.split(batch_size):
         if len(chunk) == 0:  # torch splits an empty tensor into one empty chunk
             continue
-        z = index_inputs(module, chunk, model.noise_shape, seed)
+        z = index_inputs(module, chunk, model, seed)
         labels = index_labels(chunk.to(module.device), classes)
         a = None if alpha is None else torch.full((len(chunk),), float(alpha), device=module.device)
         xs.append(model(z, labels, a).float().cpu())

@@ -270,6 +270,37 @@ def test_uniform_noise_is_the_official_default_option():
     assert torch.equal(g, torch.randn(10, 4, generator=torch.Generator().manual_seed(3)))
     with pytest.raises(ValueError, match="noise must be one of"):
         build.build_module(compose_config([*TINY, "noise=laplace"]), (1, 8, 8), 10)
+    # a generator's normal tail (the official NCSN++ latent zz = randn next to uniform image noise)
+    z = uniform.draw_inputs(20000, (7,), torch.Generator().manual_seed(4), normal_tail=3)
+    assert z[:, :4].min() >= -1 and z[:, :4].max() < 1 and z[:, :4].var().item() == pytest.approx(1 / 3, rel=0.03)
+    assert z[:, 4:].var().item() == pytest.approx(1.0, rel=0.03) and z[:, 4:].abs().max() > 3
+    with pytest.raises(ValueError, match="normal_tail"):
+        uniform.draw_inputs(2, (3, 2), torch.Generator(), normal_tail=1)
+
+
+def test_jko_noise_start_uses_the_generators_identity_input():
+    """jko.start=noise with a generator whose input is [image noise, latent]: T_0 returns the image part."""
+    from gwf.jko import JKOProximal
+
+    class TwoInput(torch.nn.Module):
+        noise_shape, normal_tail = (6,), 2
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def identity_input(self, z):
+            return z[:, :4].view(-1, 1, 2, 2)
+
+        def forward(self, z, labels=None, alpha=None):
+            return self.w * z[:, :4].view(-1, 1, 2, 2) + z[:, 4:].sum(1).view(-1, 1, 1, 1)
+
+    gen = TwoInput()
+    prox = JKOProximal(gen, tau=0.5, start="noise")
+    z = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    x = gen(z)
+    expected = (x - z[:, :4].view(-1, 1, 2, 2)).pow(2).flatten(1).sum(1).mean() / (2 * 0.5)
+    torch.testing.assert_close(prox(x, z), expected)
 
 
 def test_spectral_norm_critic_layers_have_unit_spectral_norm():
