@@ -133,7 +133,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[CheckpointCadence, 
                                 keep=c.keep, stop_requested=lambda: preemption.requested)
     evaluation = EvalCallback(instantiate(e.evaluator), every_n_updates=e.every_n_updates,
                               num_samples=e.num_samples, alpha=e.alpha, grid_per_class=e.grid_per_class,
-                              max_seconds=e.get("max_seconds"))
+                              max_seconds=e.get("max_seconds"), every_n_jko_steps=e.get("every_n_jko_steps"))
     return cadence, preemption, evaluation
 
 

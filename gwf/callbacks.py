@@ -21,7 +21,8 @@ log = logging.getLogger("gwf")
 
 
 class EvalCallback(L.Callback):
-    """Every ``every_n_updates`` updates, and at the start and end of training, scores ``num_samples`` EMA samples
+    """Every ``every_n_updates`` updates (or every ``every_n_jko_steps`` JKO steps), and at the start and end of
+    training, scores ``num_samples`` EMA samples
     of fixed noise (labels balanced over classes) with ``evaluator().evaluate(x, labels) -> dict``, logs the metrics
     and writes eval.csv, eval_summary.json and pictures into the run directory (docs/evaluation.md). Rank 0 only,
     while the other ranks wait at their next collective: each evaluation's time is logged (``eval/seconds``) and
@@ -29,9 +30,12 @@ class EvalCallback(L.Callback):
 
     def __init__(self, evaluator: Callable[[], object], every_n_updates: int = 1000, num_samples: int = 1000,
                  alpha: float | None = None, grid_per_class: int = 10, seed: int = 12345,
-                 max_seconds: float | None = None):
+                 max_seconds: float | None = None, every_n_jko_steps: int | None = None):
+        if every_n_jko_steps is not None and every_n_jko_steps < 1:
+            raise ValueError(f"eval.every_n_jko_steps must be a positive integer or null, got {every_n_jko_steps}")
         self.make_evaluator = evaluator
         self.every_n_updates = every_n_updates
+        self.every_n_jko_steps = every_n_jko_steps
         self.num_samples = num_samples
         self.alpha = alpha
         self.grid_per_class = grid_per_class
@@ -173,9 +177,20 @@ class EvalCallback(L.Callback):
     def on_train_start(self, trainer, module):
         self.evaluate(trainer, module)
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+    def due(self, module) -> bool:
+        """Whether the update just done ends an evaluation period: every ``every_n_updates`` updates, or, with
+        ``every_n_jko_steps`` = n, the end of every JKO step k with k % n == 0 (k from 0: the official GWF
+        ``--evaluate_every``)."""
         update = module.update
-        if update > 0 and update % self.every_n_updates == 0:
+        if update == 0:
+            return False
+        if self.every_n_jko_steps is None:
+            return update % self.every_n_updates == 0
+        schedule = module.schedule
+        return schedule.ends_outer_step(update - 1) and schedule.locate(update - 1)[0] % self.every_n_jko_steps == 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.due(module):
             self.evaluate(trainer, module)
 
     def on_train_end(self, trainer, module):

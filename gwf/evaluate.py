@@ -9,6 +9,8 @@ samples.
     gwf-eval --ref path/to/cifar10_train_pngs --save-stats cifar10_train_inception.npz     # precompute statistics
 
 ``--extractor auto`` (default) uses the digit classifier for [1, 8, 8] samples and Inception otherwise.
+``--protocol gwf`` checks and records the [GWF] paper's protocol (docs/evaluation.md): FID of Inception pool3
+features of 49,920 samples against the 50,000 CIFAR-10 training images.
 """
 
 from __future__ import annotations
@@ -27,6 +29,36 @@ from gwf.data.digits import CLASSIFIER_FILE
 from gwf.eval.fidelity import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, METRICS, UINT8_EXTRACTORS, compute_metrics,
                                extractor_name, load_reference, load_samples, reference_statistics,
                                resolve_inception_weights)
+
+
+# A paper's evaluation protocol: what gwf-eval checks before scoring, and records in the JSON.
+PROTOCOLS = {
+    # [GWF] eval.py generate_fake_dir: 50,000 // batch 256 = 195 batches = 49,920 EMA samples (eval mode) as PNGs;
+    # dump_real_images_if_needed: every training image; pytorch-fid's pool3 FID (train.py calculate_fid_given_paths)
+    "gwf": {"num_samples": 49_920, "reference_images": 50_000, "metrics": ("fid",), "extractor": "inception",
+            "draw": "gwf-sample --ckpt <run>/checkpoints/last.ckpt --num-samples 49920",
+            "reference": "the 50,000 CIFAR-10 training images (gwf-eval --ref <train folder> --save-stats ...)"},
+}
+
+
+def check_protocol(name: str, num_samples: int | None, reference_images: int | None, metrics: list[str],
+                   extractor: str) -> dict:
+    """The protocol ``name``'s settings, after checking the samples, the reference (where its size is known) and
+    the metrics against it; a ValueError names what differs and how to match it."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol '{name}'; choose one of {sorted(PROTOCOLS)}")
+    p = PROTOCOLS[name]
+    if extractor != extractor_name(p["extractor"]):
+        raise ValueError(f"the {name} protocol uses the {p['extractor']} extractor, not {extractor}: drop --extractor")
+    if set(metrics) != set(p["metrics"]):
+        raise ValueError(f"the {name} protocol reports {', '.join(p['metrics'])}; drop --metrics")
+    if num_samples is not None and num_samples != p["num_samples"]:
+        raise ValueError(f"the {name} protocol scores {p['num_samples']:,} samples, got {num_samples:,}: draw them "
+                         f"with {p['draw']}")
+    if reference_images is not None and reference_images != p["reference_images"]:
+        raise ValueError(f"the {name} protocol compares with {p['reference']}; the reference holds "
+                         f"{reference_images:,} images")
+    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +81,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=2020, help="torch-fidelity's rng_seed (KID subsets, IS splits)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   help="a paper's protocol, checked and recorded: gwf = FID of 49,920 samples against the 50,000 "
+                        "CIFAR-10 training images, Inception pool3 (sets --metrics fid --extractor inception)")
     args = p.parse_args(argv)
+    if args.protocol:
+        defaults = {"metrics": "fid", "extractor": "auto"}
+        changed = [k for k, v in defaults.items() if getattr(args, k) != v]
+        if changed:
+            p.error(f"--protocol {args.protocol} sets --{' --'.join(changed)} itself; drop them")
+        args.metrics, args.extractor = ",".join(PROTOCOLS[args.protocol]["metrics"]), \
+            PROTOCOLS[args.protocol]["extractor"]
     if args.samples is None and args.save_stats is None:
         p.error("give --samples (to evaluate) or --save-stats (to precompute the reference's statistics)")
     return args
@@ -82,18 +124,20 @@ def run(argv=None) -> dict:
     probe = None if args.samples is None else load_samples(args.samples, DIGITS_EXTRACTOR)  # float x if present
     name = choose_extractor(args.extractor, probe)
     samples = probe if probe is None or name not in UINT8_EXTRACTORS else load_samples(args.samples, name)
-    weights = resolve_weights(name, args.weights, args.ref, args.download)
     reference = load_reference(args.ref)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if args.protocol and not args.save_stats:  # before the weights: a wrong count is the cheaper news
+        check_protocol(args.protocol, len(samples), reference.num_images, metrics, name)
+    weights = resolve_weights(name, args.weights, args.ref, args.download)
     if args.save_stats:
         stats = reference_statistics(reference, name, weights, args.batch_size, args.device)
         np.savez(args.save_stats, **stats)
         print(f"wrote {args.save_stats}: {name} statistics of {int(stats['num_samples'])} reference images")
         return {}
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     result = compute_metrics(samples, reference, metrics, name, weights, args.batch_size, args.device,
                              args.kid_subset_size, args.kid_subsets, args.isc_splits, args.seed, args.verbose)
     result.update(extractor=name, samples=str(args.samples), reference=str(args.ref),
-                  weights=None if weights is None else str(weights))
+                  weights=None if weights is None else str(weights), protocol=args.protocol)
     out = Path(args.out) if args.out else Path(args.samples).parent / f"metrics_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

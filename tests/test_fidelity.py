@@ -200,3 +200,28 @@ def test_image_folder_and_adm_layout_samples(digits, tmp_path):
     quantized = compute_metrics(torch.from_numpy(uint8).permute(0, 3, 1, 2), Reference(images=x_val[:180]), ["fid"],
                                 "digits", weights)["fid"]
     assert quantized == pytest.approx(exact, rel=0.02)
+
+
+def test_gwf_protocol_checks_counts_before_scoring(tmp_path):
+    """--protocol gwf: 49,920 samples against 50,000 reference images, FID of Inception pool3; a wrong count or a
+    conflicting option is refused before any Inception weight is needed (none exists offline)."""
+    from gwf.evaluate import PROTOCOLS, check_protocol
+
+    small = tmp_path / "small.npz"
+    np.savez(small, x=np.zeros((8, 3, 32, 32), np.float32))
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, mu=np.zeros(4), sigma=np.eye(4), extractor=np.array("inception-v3-compat"),
+             num_samples=np.array(50_000))
+    with pytest.raises(ValueError, match="49,920 samples, got 8.*--num-samples 49920"):
+        gwf_eval(["--samples", str(small), "--ref", str(stats), "--protocol", "gwf"])
+    with pytest.raises(SystemExit):  # argparse: the protocol sets the metrics itself
+        gwf_eval(["--samples", str(small), "--ref", str(stats), "--protocol", "gwf", "--metrics", "kid"])
+    p = PROTOCOLS["gwf"]
+    assert (p["num_samples"], p["reference_images"], p["metrics"]) == (49_920, 50_000, ("fid",))
+    name = "inception-v3-compat"
+    assert check_protocol("gwf", 49_920, 50_000, ["fid"], name) is p
+    assert check_protocol("gwf", 49_920, None, ["fid"], name) is p  # a folder's size is not counted
+    with pytest.raises(ValueError, match="50,000 CIFAR-10 training images.*holds 10,000"):
+        check_protocol("gwf", 49_920, 10_000, ["fid"], name)
+    with pytest.raises(ValueError, match="inception extractor"):
+        check_protocol("gwf", 49_920, 50_000, ["fid"], "gwf-digits")

@@ -22,6 +22,25 @@ def test_recipe_values_are_the_papers():
     assert (cfg.critic_optim.lr, list(cfg.critic_optim.betas)) == (1e-4, [0.5, 0.9])
     assert cfg.ema_decay == 0.9999 and cfg.batch.gen_per_label == 256 and cfg.data.batch_size == 256
     assert list(cfg.data.shape) == [3, 32, 32] and cfg.data.conditional is False
+    assert (cfg.eval.every_n_jko_steps, cfg.eval.num_samples) == (10, 49_920)  # eval.py: 195 batches of 256
+
+
+def test_evaluation_every_10_jko_steps_is_the_officials():
+    """eval.every_n_jko_steps=10 scores at the end of JKO steps 0, 10, 20, ... (train.py: k % evaluate_every == 0
+    after step k): updates 2,000, 12,000, 22,000, ... of the 101,000."""
+    from types import SimpleNamespace
+
+    from gwf.callbacks import EvalCallback
+
+    callback = EvalCallback(lambda: None, every_n_jko_steps=10)
+    schedule = JKOSchedule(100, 1000, 2000)
+    due = [u for u in range(1, schedule.total_updates + 1) if callback.due(SimpleNamespace(update=u, schedule=schedule))]
+    assert due == [2000 + 10_000 * i for i in range(10)]
+    every = EvalCallback(lambda: None, every_n_updates=5000)
+    assert [u for u in range(1, 20_001) if every.due(SimpleNamespace(update=u, schedule=schedule))] == [5000, 10000,
+                                                                                                     15000, 20000]
+    with pytest.raises(ValueError, match="every_n_jko_steps"):
+        EvalCallback(lambda: None, every_n_jko_steps=0)
 
 
 def test_recipe_trains_on_prepared_image_folder(tmp_path):
@@ -38,7 +57,7 @@ def test_recipe_trains_on_prepared_image_folder(tmp_path):
         "experiment=cifar10_gwf", f"data.train_shards='{pattern}'", "data.num_classes=2", "data.batch_size=8",
         "data.epoch_size=64", "data.num_workers=0", "data.prepare=null", "model.ngf=16", "critic.ndf=16",
         "batch.gen_per_label=8", "batch.pos_per_label=8", "batch.bank_capacity=16", "jko.steps=2",
-        "jko.updates_first_step=3", "jko.updates_per_step=3", "eval.every_n_updates=3", "eval.num_samples=16",
+        "jko.updates_first_step=3", "jko.updates_per_step=3", "eval.every_n_jko_steps=1", "eval.num_samples=16",
         "eval.grid_per_class=4",
         "logger=none", "trainer.enable_progress_bar=false",
     ], runs_dir=tmp_path / "runs")

@@ -120,3 +120,27 @@ def test_official_gwf_targets_have_the_official_geometry():
     m = make_sampler("moons_gwf")(200_000, _g(4))
     # E over both moons of (x, y) before x 3 - 1: upper (0, 2/pi), lower (1, 0.5 - 2/pi) -> mean (0.5, 0.25)
     assert m.mean(0).tolist() == pytest.approx([0.5, -0.25], abs=0.02)
+
+
+def test_official_mmd_is_the_uniform_learned_kernel_mmd():
+    """official_mmd: mmd2_gwf is the official --compute_MMD value (unbiased, the 7 families weighted 1/7 each, on
+    raw points), checked against its formula pair by pair on a small set; ~0 for the target itself."""
+    from tests.test_obj_mmd_gan import families_by_hand
+
+    ev = Toy2DEvaluator("8gaussians_gwf", num_samples=12, official_mmd=True)
+    x = make_sampler("8gaussians_gwf")(10, _g(7)) + 0.3
+    out = ev.evaluate(x)
+
+    def k(a, b):
+        return sum(families_by_hand(a.tolist(), b.tolist())) / 7
+
+    ref, n, m = ev.reference.double(), 12, 10
+    xx = x.double()
+    same_r = sum(k(ref[i], ref[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    same_x = sum(k(xx[i], xx[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    cross = sum(k(ref[i], xx[j]) for i in range(n) for j in range(m)) / (n * m)
+    assert out["mmd2_gwf"] == pytest.approx(same_r + same_x - 2 * cross, rel=1e-9)
+    big = Toy2DEvaluator("8gaussians_gwf", num_samples=2000, official_mmd=True)
+    same = big.evaluate(make_sampler("8gaussians_gwf")(2000, _g(8)))["mmd2_gwf"]
+    assert abs(same) < 0.05 * big.evaluate(make_sampler("8gaussians_gwf")(2000, _g(8)) + 0.3)["mmd2_gwf"]
+    assert "mmd2_gwf" not in Toy2DEvaluator("8gaussians_gwf", num_samples=12).evaluate(x)

@@ -185,10 +185,12 @@ class Reference:
     mu: np.ndarray | None = None
     sigma: np.ndarray | None = None
     extractor: str | None = None  # the extractor the statistics were computed with, when known
+    count: int | None = None  # images the statistics were computed from, when the .npz records it
 
     @property
     def num_images(self) -> int | None:
-        return len(self.images) if isinstance(self.images, Tensor) else None
+        """The reference's size where known: its images, or the count its statistics record (None for a folder)."""
+        return len(self.images) if isinstance(self.images, Tensor) else self.count
 
 
 def load_reference(ref: str | Path) -> Reference:
@@ -206,7 +208,8 @@ def load_reference(ref: str | Path) -> Reference:
                 raise ValueError(f"{ref} holds {f.files}; a statistics reference needs 'mu' and 'sigma'")
             images = nhwc_uint8_to_nchw(f["arr_0"]) if "arr_0" in f.files else None
             extractor = str(f["extractor"]) if "extractor" in f.files else None
-            return Reference(images, f["mu"].astype(np.float64), f["sigma"].astype(np.float64), extractor)
+            count = int(f["num_samples"]) if "num_samples" in f.files else None
+            return Reference(images, f["mu"].astype(np.float64), f["sigma"].astype(np.float64), extractor, count)
     if ".tar" in ref:
         from gwf.data.shards import collate, read_samples
 

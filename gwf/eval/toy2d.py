@@ -9,6 +9,8 @@ from torch import Tensor
 
 from gwf.data.toy2d import GaussianMixture, make_sampler
 from gwf.objectives.kernels import make_kernel
+from gwf.objectives.learned_kernel import LearnedKernel
+from gwf.objectives.mmd_gan import mmd2
 from gwf.objectives.mmd import mmd2_unbiased
 from gwf.seeding import make_generator
 
@@ -80,14 +82,18 @@ def mode_metrics(x: Tensor, mixture: GaussianMixture, k_sigma: float = 3.0, reca
 class Toy2DEvaluator:
     """``evaluate(x [N, 2], labels) -> dict`` against held-out samples of the target: ``sinkhorn_div`` and
     ``mmd2`` (unbiased, Gaussian kernel with a FIXED bandwidth ``mmd_sigma``, so values compare across runs)
-    always, ``hq_rate`` and ``mode_recall`` for Gaussian-mixture targets."""
+    always, ``hq_rate`` and ``mode_recall`` for Gaussian-mixture targets. ``official_mmd``: also ``mmd2_gwf``, the
+    official GWF ``--compute_MMD`` value, the unbiased MMD^2 on the raw points under the learned kernel's uniform
+    mixture of its 7 families (gwf.objectives.learned_kernel; train.py evaluates with ``get_kernel(args)``, untrained
+    for every objective but the MMD rows, whose trained weights make their value run-specific)."""
 
     def __init__(self, target: str, num_samples: int = 2000, blur: float = 0.05, mmd_sigma: float = 0.5,
-                 seed: int = 0):
+                 seed: int = 0, official_mmd: bool = False):
         self.sampler = make_sampler(target)
         self.reference = self.sampler(num_samples, make_generator("cpu", "toy2d-eval", target, seed))
         self.blur = blur
         self.kernel = make_kernel("gaussian", sigma=mmd_sigma)
+        self.official_kernel = LearnedKernel().requires_grad_(False) if official_mmd else None
 
     def evaluate(self, x: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         x = x.detach().float().cpu()
@@ -95,4 +101,8 @@ class Toy2DEvaluator:
                "mmd2": float(mmd2_unbiased(x, self.reference, self.kernel))}
         if isinstance(self.sampler, GaussianMixture):
             out.update(mode_metrics(x, self.sampler))
+        if self.official_kernel is not None:
+            x64, ref = x.double()[None], self.reference.double()[None]
+            gram = self.official_kernel.double().gram
+            out["mmd2_gwf"] = float(mmd2(gram(ref, ref), gram(x64, x64), gram(ref, x64), unbiased=True)[0])
         return out
