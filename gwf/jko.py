@@ -15,7 +15,10 @@ from torch import Tensor, nn
 from gwf.schedule import JKOSchedule  # noqa: F401  (its home before; torch-free now)
 
 
-STARTS = ("generator", "noise")
+# Where the first JKO step measures its transport from: the initial generator; the noise itself (T_0 = identity);
+# or fresh standard normal noise of the data's shape drawn at every step, independent of z (the official GWF first
+# step for flat-latent generators, train.py ``netT_old = lambda x: noise_sampler_old.sample()``).
+STARTS = ("generator", "noise", "fresh_noise")
 # The frozen copy's mode: the generator's (default: equal weights give a zero term, batch norm included) or always
 # eval (batch norm with running statistics), as the official GWF train.py (``netT_old.eval()``).
 PREVIOUS_MODES = ("generator", "eval")
@@ -44,8 +47,9 @@ class JKOProximal(nn.Module):
         # start="noise": T_0 = identity on z, or on the image-shaped part a generator's identity_input(z) returns (needs
         # noise of the data's size). A buffer, so checkpoints taken before
         # and after the first refresh have the same keys.
-        self.register_buffer("from_noise", torch.tensor(start == "noise"))
-        self._host_from_noise: bool | None = start == "noise"  # host copy (no device read per update); None: re-read
+        self.register_buffer("from_noise", torch.tensor(start in ("noise", "fresh_noise")))
+        self._host_from_noise: bool | None = start in ("noise", "fresh_noise")  # host copy; None: re-read
+        self.fresh = start == "fresh_noise"
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -69,16 +73,19 @@ class JKOProximal(nn.Module):
         if buffers:
             torch._foreach_copy_(buffers, list(generator.buffers()))
 
-    def forward(self, x: Tensor, *gen_inputs, train_mode: bool = True) -> Tensor:
+    def forward(self, x: Tensor, *gen_inputs, train_mode: bool = True, rng: torch.Generator | None = None) -> Tensor:
         """Scalar proximal term (0 when tau is None) for ``x = G_theta(*gen_inputs)``: the SAME inputs go through
         the frozen copy, in the generator's mode ``train_mode`` (so equal weights give 0 with batch norm too), or in
-        eval mode with ``previous_mode="eval"``."""
+        eval mode with ``previous_mode="eval"``. Before the first refresh with ``start="fresh_noise"`` the previous
+        outputs are N(0, I) of x's shape drawn from ``rng``."""
         if self.previous is None:
             return x.new_zeros(())
         with torch.no_grad():
             if self._host_from_noise is None:
                 self._host_from_noise = bool(self.from_noise)
-            if self._host_from_noise:
+            if self._host_from_noise and self.fresh:
+                x_prev = torch.randn(x.shape, generator=rng, device=x.device, dtype=torch.float32)
+            elif self._host_from_noise:
                 z = gen_inputs[0]
                 if hasattr(self.previous, "identity_input"):  # the generator's image-shaped part of z (NCSN++)
                     z = self.previous.identity_input(z)

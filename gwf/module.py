@@ -377,7 +377,8 @@ class GWFModule(L.LightningModule):
                 chunk_real = real if size == num else RealBatch(real.pos[chunk], real.uncond, lab)
                 loss, logs_g = self.objective.generator_loss(GenBatch(x, lab, alp, second_batch, inputs[0]),
                                                              chunk_real, self.rng("objective", j))
-                prox = self.jko(x.flatten(0, 1), *inputs, train_mode=self.generator.training)
+                prox = self.jko(x.flatten(0, 1), *inputs, train_mode=self.generator.training,
+                                rng=self.rng("jko", j, start))
                 self._check_finite("generator loss", gen_loss=loss, prox=prox)
                 self.manual_backward(loss + prox if size == num else (loss + prox) * (size / num))
         grad_norm = self._optimizer_step(opt, sched, self.generator_parameters(), self.optim.grad_clip)

@@ -89,7 +89,8 @@ def _check_ranks(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("method,launcher", [("kl", "slurm"), ("w1", "torchrun")])
 def test_two_process_ddp_critic_method(tmp_path, method, launcher):
-    """kl (R1 penalty) under srun-style variables, w1 (WGAN-GP, a double backward) under torchrun-style ones."""
+    """kl (R1 penalty) under srun-style variables, w1 (interpolated penalty, a double backward) under torchrun-style
+    ones."""
     run = tmp_path / "run"
     env_of = slurm_env if launcher == "slurm" else torchrun_env
     outs = run_ranks(run, [f"method={method}", *TINY_2D], env_of)

@@ -132,3 +132,21 @@ def test_previous_mode_eval_is_the_official_frozen_copy():
     assert float(ours(x, z, train_mode=True)) == 0.0 and not official.previous.training
     with pytest.raises(ValueError, match="jko.previous_mode"):
         JKOProximal(gen, 1.0, previous_mode="train")
+
+
+def test_fresh_noise_start_is_the_official_flat_latent_first_step():
+    """jko.start=fresh_noise: in the first JKO step the previous outputs are fresh N(0, I) of the data's shape,
+    independent of z (train.py: netT_old = lambda x: noise_sampler_old.sample()); after the refresh, the generator."""
+    from gwf.jko import JKOProximal
+
+    gen = torch.nn.Linear(3, 4)
+    prox = JKOProximal(gen, tau=2.0, start="fresh_noise")
+    z = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    x = gen(z)
+    eps = torch.randn(6, 4, generator=torch.Generator().manual_seed(5))
+    expected = (x - eps).pow(2).sum(1).mean() / (2 * 2.0)
+    torch.testing.assert_close(prox(x, z, rng=torch.Generator().manual_seed(5)), expected)
+    prox.refresh(gen)
+    assert float(prox(gen(z), z, rng=torch.Generator().manual_seed(5))) == 0.0
+    with pytest.raises(ValueError, match="fresh_noise"):
+        JKOProximal(gen, tau=1.0, start="zeros")

@@ -10,7 +10,7 @@ from gwf.models.critics import MLPCritic
 from gwf.objectives.base import GenBatch, RealBatch
 from gwf.objectives import OBJECTIVES
 
-W1 = OBJECTIVES["w1"]  # the IPM row of the critic objectives, WGAN-GP (weight 10) by default
+W1 = OBJECTIVES["w1"]  # the IPM row of the critic objectives, the interpolated penalty (weight 10) by default
 
 SHIFT = 2.0  # p = N(SHIFT, 1), q = N(0, 1) in 1-D: W1(q, p) = SHIFT, optimal critic d(x) = x
 
@@ -39,10 +39,13 @@ def test_bound_at_optimal_critic_and_generator_direction():
     (grad,) = torch.autograd.grad(g_loss, x)
     # descending -E_q[d] moves every particle by +grad d / B = +1/B, towards the data
     torch.testing.assert_close(grad, torch.full_like(x, -1.0 / x.shape[1]))
-    # the 1-Lipschitz optimum has ||grad d|| = 1: zero WGAN-GP penalty
-    obj_gp = W1(Linear1D())
+    # the 1-Lipschitz optimum has ||grad d|| = 1: zero WGAN-GP penalty; the default interpolated penalty is
+    # 10 E ||grad d||^2 = 10 (the official gp_type interpolated estimates W1 only up to a scale)
+    obj_gp = W1(Linear1D(), penalty="wgan_gp")
     loss_gp, logs_gp = obj_gp.critic_loss(x_fake[:, :256], RealBatch(pos=x_real[:, :256]), torch.Generator())
     assert logs_gp["penalty"].item() == pytest.approx(0.0, abs=1e-9)
+    _, logs_int = W1(Linear1D()).critic_loss(x_fake[:, :256], RealBatch(pos=x_real[:, :256]), torch.Generator())
+    assert logs_int["penalty"].item() == pytest.approx(10.0, rel=1e-9)
 
 
 def test_trained_critic_estimates_w1():
@@ -50,7 +53,7 @@ def test_trained_critic_estimates_w1():
     x_real, x_fake = clouds(512, seed=1, dtype=torch.float32)
     w1_empirical = (x_real.flatten().sort().values - x_fake.flatten().sort().values).abs().mean().item()  # 1-D OT
     critic = MLPCritic([1], hidden=32, depth=2)
-    obj = W1(critic)  # WGAN-GP, weight 10
+    obj = W1(critic, penalty="wgan_gp")  # weight 10
     opt = torch.optim.Adam(critic.parameters(), lr=5e-3, betas=(0.5, 0.9))
     real = RealBatch(pos=x_real)
     first, _ = obj.critic_loss(x_fake, real, rng=torch.Generator().manual_seed(0))
@@ -97,4 +100,4 @@ def test_method_config_builds():
     assert OptimConfig(**OmegaConf.to_container(cfg.critic_optim)).betas == [0.5, 0.9]
     spec = method.pop("critic")
     obj = W1(critic=build_critic(spec.pop("name"), in_shape=[2], **spec), **method)
-    assert (obj.penalty, obj.penalty_weight) == ("wgan_gp", 10.0)
+    assert (obj.penalty, obj.penalty_weight) == ("interpolated", 10.0)  # the official default gp_type, lbda_gp

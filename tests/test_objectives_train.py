@@ -1,6 +1,6 @@
 """Each objective, trained briefly through the shared GWFModule on the GWF 2D recipe (8 Gaussians, JKO with
 tau = 1 from mu0), lowers the Sinkhorn divergence to the target by a stated factor. Seeded, so deterministic.
-Every objective but those in BUDGET must drop it 4x in 2 x 100 updates; W1 (WGAN-GP, one critic update per
+Every objective but those in BUDGET must drop it 4x in 2 x 100 updates; W1 (interpolated penalty, one critic update per
 generator update, the official 3 x 128 MLP critic) starts slowly and must drop it 2x in 2 x 400 (measured: 3.1x)."""
 
 import pytest

@@ -20,7 +20,11 @@ def test_recipe_values_are_the_papers():
     assert cfg.jko.tau == pytest.approx(tau_from_official_lambda2(1.0, 3 * 32 * 32))
     assert (cfg.optim.lr, list(cfg.optim.betas)) == (2e-4, [0.5, 0.9])
     assert (cfg.critic_optim.lr, list(cfg.critic_optim.betas)) == (1e-4, [0.5, 0.9])
-    assert cfg.ema_decay == 0.9999 and cfg.batch.gen_per_label == 256 and cfg.data.batch_size == 256
+    assert cfg.ema_decay == 0.9999 and cfg.batch.gen_per_label == 256 and cfg.batch.pos_per_label == 256
+    # as train.py: a fresh batch of 256 reals for each critic and generator step, uniform z, the first step from
+    # fresh Gaussian noise, a constant-decay EMA
+    assert (cfg.loop.reals, cfg.data.batch_size, cfg.batch.bank_capacity) == ("fresh", 512, 512)
+    assert (cfg.noise, cfg.jko.start, cfg.ema_warmup) == ("uniform", "fresh_noise", False)
     assert list(cfg.data.shape) == [3, 32, 32] and cfg.data.conditional is False
     assert (cfg.eval.every_n_jko_steps, cfg.eval.num_samples) == (10, 49_920)  # eval.py: 195 batches of 256
 
