@@ -13,11 +13,13 @@ from functools import partial
 from gwf.models.dit import DIT_SIZES, dit
 from gwf.models.mlp import MLPGenerator
 from gwf.models.resnet import ResNetGenerator
+from gwf.models.unet import UNetGenerator
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLPGenerator,
     "resnet": ResNetGenerator,
     "resnet_mmdgan": ResNetGenerator,  # the official resnet_MMDGAN: conf/model/resnet_mmdgan.yaml sets its layout
+    "unet": UNetGenerator,  # the official U-Net (image-shaped noise in, image out)
     **{size: partial(dit, size) for size in DIT_SIZES},  # dit_tiny, dit_b2, dit_l2, dit_xl2
 }
 

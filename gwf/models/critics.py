@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from gwf.models.resnet import ResNetCritic
+from gwf.models.unet import UNetCritic
 
 
 class MLPCritic(nn.Module):
@@ -45,6 +46,7 @@ class MLPCritic(nn.Module):
 CRITICS: dict[str, type[nn.Module]] = {
     "mlp": MLPCritic, "resnet": ResNetCritic,
     "resnet_mmdgan": ResNetCritic,  # the official resnet_MMDGAN critic: conf/critic/resnet_mmdgan.yaml sets its layout
+    "unet": UNetCritic,  # the official U-Net's critic (Discriminator_unet), spectrally normalized by construction
 }
 
 
@@ -58,7 +60,10 @@ def build_critic(name: str, spectral_norm: bool = False, **kwargs) -> nn.Module:
     if spectral_norm:
         from torch.nn.utils.parametrizations import spectral_norm as normalize
 
-        for module in list(critic.modules()):
-            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        from torch.nn.utils import parametrize
+
+        for module in list(critic.modules()):  # layers already normalized (critic=unet) are not normalized twice
+            if (isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                    and not parametrize.is_parametrized(module, "weight")):
                 normalize(module)
     return critic
