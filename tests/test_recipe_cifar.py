@@ -47,7 +47,8 @@ def test_evaluation_every_10_jko_steps_is_the_officials():
         EvalCallback(lambda: None, every_n_jko_steps=0)
 
 
-def test_recipe_trains_on_prepared_image_folder(tmp_path):
+def prepared_shards(tmp_path) -> str:
+    """24 generated 40x36 images in 2 class folders, prepared as 32x32 pixel shards; their pattern."""
     rng = np.random.default_rng(0)
     for c in ("airplane", "cat"):
         (tmp_path / "src" / c).mkdir(parents=True)
@@ -56,7 +57,11 @@ def test_recipe_trains_on_prepared_image_folder(tmp_path):
             Image.fromarray(pixels).save(tmp_path / "src" / c / f"{i}.png")
     manifest = prepare_images(tmp_path / "src", tmp_path / "shards", size=32, samples_per_shard=8)
     assert manifest["splits"]["train"]["count"] == 24 and manifest["num_classes"] == 2
-    pattern = str(tmp_path / "shards" / manifest["splits"]["train"]["pattern"])
+    return str(tmp_path / "shards" / manifest["splits"]["train"]["pattern"])
+
+
+def test_recipe_trains_on_prepared_image_folder(tmp_path):
+    pattern = prepared_shards(tmp_path)
     cfg = compose_config([
         "experiment=cifar10_gwf", f"data.train_shards='{pattern}'", "data.num_classes=2", "data.batch_size=8",
         "data.epoch_size=64", "data.num_workers=0", "data.prepare=null", "model.ngf=16", "critic.ndf=16",
@@ -79,3 +84,32 @@ def test_recipe_trains_on_prepared_image_folder(tmp_path):
     prev = {k.removeprefix("jko.previous."): v for k, v in state["state_dict"].items() if k.startswith("jko.previous.")}
     gen = {k.removeprefix("generator."): v for k, v in state["state_dict"].items() if k.startswith("generator.")}
     assert prev.keys() == gen.keys() and all(torch.equal(prev[k], gen[k]) for k in gen)
+
+
+def test_large_net_recipe_is_the_official_command():
+    """experiment=cifar10_gwf_large: the official README's Large-Net + KL_DV + JKO command (Table 3, Figure 1)."""
+    cfg = compose_config(["experiment=cifar10_gwf_large"])
+    assert (cfg.model.name, cfg.model.nz, cfg.method.critic.name, cfg.method.name) == ("ncsnpp", 128, "ncsnpp", "kl_dv")
+    assert (cfg.jko.steps, cfg.jko.updates_first_step, cfg.jko.updates_per_step, cfg.jko.start) == (50, 2000, 2000,
+                                                                                                     "noise")
+    assert cfg.jko.tau == pytest.approx(tau_from_official_lambda2(0.2, 3 * 32 * 32))
+    for opt, lr in ((cfg.optim, 2e-4), (cfg.critic_optim, 1e-4)):
+        assert (opt.lr, opt.schedule, opt.eta_min, list(opt.betas)) == (lr, "cosine", 5e-5, [0.5, 0.9])
+    assert (cfg.method.penalty, cfg.method.penalty_weight, cfg.ema_decay, cfg.ema_warmup) == ("r1", 0.2, 0.9999, False)
+    assert (cfg.noise, cfg.loop.reals, cfg.eval.every_n_jko_steps, cfg.eval.num_samples) == ("uniform", "fresh", 10,
+                                                                                          49_920)
+
+
+def test_large_net_recipe_trains_shrunk(tmp_path):
+    """The Large-Net recipe end to end at width 16: the first JKO step measured from the image part of z."""
+    pattern = prepared_shards(tmp_path)
+    cfg = compose_config([
+        "experiment=cifar10_gwf_large", f"data.train_shards='{pattern}'", "data.num_classes=2", "data.batch_size=16",
+        "data.epoch_size=64", "data.num_workers=0", "data.prepare=null", "model.num_channels_dae=16",
+        "model.z_emb_dim=16", "model.nz=8", "critic.ngf=8", "batch.gen_per_label=8", "batch.pos_per_label=8",
+        "batch.bank_capacity=16", "jko.steps=2", "jko.updates_first_step=2", "jko.updates_per_step=2",
+        "eval.every_n_jko_steps=1", "eval.num_samples=8", "eval.grid_per_class=4", "logger=none",
+        "trainer.enable_progress_bar=false",
+    ], runs_dir=tmp_path / "runs")
+    summary = train(cfg, tmp_path / "run")
+    assert summary["last"]["update"] == 4

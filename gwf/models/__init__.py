@@ -12,6 +12,7 @@ from functools import partial
 
 from gwf.models.dit import DIT_SIZES, dit
 from gwf.models.mlp import MLPGenerator
+from gwf.models.ncsnpp import NCSNppGenerator
 from gwf.models.resnet import ResNetGenerator
 from gwf.models.unet import UNetGenerator
 
@@ -19,6 +20,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLPGenerator,
     "resnet": ResNetGenerator,
     "resnet_mmdgan": ResNetGenerator,  # the official resnet_MMDGAN: conf/model/resnet_mmdgan.yaml sets its layout
+    "ncsnpp": NCSNppGenerator,  # the official Large-Net (NCSN++ with AdaGN; image noise and a latent)
     "unet": UNetGenerator,  # the official U-Net (image-shaped noise in, image out)
     **{size: partial(dit, size) for size in DIT_SIZES},  # dit_tiny, dit_b2, dit_l2, dit_xl2
 }

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from gwf.models.ncsnpp_critic import NCSNppCritic
 from gwf.models.resnet import ResNetCritic
 from gwf.models.unet import UNetCritic
 
@@ -46,6 +47,7 @@ class MLPCritic(nn.Module):
 CRITICS: dict[str, type[nn.Module]] = {
     "mlp": MLPCritic, "resnet": ResNetCritic,
     "resnet_mmdgan": ResNetCritic,  # the official resnet_MMDGAN critic: conf/critic/resnet_mmdgan.yaml sets its layout
+    "ncsnpp": NCSNppCritic,  # the official Large-Net critic (Discriminator_small / _small_embed)
     "unet": UNetCritic,  # the official U-Net's critic (Discriminator_unet), spectrally normalized by construction
 }
 
