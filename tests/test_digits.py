@@ -6,6 +6,8 @@ import shutil
 import time
 
 import numpy as np
+import math
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -103,6 +105,16 @@ def test_evaluator_real_vs_noise(digits_root, evaluator):
     assert evaluator.evaluate(x_train)["fd"] == pytest.approx(0.0, abs=1e-6)  # the reference itself
     # labels that disagree with the images: class_acc ~ chance
     assert evaluator.evaluate(x_val, (y_val + 1) % 10)["class_acc"] < 0.05
+    # class_kl against its formula: the classifier's class frequencies on val, and log 10 / log 2 for samples of one
+    # digit / of two digits in equal numbers
+    from gwf.eval.digits import class_kl
+
+    freq = torch.bincount(evaluator._features_and_logits(x_val)[1].argmax(1), minlength=10).double() / len(x_val)
+    assert real["class_kl"] == pytest.approx(float((freq * (10 * freq).log()).nansum()), rel=1e-9)
+    assert real["class_kl"] < 0.01  # the val split is balanced (36 per digit) and classified 95%+ right
+    assert class_kl(torch.full((50,), 3), 10) == pytest.approx(math.log(10))
+    assert class_kl(torch.tensor([1, 7] * 20), 10) == pytest.approx(math.log(5))
+    assert evaluator.evaluate(x_val[y_val < 5])["class_kl"] > 0.5  # half the digits missing: about log 2
 
 
 def test_evaluator_input_checks(evaluator):

@@ -15,6 +15,13 @@ from gwf.data.digits import CLASSIFIER_FILE, load_classifier, load_digits_split
 from gwf.eval.frechet import feature_statistics, frechet_distance
 
 
+def class_kl(predicted: Tensor, num_classes: int) -> float:
+    """KL(p || uniform) of the class frequencies p of ``predicted`` [N] labels: sum_c p_c log(C p_c), 0 log 0 = 0."""
+    p = torch.bincount(predicted, minlength=num_classes).double() / len(predicted)
+    p = p[p > 0]
+    return float((p * (p * num_classes).log()).sum())
+
+
 class DigitsEvaluator:
     """Reference statistics are those of the train split, computed once at construction."""
 
@@ -39,7 +46,9 @@ class DigitsEvaluator:
         """x_gen [N, 1, 8, 8] in [-1, 1] (N >= 2), labels [N] conditioning classes or None.
 
         Returns {"fd": Frechet distance to the train features, "class_acc": fraction of samples classified as
-        their label (None without labels)}; both are nan when x_gen has non-finite values (diverged generator).
+        their label (None without labels), "class_kl": KL(predicted class frequencies || uniform), 0 when the
+        classifier finds every digit equally often, log 10 when it finds one digit only (mode coverage of
+        unconditional samples)}; nan when x_gen has non-finite values (diverged generator).
         """
         x_gen = torch.as_tensor(x_gen)
         if tuple(x_gen.shape[1:]) != DIGITS_SHAPE or x_gen.shape[0] < 2:
@@ -49,11 +58,12 @@ class DigitsEvaluator:
             if labels.shape != (x_gen.shape[0],):
                 raise ValueError(f"labels must be [N={x_gen.shape[0]}], got {list(labels.shape)}")
         if not torch.isfinite(x_gen).all():
-            return {"fd": float("nan"), "class_acc": None if labels is None else float("nan")}
+            return {"fd": float("nan"), "class_acc": None if labels is None else float("nan"), "class_kl": float("nan")}
         feats, logits = self._features_and_logits(x_gen)
         fd = frechet_distance(*feature_statistics(feats), self.mu_ref, self.sigma_ref)
-        class_acc = None if labels is None else (logits.argmax(1) == labels).double().mean().item()
-        return {"fd": fd, "class_acc": class_acc}
+        predicted = logits.argmax(1)
+        class_acc = None if labels is None else (predicted == labels).double().mean().item()
+        return {"fd": fd, "class_acc": class_acc, "class_kl": class_kl(predicted, logits.shape[1])}
 
     def real_floor(self) -> float:
         """FD of the real val images against the train reference: what a perfect generator scores at N = 360."""
