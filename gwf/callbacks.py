@@ -75,7 +75,8 @@ class EvalCallback(L.Callback):
         was_training = module.training
         x, z = module.sample(n, labels, alpha, seed=self.seed, return_inputs=True)
         module.train(was_training)
-        metrics = {k: float(v) for k, v in self.evaluator.evaluate(x, labels).items()}
+        # metrics that do not apply (None: class accuracy of unconditional samples) are left out
+        metrics = {k: float(v) for k, v in self.evaluator.evaluate(x, labels).items() if v is not None}
         if module.source is not None:  # domain transfer: how far the generator moves its inputs, E ||G(z) - z||
             metrics["mean_transport"] = float((x - z.reshape(x.shape)).flatten(1).norm(dim=1).mean())
         out = Path(trainer.default_root_dir)

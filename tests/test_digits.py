@@ -141,3 +141,22 @@ def test_datamodule_on_digits(digits_root):
     assert x.shape == (64, *DIGITS_SHAPE) and x.min() >= -1 and x.max() <= 1
     assert torch.equal(x * 8, (x * 8).round())
     assert os.path.samefile(dm.urls("val")[0], digits_root / "val-000000.tar")
+
+
+def test_unconditional_digits_run_evaluates_fd_and_class_kl(digits_dir, tmp_path):
+    """experiment=digits_gwf_sweep (unconditional digits, a critic objective) trains and evaluates: fd and
+    class_kl in eval.csv, no class accuracy (no labels to compare with)."""
+    import csv
+
+    from gwf.train import train
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["experiment=digits_gwf_sweep", "method=kl_dv", "jko.steps=2", "jko.updates_per_step=10",
+                          "eval.every_n_updates=10", "eval.num_samples=100", "logger=none"],
+                         data_dir=digits_dir.parent, runs_dir=tmp_path / "runs")
+    summary = train(cfg, tmp_path / "run")
+    assert summary["last"]["update"] == 20
+    with open(tmp_path / "run" / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["update"]) for r in rows] == [0, 10, 20] and set(rows[0]) == {"update", "fd", "class_kl"}
+    assert all(0 <= float(r["class_kl"]) <= math.log(10) + 1e-9 for r in rows)
