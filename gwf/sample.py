@@ -1,7 +1,7 @@
 """``gwf-sample``: N samples from a checkpoint (EMA generator by default) as ``samples.npz`` and a PNG grid.
 
     gwf-sample --ckpt runs/digits_wflow/default/checkpoints/last.ckpt --num-samples 1000 --classes 0,3,7 --alpha 2
-    torchrun --nproc_per_node 8 -m gwf.sample --ckpt last.ckpt --num-samples 50000 --vae sd-vae-ft-ema   # sharded
+    torchrun --nproc_per_node 8 -m gwf.sample --ckpt last.ckpt --num-samples 50000 --vae sd-vae-ft-mse   # sharded
 
 Sample i uses noise seeded by (seed, i) and label classes[i % len(classes)]: the samples do not depend on the number
 of ranks. Each rank writes its share to per-rank files under --out (a filesystem every rank sees); rank 0 merges

@@ -225,7 +225,7 @@ def test_resume_redoes_only_partial_shards(prepared, tmp_path):
 def test_missing_vae_is_a_clear_error(prepared, tmp_path, capsys):
     tmp, _, _ = prepared
     src = tmp / "images"
-    with pytest.raises(FileNotFoundError, match="Nothing is downloaded at run time.*--vae /path/sd-vae-ft-ema"):
+    with pytest.raises(FileNotFoundError, match="Nothing is downloaded at run time.*--vae /path/sd-vae-ft-mse"):
         prepare_latents(src, tmp_path / "o", tmp_path / "no_such_vae")
     with pytest.raises(FileNotFoundError, match="'someone/uncached-vae'.*not in the Hugging Face cache"):
         prepare_latents(src, tmp_path / "o", "someone/uncached-vae")
@@ -281,3 +281,31 @@ def test_latents_config_matches_the_constants():
     cfg = OmegaConf.load(CONF_DIR / "data" / "latents.yaml")
     assert tuple(cfg.shape) == SD_VAE_LATENT_SHAPE and cfg.transform == "latent_moments" and cfg.dtype == "float16"
     assert cfg.prepare == "latents" and cfg.num_classes == 1000
+
+
+def test_fixed_sampling_is_one_posterior_sample_per_image_and_its_flip():
+    """sampling=fixed (the official W-Flow cache): the same z for a sample and view across loads and epochs, the same
+    eps for the original and the flipped view, a different eps for another key; resample draws anew."""
+    rng_m = np.random.default_rng(1)
+    mean = rng_m.uniform(-1, 1, (2, *LATENT)).astype(np.float32)
+    std = rng_m.uniform(0.2, 0.7, (2, *LATENT)).astype(np.float32)
+    moments = np.stack([np.stack([mean[0], std[0]]), np.stack([mean[1], std[1]])]).astype(np.float16)
+    m32 = moments.astype(np.float32)
+    fixed = LatentMoments(sampling="fixed")
+    draws = [fixed(moments, np.random.default_rng(seed), key="00000007_n01440764_10026") for seed in range(40)]
+    eps = [None, None]
+    for z in draws:
+        view = int(np.abs(z / SD_VAE_LATENT_SCALE - m32[1, 0]).mean() < np.abs(z / SD_VAE_LATENT_SCALE - m32[0, 0]).mean())
+        e = (z / SD_VAE_LATENT_SCALE - m32[view, 0]) / m32[view, 1]
+        if eps[view] is None:
+            eps[view] = e
+        np.testing.assert_allclose(e, eps[view], rtol=1e-4, atol=1e-4)  # the same posterior sample every load
+    assert eps[0] is not None and eps[1] is not None  # both views were picked
+    np.testing.assert_allclose(eps[0], eps[1], rtol=1e-4, atol=1e-4)  # one noise for the image and its flip
+    other = fixed(moments, np.random.default_rng(0), key="00000008_n01440764_10027")
+    assert not np.allclose(other, fixed(moments, np.random.default_rng(0), key="00000007_n01440764_10026"))
+    resample = LatentMoments(flip=False)
+    g = np.random.default_rng(0)
+    assert not np.array_equal(resample(moments, g, key="a"), resample(moments, g, key="a"))
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        LatentMoments(sampling="mean")

@@ -55,7 +55,7 @@ def _transformed(samples: Iterator[Sample], transform, *seed_parts) -> Iterator[
     if transform is None:
         return samples
     rng = np.random.default_rng(derive_seed("transform", *seed_parts))
-    return ((key, transform(x, rng), label) for key, x, label in samples)
+    return ((key, transform(x, rng, key=key), label) for key, x, label in samples)
 
 
 def _to_float32(batches: Iterator[Batch]) -> Iterator[Batch]:

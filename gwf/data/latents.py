@@ -16,16 +16,17 @@ from torch import Tensor
 from gwf._compat import require
 from gwf.constants import LATENT_MOMENTS_DTYPE, SD_VAE_LATENT_SCALE, SD_VAE_RESOLUTION
 from gwf.data.images import Item, load_image
+from gwf.seeding import derive_seed
 from gwf.data.shards import sha256_files
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")  # "stabilityai/sd-vae-ft-ema"
+_HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")  # "stabilityai/sd-vae-ft-mse"
 
 
 def _not_found(vae: str, why: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"SD-VAE {vae!r}: {why}. Nothing is downloaded at run time here (no network). On a machine with internet, "
-        "fetch it once, e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir /path/sd-vae-ft-ema` "
-        "(or a Stable Diffusion folder, whose VAE is in its vae/ subfolder), then pass --vae /path/sd-vae-ft-ema "
+        "fetch it once, e.g. `huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir /path/sd-vae-ft-mse` "
+        "(or a Stable Diffusion folder, whose VAE is in its vae/ subfolder), then pass --vae /path/sd-vae-ft-mse "
         "(and --subfolder vae for a full pipeline folder); --allow-download lets diffusers fetch a hub id itself."
     )
 
@@ -168,23 +169,36 @@ class LatentShards:
         return gen(), corrupt
 
 
+LATENT_SAMPLINGS = ("resample", "fixed")
+
+
 class LatentMoments:
     """Loader transform (``data.transform: latent_moments``): stored moments [2, 2, *shape] -> z float32 [*shape].
 
     z = scale * (mean_v + std_v * eps), eps ~ N(0, I), view v in {original, flipped} picked with probability 1/2
-    (``flip=False``: always the original).
+    (``flip=False``: always the original). ``sampling``: ``resample`` draws a new eps at every load; ``fixed`` uses one
+    eps per sample, seeded by its key and the same for both views: one stored posterior sample per image and its
+    flip, as the official W-Flow cache (hudsonchen/riesz_flow_hudson dataset/latent.py: the flip encoded with the same
+    generator state, a view picked at random at each load).
     """
 
-    def __init__(self, scale: float = SD_VAE_LATENT_SCALE, flip: bool = True):
-        self.scale, self.flip = float(scale), bool(flip)
+    def __init__(self, scale: float = SD_VAE_LATENT_SCALE, flip: bool = True, sampling: str = "resample"):
+        if sampling not in LATENT_SAMPLINGS:
+            raise ValueError(f"data.transform_args.sampling must be one of {LATENT_SAMPLINGS}, got {sampling!r}")
+        self.scale, self.flip, self.sampling = float(scale), bool(flip), sampling
 
     def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (2, 2, *shape)
 
-    def __call__(self, moments: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def __call__(self, moments: np.ndarray, rng: np.random.Generator, key: str | None = None) -> np.ndarray:
         view = int(rng.integers(2)) if self.flip else 0
         mean, std = moments[view].astype(np.float32)
-        eps = rng.standard_normal(mean.shape, dtype=np.float32)
+        if self.sampling == "fixed":
+            if key is None:
+                raise ValueError("sampling='fixed' draws each sample's eps from its key: pass key")
+            eps = np.random.default_rng(derive_seed("latent-eps", key)).standard_normal(mean.shape, dtype=np.float32)
+        else:
+            eps = rng.standard_normal(mean.shape, dtype=np.float32)
         return self.scale * (mean + std * eps)
 
 
