@@ -245,3 +245,29 @@ def test_bad_input_raises_clear_errors():
         sinkhorn_velocity(x, pos, neg, uncond=pos, guidance_w=torch.ones(3))
     with pytest.raises(ValueError, match="at least 2 points"):
         sinkhorn_velocity(x[:, :1], pos, estimator="masked")
+
+
+def test_eps_rel_list_is_the_sum_of_single_eps_fields():
+    """method.eps_rel=[a, b] (the official R_list): the field is the sum of the unit-RMS fields at a and at b, and its
+    loss gradient is that sum; a list needs rms_normalize."""
+    from gwf.objectives.base import GenBatch, RealBatch
+    from gwf.objectives.wflow import WFlow
+
+    g = torch.Generator().manual_seed(3)
+    x, pos, neg = (torch.randn(2, 24, 3, generator=g) for _ in range(3))
+    gen = GenBatch(x, None, None, sample=lambda: neg)
+    refs = {"pos": [pos], "neg": [neg]}
+    both = WFlow(eps_rel=[0.02, 0.2])._fields([x], refs, gen)[0]
+    single = [WFlow(eps_rel=e)._fields([x], refs, gen)[0] for e in (0.02, 0.2)]
+    torch.testing.assert_close(both[0], single[0][0] + single[1][0])
+    torch.testing.assert_close(both[2], single[0][2])  # the scale's targets do not depend on eps
+    assert float(both[1]["eps"].mean()) == pytest.approx(float((single[0][1]["eps"] + single[1][1]["eps"]).mean()) / 2)
+    xg = x.clone().requires_grad_(True)
+    loss, _ = WFlow(eps_rel=[0.02, 0.2]).generator_loss(GenBatch(xg, None, None, sample=lambda: neg),
+                                                        RealBatch(pos), torch.Generator())
+    (grad,) = torch.autograd.grad(loss, xg)
+    torch.testing.assert_close(grad, -2 * both[0] / x[0].numel() / 2, rtol=1e-5, atol=1e-7)  # mean over 2 problems
+    with pytest.raises(ValueError, match="rms_normalize"):
+        WFlow(eps_rel=[0.02, 0.2], rms_normalize=False)
+    with pytest.raises(ValueError, match="eps_rel must be > 0"):
+        WFlow(eps_rel=[0.02, -1.0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from torch import Tensor
 
 import gwf.ot as _ot
@@ -16,16 +18,21 @@ class WFlow(FieldObjective):
     """The field loss of gwf.objectives.field with the W-Flow velocity (gwf.ot.sinkhorn_velocities), guided with
     w = alpha - 1 ([WF] Eq. 16) when ``guidance`` and the batch has alpha and unconditional reals. The fields of all
     feature sets are solved together: one Sinkhorn loop per target (positives, second batch, unconditional reals).
-    ``compile``: the own engine's fixed-iteration loop through torch.compile: true, false or auto (on CUDA only)."""
+    ``compile``: the own engine's fixed-iteration loop through torch.compile: true, false or auto (on CUDA only).
+    ``eps_rel``: one relative eps, or a list: the sum of the unit-RMS fields of each (the official ``R_list``,
+    drift_loss_ot.py ``_compute_V_all_R``: each R's field divided by its RMS, then summed)."""
 
-    def __init__(self, eta: float = 1.0, eps_rel: float = DEFAULT_EPS_REL, engine: str = "own",
+    def __init__(self, eta: float = 1.0, eps_rel: float | Sequence[float] = DEFAULT_EPS_REL, engine: str = "own",
                  n_iters: int = DEFAULT_N_ITERS, estimator: str = "two_batch", rms_normalize: bool = True,
                  guidance: bool = True, features: FeatureSpec = None, feature_normalize: bool = True,
                  compile: bool | str = False):
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown W-Flow estimator '{estimator}'; choose one of {ESTIMATORS}")
-        if not eps_rel > 0:
-            raise ValueError(f"method.eps_rel must be > 0, got {eps_rel}")
+        eps_list = tuple(float(e) for e in eps_rel) if isinstance(eps_rel, (list, tuple)) else (float(eps_rel),)
+        if not eps_list or not all(e > 0 for e in eps_list):
+            raise ValueError(f"method.eps_rel must be > 0 (or a non-empty list of such values), got {eps_rel}")
+        if len(eps_list) > 1 and not rms_normalize:
+            raise ValueError("a list of method.eps_rel sums unit-RMS fields: it needs method.rms_normalize=true")
         if engine not in _ot.ENGINES:
             raise ValueError(f"unknown method.engine {engine!r}; valid engines: {sorted(_ot.ENGINES)}")
         if int(n_iters) < 1:
@@ -35,7 +42,8 @@ class WFlow(FieldObjective):
         if compile is True and engine != "own":
             raise ValueError(f"method.compile compiles the own engine's loop; method.engine is {engine!r}")
         super().__init__(eta, features, feature_normalize)
-        self.eps_rel, self.engine, self.n_iters = eps_rel, engine, n_iters
+        self.eps_rel = eps_list[0] if len(eps_list) == 1 else eps_list
+        self.eps_list, self.engine, self.n_iters = eps_list, engine, n_iters
         self.compile = compile if engine == "own" else False  # auto with another engine: nothing to compile
         self.estimator, self.rms_normalize, self.guidance = estimator, rms_normalize, guidance
 
@@ -56,9 +64,15 @@ class WFlow(FieldObjective):
         """All widths in one sinkhorn_velocities call (one Sinkhorn loop per target)."""
         guided = "uncond" in refs
         weights = [(gen.alpha - 1.0).repeat_interleave(f.shape[0] // len(gen.x)) for f in f_gen] if guided else None
-        velocities, infos = sinkhorn_velocities(
-            f_gen, refs["pos"], refs.get("neg"), eps_rel=self.eps_rel, engine=self.engine, n_iters=self.n_iters,
+        per_eps = [sinkhorn_velocities(
+            f_gen, refs["pos"], refs.get("neg"), eps_rel=eps, engine=self.engine, n_iters=self.n_iters,
             estimator=self.estimator, uncond=refs["uncond"] if guided else None, guidance_w=weights,
-            rms_normalize=self.rms_normalize, compile=self.compile)
-        # the scale's targets are eps's: [f, neg, pos] (two_batch) or [f, pos]
-        return [(v, {"v_rms": info["v_rms"], "eps": info["eps"]}, info["msd"]) for v, info in zip(velocities, infos)]
+            rms_normalize=self.rms_normalize, compile=self.compile) for eps in self.eps_list]
+        out = []
+        for w in range(len(f_gen)):  # several eps: the sum of their (unit-RMS) fields, their logs averaged
+            v = sum(velocities[w] for velocities, _ in per_eps)
+            infos = [infos[w] for _, infos in per_eps]
+            logs = {k: sum(i[k] for i in infos) / len(infos) for k in ("v_rms", "eps")}
+            # the scale's targets are eps's: [f, neg, pos] (two_batch) or [f, pos], the same for every eps
+            out.append((v, logs, infos[0]["msd"]))
+        return out
