@@ -271,3 +271,24 @@ def test_eps_rel_list_is_the_sum_of_single_eps_fields():
         WFlow(eps_rel=[0.02, 0.2], rms_normalize=False)
     with pytest.raises(ValueError, match="eps_rel must be > 0"):
         WFlow(eps_rel=[0.02, -1.0])
+
+
+@pytest.mark.parametrize("n_iters", [0, 0.5])
+def test_partial_iterations_are_the_mmd_and_kl_kernel_flows(n_iters):
+    """n_iters=0 (MMD-like): V = eps grad_x (mean_j k(x, p_j) - mean_j k(x, q'_j)), the Gaussian-kernel MMD flow;
+    n_iters=0.5 (KL-like): V = eps grad_x (log mean_j k(x, p_j) - log mean_j k(x, q'_j)), the KL flow between kernel
+    density estimates; k = exp(-||x - y||^2 / (2 eps)), checked by autograd of the closed forms."""
+    g = torch.Generator().manual_seed(11)
+    x, pos, neg = torch.randn(2, 20, 3, generator=g), torch.randn(2, 16, 3, generator=g) + 0.5, torch.randn(2, 18, 3, generator=g)
+    v, info = sinkhorn_velocity(x, pos, neg, n_iters=n_iters, rms_normalize=False)
+    eps = info["eps"].double()[:, None, None]
+    xd = x.double().requires_grad_(True)
+
+    def kde(y):  # [B, N]: mean_j k(x_i, y_j)
+        return torch.exp(-torch.cdist(xd, y.double()).square() / (2 * eps)).mean(-1)
+
+    energy = (kde(pos) - kde(neg)) if n_iters == 0 else (kde(pos).log() - kde(neg).log())
+    (grad,) = torch.autograd.grad(energy.sum(), xd)
+    torch.testing.assert_close(v.double(), eps * grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="0.5 \\(KL-like"):
+        sinkhorn_velocity(x, pos, neg, n_iters=0.3)

@@ -11,7 +11,7 @@ from gwf.constants import COMPILE_MODES, DEFAULT_EPS_REL, DEFAULT_N_ITERS, ESTIM
 from gwf.features import FeatureSpec
 from gwf.objectives.base import GenBatch, RealBatch
 from gwf.objectives.field import FieldObjective
-from gwf.ot.velocity import sinkhorn_velocities
+from gwf.ot.velocity import check_n_iters, sinkhorn_velocities
 
 
 class WFlow(FieldObjective):
@@ -23,7 +23,7 @@ class WFlow(FieldObjective):
     drift_loss_ot.py ``_compute_V_all_R``: each R's field divided by its RMS, then summed)."""
 
     def __init__(self, eta: float = 1.0, eps_rel: float | Sequence[float] = DEFAULT_EPS_REL, engine: str = "own",
-                 n_iters: int = DEFAULT_N_ITERS, estimator: str = "two_batch", rms_normalize: bool = True,
+                 n_iters: float = DEFAULT_N_ITERS, estimator: str = "two_batch", rms_normalize: bool = True,
                  guidance: bool = True, features: FeatureSpec = None, feature_normalize: bool = True,
                  compile: bool | str = False):
         if estimator not in ESTIMATORS:
@@ -35,8 +35,7 @@ class WFlow(FieldObjective):
             raise ValueError("a list of method.eps_rel sums unit-RMS fields: it needs method.rms_normalize=true")
         if engine not in _ot.ENGINES:
             raise ValueError(f"unknown method.engine {engine!r}; valid engines: {sorted(_ot.ENGINES)}")
-        if int(n_iters) < 1:
-            raise ValueError(f"method.n_iters must be >= 1, got {n_iters}")
+        check_n_iters(n_iters)
         if compile not in COMPILE_MODES:
             raise ValueError(f"method.compile must be false, true or auto (auto: on CUDA only), got {compile!r}")
         if compile is True and engine != "own":

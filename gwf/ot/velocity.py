@@ -9,6 +9,7 @@ with relative eps (docs/conventions.md). This module only computes V (detached, 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -74,6 +75,36 @@ def _projector(engine: str, compile: bool) -> Callable[..., list[Tensor]]:
         raise ValueError(f"compile=True needs engine='own' (it compiles the own engine's loop), got {engine!r}")
     single = _ot._UNCHECKED.get(engine_fn, engine_fn)
     return lambda xs, ys, eps, n_iters, **kw: [single(x, y, e, n_iters=n_iters, **kw) for x, y, e in zip(xs, ys, eps)]
+
+
+# The energy ablation of [WF] Table 2a: fewer Sinkhorn iterations than one. 0 (MMD-like): the unnormalized kernel,
+# "T" = x + mean_j k_ij (y_j - x_i), so T_p - T_q' is the Gaussian-kernel MMD flow's mean shift; 0.5 (KL-like): one
+# row normalization, T = sum_j k_ij y_j / sum_j k_ij, so T_p - T_q' is eps times the KL flow's grad log p^ - grad log
+# q^ between kernel density estimates. k_ij = exp(-||x_i - y_j||^2 / (2 eps)), the Sinkhorn kernel of the cost.
+PARTIAL_ITERATIONS = (0, 0.5)
+
+
+def check_n_iters(n_iters: float) -> None:
+    if n_iters not in PARTIAL_ITERATIONS and not (float(n_iters).is_integer() and n_iters >= 1):
+        raise ValueError(f"n_iters must be an integer >= 1 (Sinkhorn iterations), 0 (MMD-like: the unnormalized "
+                         f"kernel) or 0.5 (KL-like: one row normalization), got {n_iters}")
+
+
+def kernel_projections(xs: Sequence[Tensor], ys: Sequence[Tensor], eps: Sequence[Tensor], n_iters: float,
+                       mask_diagonal: bool = False) -> list[Tensor]:
+    """The ``PARTIAL_ITERATIONS`` maps of each set: x_k [B, N, D], y_k [B, M, D], eps_k [B] -> [B, N, D]."""
+    out = []
+    for x, y, e in zip(xs, ys, eps):
+        logk = -0.5 * torch.cdist(x, y).square() / e[:, None, None]  # [B, N, M]
+        if mask_diagonal:
+            logk = logk.clone()
+            logk.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+        if n_iters == 0:
+            k = logk.exp()
+            out.append(x + (torch.bmm(k, y) - k.sum(-1, keepdim=True) * x) / y.shape[1])
+        else:
+            out.append(torch.bmm(logk.softmax(-1), y))
+    return out
 
 
 def _as_sets(t: Tensor | Sequence[Tensor] | None, count: int, name: str) -> list | None:
@@ -155,8 +186,9 @@ def sinkhorn_velocities(xs: Sequence[Tensor], pos: Sequence[Tensor], neg: Sequen
                 raise ValueError(f"guidance_w must be a float or a [B] = [{batch}] tensor, got {tuple(w.shape)}")
             ws.append(w)
     _check_eps_rel(eps_rel)
+    check_n_iters(n_iters)
     # Inputs are checked here and eps is made here (> 0 by construction): the engines run without checks.
-    project = _projector(engine, compile)
+    project = kernel_projections if n_iters in PARTIAL_ITERATIONS else _projector(engine, compile)
 
     with fp32_island(xs[0].device):
         xs = [x.detach().float() for x in xs]
