@@ -81,6 +81,8 @@ class UpdateSizes:
     label_chunks: int = 1  # generator steps run the labels in this many chunks, gradients accumulated
     bank_dtype: torch.dtype = torch.float32
     bank_persist: str = "data"  # checkpoint.bank: the samples in checkpoints ("data") or replayed on resume ("replay")
+    uncond_bank: int | None = None  # unconditional ring's capacity (None: uncond_per_update)
+    uncond_per_label: bool = False  # each label its own unconditional draw [L, U] (official), else one shared [U]
 
 
 NOISES = ("normal", "uniform")  # generator input noise: N(0, I), or U[-1, 1]^d (the official GWF default)
@@ -129,7 +131,8 @@ class GWFModule(L.LightningModule):
         if not 1 <= sizes.label_chunks <= labels or labels % sizes.label_chunks:
             raise ValueError(f"batch.label_chunks={sizes.label_chunks} must divide the {labels} label(s) per rank and "
                              "update (batch.labels_per_update; 1 for unconditional data)")
-        self.bank = ClassBank(conditioning.num_classes, sizes.bank_capacity, self.data_shape, sizes.uncond_per_update,
+        uncond_ring = (sizes.uncond_bank or sizes.uncond_per_update) if sizes.uncond_per_update else 0
+        self.bank = ClassBank(conditioning.num_classes, sizes.bank_capacity, self.data_shape, uncond_ring,
                               dtype=sizes.bank_dtype, persist=sizes.bank_persist)
         self.register_buffer("update_count", torch.zeros((), dtype=torch.long))
         # Batches consumed from this rank's data stream: a resumed run replays the stream to here (gwf/checkpointing.py)
@@ -244,7 +247,9 @@ class GWFModule(L.LightningModule):
     def _real_batches(self, labels: Tensor | None, steps: int, rng: torch.Generator) -> list[RealBatch]:
         """The reals of each of the update's ``steps`` optimizer steps: one batch for all (``reals: shared``), or
         ``steps`` disjoint batches drawn together without replacement (``fresh``; the guidance reals are shared)."""
-        uncond = self.bank.sample_uncond(self.sizes.uncond_per_update, rng) if self.sizes.uncond_per_update else None
+        rows = (1 if labels is None else len(labels)) if self.sizes.uncond_per_label else None
+        uncond = (self.bank.sample_uncond(self.sizes.uncond_per_update, rng, rows) if self.sizes.uncond_per_update
+                  else None)
         m = self.sizes.pos_per_label
         if self.reals == "shared":
             return [RealBatch(self.bank.sample(labels, m, rng), uncond, labels)] * steps
@@ -374,7 +379,8 @@ class GWFModule(L.LightningModule):
 
             with self._gradient_sync(start + size == num):
                 x, inputs = self._forward(self.generator, z[rows], lab, alp, n)
-                chunk_real = real if size == num else RealBatch(real.pos[chunk], real.uncond, lab)
+                uncond = real.uncond[chunk] if self.sizes.uncond_per_label and real.uncond is not None else real.uncond
+                chunk_real = real if size == num else RealBatch(real.pos[chunk], uncond, lab)
                 loss, logs_g = self.objective.generator_loss(GenBatch(x, lab, alp, second_batch, inputs[0]),
                                                              chunk_real, self.rng("objective", j))
                 prox = self.jko(x.flatten(0, 1), *inputs, train_mode=self.generator.training,

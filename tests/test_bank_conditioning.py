@@ -125,3 +125,41 @@ def test_bank_replay_of_another_stream_is_an_error():
                    i + 1)
     with pytest.raises(RuntimeError, match="did not rebuild the class bank as saved.*ckpt_path=null"):
         other.finish_replay()
+
+
+def test_per_label_unconditional_draws_from_a_large_ring():
+    """batch.uncond_bank=1000, uncond_per_label: the unconditional ring outgrows the class rings (capacity 8 here) and
+    every label draws its own reals from all of it, without replacement within a label (the official
+    negative_bank_size 1000, one draw of neg_per_sample per label)."""
+    bank = ClassBank(num_classes=3, capacity=8, shape=(1,), uncond_capacity=1000)
+    for start in range(0, 1200, 100):  # 1,200 pushed: the ring keeps the last 1,000
+        bank.push(torch.arange(start, start + 100, dtype=torch.float32)[:, None], torch.zeros(100, dtype=torch.long))
+    g = torch.Generator().manual_seed(0)
+    draws = bank.sample_uncond(32, g, rows=5)
+    assert draws.shape == (5, 32, 1)
+    values = draws[..., 0]
+    assert all(len(set(row.tolist())) == 32 for row in values)  # without replacement within a label
+    assert not torch.equal(values[0], values[1])  # independent draws per label
+    seen = torch.cat([bank.sample_uncond(32, g, rows=5).flatten() for _ in range(40)])
+    assert seen.min() >= 200 and seen.max() < 1200  # only the ring's last 1,000 values ...
+    assert len(set(seen.tolist())) > 900  # ... and all of them, not only the class rings' 8 slots
+    assert bank.sample_uncond(32, g).shape == (32, 1)  # shared: one draw
+
+
+def test_wflow_with_per_label_unconditional_reals_solves_each_problem_with_its_own():
+    """RealBatch.uncond [L, U, *shape]: each label's guidance term uses its own unconditional reals, the same
+    velocity as sinkhorn_velocity with per-problem uncond."""
+    from gwf.objectives.base import GenBatch, RealBatch
+    from gwf.objectives.wflow import WFlow
+    from gwf.ot import sinkhorn_velocity
+
+    g = torch.Generator().manual_seed(4)
+    x, pos, neg, unc = (torch.randn(3, 16, 2, generator=g) for _ in range(4))
+    alpha = torch.tensor([1.5, 2.0, 3.0])
+    gen = GenBatch(x, torch.arange(3), alpha, sample=lambda: neg)
+    objective = WFlow()
+    grouped, shared = objective.references(gen, RealBatch(pos, unc, torch.arange(3)))
+    assert "uncond" in grouped and not shared
+    v = objective._fields([x], {k: [t] for k, t in grouped.items()}, gen)[0][0]
+    expected, _ = sinkhorn_velocity(x, pos, neg, uncond=unc, guidance_w=alpha - 1)
+    torch.testing.assert_close(v, expected)

@@ -62,8 +62,9 @@ def test_parameter_and_optimizer_bytes_equal_a_hand_count(result):
     # fused AdamW (what optim.impl=auto picks on CUDA): exp_avg and exp_avg_sq in fp32, one fp32 step per tensor
     assert result["memory_gib"]["optimizer state"] * gib == pytest.approx(8 * numel + 4 * len(params), rel=1e-12)
     assert result["gradients_gib"] * gib == pytest.approx(4 * numel, rel=1e-12)
-    bank = 10 * 8 * 4 * 8 * 8 * 2 + 4 * 4 * 8 * 8 * 2 + 8 * 10 + 8  # fp16 samples (data.dtype), int64 counts
-    bank += 8 * (10 * 8 + 4)  # int64 stream position of every slot (checkpoint.bank=replay)
+    # fp16 samples (data.dtype): 10 classes x 8, and the unconditional ring of 1000 (batch.uncond_bank); int64 counts
+    bank = 10 * 8 * 4 * 8 * 8 * 2 + 1000 * 4 * 8 * 8 * 2 + 8 * 10 + 8
+    bank += 8 * (10 * 8 + 1000)  # int64 stream position of every slot (checkpoint.bank=replay)
     assert result["memory_gib"]["class bank"] * gib == pytest.approx(bank, rel=1e-12)
 
 

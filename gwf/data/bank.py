@@ -170,15 +170,16 @@ class ClassBank(nn.Module):
         ok = bool((self.filled() >= need).all())
         return ok and int(self.uncond_count.clamp(max=self.uncond_capacity)) >= min(min_uncond, self.uncond_capacity)
 
-    def _draw(self, n_valid: Tensor, m: int, generator: torch.Generator) -> Tensor:
+    def _draw(self, n_valid: Tensor, m: int, generator: torch.Generator, capacity: int | None = None) -> Tensor:
         """[len(n_valid), m] indices into [0, n_valid): without replacement (random order) where n_valid >= m,
-        with replacement where the class holds fewer than m samples."""
+        with replacement where the ring (of ``capacity`` slots, default the class rings') holds fewer than m."""
+        capacity = self.capacity if capacity is None else capacity
         dev = n_valid.device
         with_repl = (torch.rand(len(n_valid), m, generator=generator, device=dev) * n_valid[:, None]).long()
-        if m > self.capacity:
+        if m > capacity:
             return with_repl
-        keys = torch.rand(len(n_valid), self.capacity, generator=generator, device=dev)
-        keys = keys.masked_fill(torch.arange(self.capacity, device=dev) >= n_valid[:, None], 2.0)
+        keys = torch.rand(len(n_valid), capacity, generator=generator, device=dev)
+        keys = keys.masked_fill(torch.arange(capacity, device=dev) >= n_valid[:, None], 2.0)
         without_repl = keys.argsort(dim=1)[:, :m]  # the m smallest keys among the valid slots
         return torch.where((n_valid < m)[:, None], with_repl, without_repl)
 
@@ -190,10 +191,12 @@ class ClassBank(nn.Module):
         idx = self._draw(self.filled(labels), m, generator)
         return _at_least_fp32(self.data[labels[:, None], idx])
 
-    def sample_uncond(self, u: int, generator: torch.Generator) -> Tensor:
-        """[u, *shape] from the unconditional ring buffer (which must hold a sample: ``ready``)."""
+    def sample_uncond(self, u: int, generator: torch.Generator, rows: int | None = None) -> Tensor:
+        """[u, *shape] from the unconditional ring buffer (which must hold a sample: ``ready``); ``rows`` = L:
+        [L, u, *shape], an independent draw for each of L labels (the official W-Flow negatives)."""
         n = self.uncond_count.clamp(max=self.uncond_capacity).view(1)
-        return _at_least_fp32(self.uncond[self._draw(n, u, generator)[0]])
+        idx = self._draw(n.expand(rows or 1), u, generator, self.uncond_capacity)
+        return _at_least_fp32(self.uncond[idx if rows else idx[0]])
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:

@@ -15,7 +15,8 @@ class RealBatch:
     """Real samples of one update, grouped into L problems (one per conditioning label).
 
     pos:    [L, M, *shape]  data of each problem's class (L = 1 and labels = None when unconditional)
-    uncond: [U, *shape]     unconditional reals for velocity guidance, or None
+    uncond: [U, *shape]     unconditional reals for velocity guidance shared by the problems, or [L, U, *shape] one
+                            draw per problem, or None
     labels: [L] int64 or None
     """
 

@@ -51,7 +51,11 @@ class WFlow(FieldObjective):
 
     def references(self, gen: GenBatch, real: RealBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         grouped = {"pos": real.pos, **({"neg": gen.sample()} if self.estimator == "two_batch" else {})}
-        return grouped, {"uncond": real.uncond} if self._guided(gen, real) else {}
+        if not self._guided(gen, real):
+            return grouped, {}
+        if real.uncond.dim() == real.pos.dim():  # [L, U, *shape]: each problem its own unconditional reals
+            return {**grouped, "uncond": real.uncond}, {}
+        return grouped, {"uncond": real.uncond}
 
     def fields(self, f_gen: list[Tensor], refs: dict[str, list[Tensor]], gen: GenBatch):
         return self._fields(f_gen, refs, gen)
