@@ -38,3 +38,18 @@ def test_the_quick_start_block_is_rewritten_from_the_run(digits_dir, tmp_path):
         readme.write_text("no markers\n")
         readme_figures.main(["--seconds", "1", "--run", str(run), "--data", str(digits_dir), "--readme",
                              str(readme), "--docs", str(tmp_path / "docs")])
+
+
+def test_sweep_table_is_spliced_between_its_markers(tmp_path):
+    """tools/sweep_tables.py replaces exactly the block between a table's markers (twice: idempotent) and refuses a
+    file without them."""
+    import sweep_tables
+
+    begin, end = sweep_tables.markers("t")
+    text = f"intro\n{begin}\nold\n{end}\noutro\n"
+    once = sweep_tables.splice(text, "t", "| a |\n|---|\n| 1 |\n", "gwf-report x --metric m")
+    assert once.startswith("intro\n") and once.endswith("outro\n") and "old" not in once
+    assert "| 1 |" in once and "(made by `gwf-report x --metric m`)" in once
+    assert sweep_tables.splice(once, "t", "| a |\n|---|\n| 1 |\n", "gwf-report x --metric m") == once
+    with pytest.raises(ValueError, match="markers of table 'u'"):
+        sweep_tables.splice(text, "u", "| a |", "c")
