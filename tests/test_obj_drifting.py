@@ -113,3 +113,52 @@ def test_identical_points_and_bad_input():
         Drifting(temperatures=(0.1, 0.0))
     with pytest.raises(ValueError, match="share B"):
         drifting_field(torch.zeros(2, 4, 2), torch.zeros(2, 3, 5))
+
+
+def brute_guided_field(x, pos, unc, weight, temperature):
+    """One problem, loops, the official guided drift (drift_loss.py with train.py's weights): targets [pos, x (self
+    masked), uncond], A = sqrt(row softmax * column softmax) over all of them, times the column weight (1, 1, w);
+    s = weighted mean distance over the unmasked pairs."""
+    n, m, u, d = len(x), len(pos), len(unc), x.shape[1]
+    targets = [pos[j] for j in range(m)] + [x[k] for k in range(n)] + [unc[k] for k in range(u)]
+    w = [1.0] * (m + n) + [weight] * u
+    dist = [[math.dist(x[i].tolist(), t.tolist()) for t in targets] for i in range(n)]
+    masked = [[m <= j < m + n and j - m == i for j in range(m + n + u)] for i in range(n)]
+    num = sum(dist[i][j] * w[j] for i in range(n) for j in range(m + n + u) if not masked[i][j])
+    den = sum(w[j] for i in range(n) for j in range(m + n + u) if not masked[i][j])
+    scale = num / den
+    e = [[0.0 if masked[i][j] else math.exp(-dist[i][j] / (temperature * scale)) for j in range(m + n + u)]
+         for i in range(n)]
+    row = [sum(e[i]) for i in range(n)]
+    col = [sum(e[i][j] for i in range(n)) for j in range(m + n + u)]
+    a = [[math.sqrt(e[i][j] / row[i] * e[i][j] / col[j]) * w[j] for j in range(m + n + u)] for i in range(n)]
+    v = torch.zeros(n, d, dtype=torch.float64)
+    for i in range(n):
+        s_pos, s_neg = sum(a[i][:m]), sum(a[i][m:])
+        for j in range(m + n + u):
+            v[i] += (a[i][j] * s_neg if j < m else -a[i][j] * s_pos) * targets[j].double()
+    return v
+
+
+def test_guided_field_matches_the_official_weighted_negatives():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    pos = torch.randn(2, 5, 3, generator=g, dtype=torch.float64) + 0.5
+    unc = torch.randn(2, 4, 3, generator=g, dtype=torch.float64) - 0.5
+    w = torch.tensor([0.0, 2.5], dtype=torch.float64)
+    v = drifting_field(x, pos, temperatures=(0.2,), rms_normalize=False, uncond=unc, uncond_weight=w)
+    for b in range(2):
+        torch.testing.assert_close(v[b], brute_guided_field(x[b], pos[b], unc[b], float(w[b]), 0.2), rtol=1e-6,
+                                   atol=1e-9)
+    # the objective: alpha 1 and 3.5 with N = 6, U = 4 give the weights (alpha - 1) * 5 / 4
+    obj = Drifting(temperatures=(0.2,), rms_normalize=False)
+    gen = GenBatch(x.float(), torch.tensor([0, 1]), torch.tensor([1.0, 3.5]), sample=lambda: None)
+    grouped, shared = obj.references(gen, RealBatch(pos.float(), unc[0].float(), torch.tensor([0, 1])))
+    assert shared.keys() == {"uncond"} and "uncond" not in grouped
+    field = obj.field(x.float(), {"pos": pos.float(), "uncond": unc.float()}, gen, tokens=1)[0]
+    expected = drifting_field(x, pos, temperatures=(0.2,), rms_normalize=False, uncond=unc,
+                              uncond_weight=torch.tensor([0.0, 2.5 * 5 / 4], dtype=torch.float64))
+    torch.testing.assert_close(field.double(), expected, rtol=1e-4, atol=1e-6)
+    grouped, shared = Drifting(temperatures=(0.2,), guidance=False).references(gen, RealBatch(pos.float(),
+                                                                                             unc[0].float()))
+    assert grouped.keys() == {"pos"} and not shared  # guidance off: no unconditional negatives
