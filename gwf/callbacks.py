@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections import abc
 import json
 import logging
 import sys
@@ -35,6 +36,10 @@ class EvalCallback(L.Callback):
             raise ValueError(f"eval.every_n_jko_steps must be a positive integer or null, got {every_n_jko_steps}")
         self.make_evaluator = evaluator
         self.every_n_updates = every_n_updates
+        alphas = [float(a) for a in alpha] if isinstance(alpha, abc.Sequence) else [alpha]
+        if not alphas or any(a is not None and a < 1 for a in alphas):
+            raise ValueError(f"eval.alpha must be a guidance strength >= 1 or a non-empty list of them, got {alpha}")
+        self.alphas = alphas  # several: each scored on the same noise; the best logged as <metric>_best, alpha_best
         self.every_n_jko_steps = every_n_jko_steps
         self.num_samples = num_samples
         self.alpha = alpha
@@ -71,12 +76,21 @@ class EvalCallback(L.Callback):
         t0 = time.monotonic()
         labels = self._labels(module)
         n = len(labels) if labels is not None else self.num_samples
-        alpha = self.alpha if module.conditioning.guided else None
-        was_training = module.training
-        x, z = module.sample(n, labels, alpha, seed=self.seed, return_inputs=True)
-        module.train(was_training)
-        # metrics that do not apply (None: class accuracy of unconditional samples) are left out
-        metrics = {k: float(v) for k, v in self.evaluator.evaluate(x, labels).items() if v is not None}
+        alphas = self.alphas if module.conditioning.guided else [None]
+        metrics, x, z = {}, None, None
+        for alpha in alphas:  # the same noise at every alpha
+            was_training = module.training
+            x_a, z = module.sample(n, labels, alpha, seed=self.seed, return_inputs=True)
+            module.train(was_training)
+            # metrics that do not apply (None: class accuracy of unconditional samples) are left out
+            found = {k: float(v) for k, v in self.evaluator.evaluate(x_a, labels).items() if v is not None}
+            if len(alphas) == 1:
+                metrics, x = found, x_a
+                break
+            metrics.update({f"{k}@{alpha:g}": v for k, v in found.items()})
+            key = next(iter(found), None)
+            if key is not None and (x is None or self._better(key, found[key], metrics[f"{key}_best"])):
+                metrics[f"{key}_best"], metrics["alpha_best"], x = found[key], float(alpha), x_a
         if module.source is not None:  # domain transfer: how far the generator moves its inputs, E ||G(z) - z||
             metrics["mean_transport"] = float((x - z.reshape(x.shape)).flatten(1).norm(dim=1).mean())
         out = Path(trainer.default_root_dir)
@@ -96,6 +110,12 @@ class EvalCallback(L.Callback):
         self._log_images(trainer, picture, update)
         self._write(out)
         return row
+
+    @staticmethod
+    def _better(metric: str, value: float, than: float) -> bool:
+        from gwf.report import HIGHER_IS_BETTER
+
+        return value > than if metric in HIGHER_IS_BETTER else value < than
 
     def budget(self, trainer) -> float | None:
         """Seconds one evaluation may take: ``max_seconds``, else half the DDP collective timeout under DDP (the

@@ -160,3 +160,32 @@ def test_unconditional_digits_run_evaluates_fd_and_class_kl(digits_dir, tmp_path
         rows = list(csv.DictReader(f))
     assert [int(r["update"]) for r in rows] == [0, 10, 20] and set(rows[0]) == {"update", "fd", "class_kl"}
     assert all(0 <= float(r["class_kl"]) <= math.log(10) + 1e-9 for r in rows)
+
+
+def test_evaluation_over_a_list_of_alphas_logs_each_and_the_best(digits_dir, tmp_path):
+    """eval.alpha=[1, 2, 3] (the official cfg_list sweep): every metric at every alpha on the same noise, and the
+    first metric's best (fd: the lowest) with its alpha; the single-alpha evaluation equals the list's entry."""
+    import csv
+
+    from gwf.train import train
+    from tests.conftest import compose_config
+
+    common = ["jko.updates_per_step=20", "eval.every_n_updates=20", "eval.num_samples=100", "logger=none",
+              "trainer.enable_progress_bar=false"]
+    cfg = compose_config([*common, "eval.alpha=[1.0,2.0,3.0]"], data_dir=digits_dir.parent, runs_dir=tmp_path / "r")
+    train(cfg, tmp_path / "list")
+    with open(tmp_path / "list" / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    last = {k: float(v) for k, v in rows[-1].items()}
+    fds = {a: last[f"fd@{a}"] for a in ("1", "2", "3")}
+    assert {f"class_acc@{a}" for a in ("1", "2", "3")} <= last.keys()
+    assert last["fd_best"] == min(fds.values()) and fds[f"{last['alpha_best']:g}"] == last["fd_best"]
+    one = compose_config([*common, "eval.alpha=2.0"], data_dir=digits_dir.parent, runs_dir=tmp_path / "r")
+    train(one, tmp_path / "one")
+    with open(tmp_path / "one" / "eval.csv") as f:
+        single = list(csv.DictReader(f))
+    assert float(single[-1]["fd"]) == pytest.approx(fds["2"], rel=1e-6)  # same weights, same noise
+    with pytest.raises(ValueError, match="eval.alpha"):
+        from gwf.callbacks import EvalCallback
+
+        EvalCallback(lambda: None, alpha=[0.5])

@@ -225,3 +225,17 @@ def test_gwf_protocol_checks_counts_before_scoring(tmp_path):
         check_protocol("gwf", 49_920, 10_000, ["fid"], name)
     with pytest.raises(ValueError, match="inception extractor"):
         check_protocol("gwf", 49_920, 50_000, ["fid"], "gwf-digits")
+
+
+def test_jit_statistics_keys_are_read(tmp_path):
+    """JiT's jit_in256_stats.npz (the W-Flow FID reference) stores ref_mu / ref_sigma: read as mu / sigma."""
+    from gwf.eval.fidelity import load_reference
+
+    path = tmp_path / "jit_in256_stats.npz"
+    np.savez(path, ref_mu=np.arange(3.0), ref_sigma=np.eye(3) * 2)
+    ref = load_reference(str(path))
+    assert ref.mu.tolist() == [0.0, 1.0, 2.0] and ref.sigma.tolist() == (np.eye(3) * 2).tolist()
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, m=np.zeros(3))
+    with pytest.raises(ValueError, match="ref_mu"):
+        load_reference(str(bad))

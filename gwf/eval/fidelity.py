@@ -204,12 +204,16 @@ def load_reference(ref: str | Path) -> Reference:
         if not os.path.isfile(ref):
             raise FileNotFoundError(f"reference statistics {ref} not found")
         with np.load(ref) as f:
-            if not {"mu", "sigma"} <= set(f.files):
-                raise ValueError(f"{ref} holds {f.files}; a statistics reference needs 'mu' and 'sigma'")
+            # mu/sigma (gwf-eval --save-stats, ADM reference batches) or ref_mu/ref_sigma (JiT's jit_in256_stats.npz,
+            # the W-Flow evaluation's reference)
+            keys = next((k for k in (("mu", "sigma"), ("ref_mu", "ref_sigma")) if set(k) <= set(f.files)), None)
+            if keys is None:
+                raise ValueError(f"{ref} holds {f.files}; a statistics reference needs 'mu' and 'sigma' (or JiT's "
+                                 "'ref_mu' and 'ref_sigma')")
             images = nhwc_uint8_to_nchw(f["arr_0"]) if "arr_0" in f.files else None
             extractor = str(f["extractor"]) if "extractor" in f.files else None
             count = int(f["num_samples"]) if "num_samples" in f.files else None
-            return Reference(images, f["mu"].astype(np.float64), f["sigma"].astype(np.float64), extractor, count)
+            return Reference(images, f[keys[0]].astype(np.float64), f[keys[1]].astype(np.float64), extractor, count)
     if ".tar" in ref:
         from gwf.data.shards import collate, read_samples
 
