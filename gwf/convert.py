@@ -1,6 +1,7 @@
 """gwf-convert: official checkpoints -> gwf generator files.
 
     gwf-convert wflow-generator <official state_*.pt> --out <gwf .pt> [--size wflow_dit_xl2] [--raw]
+    gwf-convert mae <official ema_params.pt or its folder> <gwf encoder .pt> [--dtype bfloat16|float32|keep]
 
 The released W-Flow checkpoints (hf jiaqihan99/W-Flow, checkpoints/latent_sota_{B,L,XL}_ot/state_*.pt; official
 README "Checkpoint Format" and utils/ckpt_util.py ``save_checkpoint``) are ``torch.save`` dicts {step, model,
@@ -178,6 +179,15 @@ def _run_wflow(a) -> None:
     print(f"wrote {a.out}: {config}")
 
 
+def _run_mae(args) -> None:
+    import torch
+
+    from gwf.features.convert import convert_mae
+
+    convert_mae(args.src, args.dst, dtype=None if args.dtype == "keep" else getattr(torch, args.dtype))
+    print(f"wrote {args.dst}: use it as method.features.path")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gwf-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,6 +202,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="latent shape (default: the SD-VAE latents 4 32 32)")
     p.add_argument("--patch", type=int, default=2, help="patch size (default 2, the official)")
     p.set_defaults(run=_run_wflow)
+    m = sub.add_parser("mae", help="official latent MAE (misc/convert_mae_to_pt.py's ema_params.pt) -> gwf encoder "
+                                   "file for method.features.path")
+    m.add_argument("src", help="the official torch export: ema_params.pt, or its artifact folder (with metadata.json)")
+    m.add_argument("dst", help="gwf encoder file to write (.pt)")
+    m.add_argument("--dtype", choices=("bfloat16", "float32", "keep"), default="bfloat16",
+                   help="stored precision (default bfloat16; keep: the source's)")
+    m.set_defaults(run=_run_mae)
     args = parser.parse_args(argv)
     try:
         args.run(args)

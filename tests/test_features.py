@@ -125,7 +125,7 @@ def test_feature_gradient_is_the_chain_rule_through_a_linear_encoder(normalize):
 @pytest.mark.parametrize("cls", [WFlow, Drifting])
 def test_one_problem_per_label_and_token_against_a_loop(cls):
     """Per-location features: the batched objective equals a loop over (label, token) problems of the field of
-    that token's features (W-Flow: with that label's guidance weight), loss averaged over the two feature sets."""
+    that token's features (with that label's guidance weight), loss averaged over the two feature sets."""
     x, neg, pos, unc, alpha = _step_tensors(2, shape=(3, 2, 2))
     w = torch.randn(5, 3, generator=torch.Generator().manual_seed(7))
     enc = Tokens(w)
@@ -150,8 +150,10 @@ def test_one_problem_per_label_and_token_against_a_loop(cls):
                     v, _ = sinkhorn_velocity(fg, fpos, fneg, uncond=rk["unc"][:, t][None],
                                              guidance_w=float(alpha[lab] - 1))
                     targets = [fg, fneg, fpos]
-                else:
-                    v = drifting_field(fg, fpos, None)
+                else:  # guided: the unconditional reals as negatives of weight (alpha - 1)(N - 1)/U
+                    unc_t = rk["unc"][:, t][None]
+                    weight = (alpha[lab:lab + 1] - 1) * (N - 1) / unc_t.shape[1]
+                    v = drifting_field(fg, fpos, None, uncond=unc_t, uncond_weight=weight)
                     targets = [fg, fpos]
                 terms.append((fg, v, targets))
         # one scale per feature set: the mean over its problems of the mean squared pairwise distance
@@ -208,7 +210,7 @@ def test_mae_feature_sets_and_encoder_stays_frozen_after_an_optimizer_step(tmp_p
     assert isinstance(enc, MAEFeatures)
     feats = enc(torch.randn(2, *SHAPE))
     # raw latent; stem and stage maps (8x8, 8x8, 4x4) with every-2nd-block outputs (none here: 1 block per stage)
-    assert feats["x"].shape == (2, 256) and feats["conv1"].shape == (2, 64, 8) and feats["layer2"].shape == (2, 16, 16)
+    assert feats["global"].shape == (2, 256) and feats["conv1"].shape == (2, 64, 8) and feats["layer2"].shape == (2, 16, 16)
     assert feats["layer2_mean_4"].shape == (2, 1, 16) and "layer2_mean_8" not in feats
     # frozen, and outside the module tree: DDP, the optimizers and checkpoints never see it
     assert not any(p.requires_grad for p in enc.parameters()) and list(objective.parameters()) == []

@@ -1,11 +1,13 @@
 """Frozen feature encoders for feature-space drift. ``FEATURES`` maps the ``name`` of a ``method.features`` spec to
 a builder; ``build_features(spec)`` returns the frozen encoder, or None for data space (spec None).
 
-    method.features: null                                  # data space (default)
-    method.features: identity                              # the same: the raw sample as the only feature set
-    method.features: {name: mae, path: runs/mae/mae.pt}    # a gwf-train-encoder checkpoint (+ MAEFeatures options:
-                                                           #  patch_sizes, every_k_block, use_mean, use_std,
-                                                           #  include_input, use_ema)
+    method.features: null                                   # data space (default)
+    method.features: identity                               # the same: the raw sample as the only feature set
+    method.features: {name: mae, path: runs/mae/encoder.pt} # a gwf-train-encoder export, or an official MAE converted
+                                                            #  by gwf.features.convert.convert_mae (+ MAEFeatures
+                                                            #  options, official defaults: patch_mean_size,
+                                                            #  patch_std_size, use_mean, use_std, every_k_block,
+                                                            #  include_raw_global, use_norm_x; use_ema for mae.pt)
 """
 
 from __future__ import annotations

@@ -59,11 +59,6 @@ def safe_std(x: Tensor, dim) -> Tensor:
     return (x.var(dim=dim, unbiased=False) + FEATURE_STD_EPS).sqrt()
 
 
-def global_mean_std(fmap: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and std of each channel over all locations: [B, C, H, W] -> ([B, C], [B, C])."""
-    return fmap.mean(dim=(2, 3)), safe_std(fmap, dim=(2, 3))
-
-
 def patches(fmap: Tensor, size: int) -> Tensor:
     """Non-overlapping size x size patches: [B, C, H, W] -> [B, (H/s)*(W/s), s*s, C] (row-major patches)."""
     b, c, h, w = fmap.shape
@@ -73,28 +68,48 @@ def patches(fmap: Tensor, size: int) -> Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // size) * (w // size), size * size, c)
 
 
-def patch_mean_std(fmap: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """Mean and std of each channel over each size x size patch: [B, C, H, W] -> 2 x [B, (H/s)*(W/s), C]."""
-    p = patches(fmap, size)
-    return p.mean(dim=2), safe_std(p, dim=2)
+def channel_rms(x: Tensor) -> Tensor:
+    """sqrt(mean over locations of x^2 + FEATURE_STD_EPS) of each channel, in at least fp32: [B, C, H, W] -> [B, C].
+    The official ``norm_x`` feature set: the input's per-channel root mean square, one token
+    (riesz_flow_hudson models/mae_model.py:339, on the BHWC input; the JAX release's get_activations alike)."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (x.square().mean(dim=(2, 3)) + FEATURE_STD_EPS).sqrt()
 
 
-def map_feature_sets(name: str, fmap: Tensor, patch_sizes: Sequence[int] = (2, 4), use_mean: bool = True,
-                     use_std: bool = True) -> dict[str, Tensor]:
-    """The feature sets of one map [B, C, H, W] (official MAE feature code, ``process_feat``):
+def raw_global(x: Tensor) -> Tensor:
+    """The raw sample as one vector in the official (h, w, c) order: [B, C, H, W] -> [B, H*W*C], the official "global"
+    set (riesz_flow_hudson models/mae_model.py:459, ``x.reshape(B, 1, -1)`` of the BHWC sample)."""
+    return x.permute(0, 2, 3, 1).flatten(1)
 
-    name            [B, H*W, C]   per-location vectors
-    name_mean/_std  [B, C]        over all locations
-    name_mean_s     [B, HW/s^2, C]  per s x s patch (for each s in patch_sizes dividing H and W), and name_std_s
+
+def map_feature_sets(name: str, fmap: Tensor, patch_mean_sizes: Sequence[int] = (2, 4),
+                     patch_std_sizes: Sequence[int] = (2, 4), use_mean: bool = True, use_std: bool = True, *,
+                     patch_sizes: Sequence[int] | None = None) -> dict[str, Tensor]:
+    """The feature sets of one map [B, C, H, W], in the official ``process_feat``'s order and names
+    (riesz_flow_hudson models/mae_model.py:341-358):
+
+    name              [B, H*W, C]     per-location vectors
+    name_mean         [B, C]          mean over all locations (``use_mean``)
+    name_std          [B, C]          std over all locations (``use_std``)
+    name_mean_s       [B, HW/s^2, C]  per s x s patch, for each s in patch_mean_sizes that tiles H and W
+    name_std_s        [B, HW/s^2, C]  the same for patch_std_sizes
+
+    use_mean / use_std switch only the global sets, as in the official code. ``patch_sizes`` sets both size lists.
+    [B, C] sets are one token each (the official [B, 1, C]; the objectives treat them alike).
     """
+    if patch_sizes is not None:
+        patch_mean_sizes = patch_std_sizes = patch_sizes
     h, w = fmap.shape[2:]
-    stats = {"": global_mean_std(fmap)}
-    # patch sizes that do not tile the map are skipped, as in the official code
-    stats.update({f"_{s}": patch_mean_std(fmap, s) for s in patch_sizes if h % s == 0 and w % s == 0})
+    tiles = lambda s: h % s == 0 and w % s == 0  # noqa: E731  (sizes that do not tile a map are skipped, as official)
     out = {name: location_tokens(fmap)}
-    for suffix, (mean, std) in stats.items():
-        if use_mean:
-            out[f"{name}_mean{suffix}"] = mean
-        if use_std:
-            out[f"{name}_std{suffix}"] = std
+    if use_mean:
+        out[f"{name}_mean"] = fmap.mean(dim=(2, 3))
+    if use_std:
+        out[f"{name}_std"] = safe_std(fmap, dim=(2, 3))
+    for s in patch_mean_sizes:
+        if tiles(s):
+            out[f"{name}_mean_{s}"] = patches(fmap, s).mean(dim=2)
+    for s in patch_std_sizes:
+        if tiles(s):
+            out[f"{name}_std_{s}"] = safe_std(patches(fmap, s), dim=2)
     return out

@@ -9,6 +9,12 @@ The data are a data config's DataModule (``--data NAME`` = conf/data/NAME.yaml, 
 generator's own data, so the encoder sees what the generator produces. ``DIR/mae.pt`` is rewritten atomically every
 ``--save-every`` steps; rerunning the command resumes from it. Defaults: the official recipe, smaller. Under
 torchrun or srun the ranks train one model with DDP (bf16 autocast on GPUs: ``--precision``).
+
+The official recipe's classification fine-tune (configs/mae/latent_640.yaml: finetune_last_steps 3000, warmup_finetune
+1000, finetune_cls 0.1; latent_ablation_256.yaml: none) is ``--finetune-last-steps 3000 --warmup-finetune 1000
+--finetune-cls 0.1``: a linear classifier on the mean of the last map (the data's classes), and the loss
+lambda * cross-entropy + (1 - lambda) * reconstruction with lambda ramped from 0 to finetune_cls over the warm-up of
+the last steps (``finetune_weight``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from tqdm import tqdm
 from gwf.build import conf_dir
 from gwf.constants import MAE_CHECKPOINT_FORMAT
 from gwf.ema import EMA
-from gwf.features.mae import MaskedAutoencoder, export_encoder, load_checkpoint, save_checkpoint
+from gwf.features.mae import GN_EPS, MaskedAutoencoder, export_encoder, load_checkpoint, mae_config, save_checkpoint
 from gwf.module import OptimConfig
 from gwf.seeding import make_generator
 
@@ -74,14 +80,23 @@ def build_datamodule(cfg: DictConfig):
 
 
 def batches(datamodule, start_step: int):
-    """Endless batches x [B, *shape] of the DataModule's training stream; each pass gets its own epoch seed,
-    offset by the starting step so that a resumed run does not replay the stream from its beginning."""
+    """Endless batches (x [B, *shape], labels [B]) of the DataModule's training stream; each pass gets its own epoch
+    seed, offset by the starting step so that a resumed run does not replay the stream from its beginning."""
     loader = datamodule.train_dataloader()
     for epoch in itertools.count(start_step):
         if hasattr(getattr(loader, "sampler", None), "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        for x, _ in loader:
-            yield x
+        yield from loader
+
+
+def finetune_weight(step: int, steps: int, last_steps: int, warmup: int, target: float) -> float:
+    """lambda_cls of (0-based) step ``step`` of ``steps``: 0, then over the last ``last_steps`` steps
+    target * min(1, (step - start) / max(1, warmup)) with start = steps - last_steps (the official train_mae.py's
+    ramp: lambda is 0 at the first fine-tune step)."""
+    start = steps - last_steps
+    if last_steps <= 0 or step < start:
+        return 0.0
+    return target * min(1.0, (step - start) / max(1, warmup))
 
 
 def init_distributed(device: str) -> tuple[int, int, str]:
@@ -114,8 +129,8 @@ class _MaskedLoss(torch.nn.Module):
         super().__init__()
         self.mae = mae
 
-    def forward(self, x, mask):
-        return self.mae.loss(x, mask)
+    def forward(self, x, mask, labels, lambda_cls):
+        return self.mae.loss(x, mask, labels, lambda_cls)
 
 
 def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels: int = 64,
@@ -125,13 +140,17 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
                                                    warmup_steps=1000, grad_clip=1.0),
                   ema_decay: float = 0.9995, seed: int = 0, device: str | torch.device = "cpu", save_every: int = 1000,
                   resume: bool = True, progress: bool = True,
-                  export_dtype: torch.dtype = torch.bfloat16, precision: str = "32") -> dict:  # fmt: skip
+                  export_dtype: torch.dtype = torch.bfloat16, precision: str = "32", gn_eps: float = GN_EPS,
+                  finetune_last_steps: int = 0, warmup_finetune: int = 1000,
+                  finetune_cls: float = 0.1) -> dict:  # fmt: skip
     """Train (or resume) the MAE into ``out_dir/mae.pt``; returns the final checkpoint dict (CPU tensors). The mask
     of step n is seeded by (seed, n), so it does not depend on where a run resumed. ``precision`` "bf16": the
     forward and backward under bf16 autocast (weights, optimizer and EMA in fp32). Inside a process group
     (init_distributed) the model is wrapped in DDP: every rank draws its own data stream and masks (seeded by its
     rank too), gradients are averaged, the loss is averaged for the log and the non-finite check (all ranks stop
-    together), rank 0 writes the files, and the ranks' weights are checked equal at the end."""
+    together), rank 0 writes the files, and the ranks' weights are checked equal at the end.
+    ``finetune_last_steps`` > 0: the MAE gets a classifier over ``datamodule.num_classes`` classes, trained with
+    weight ``finetune_weight`` in the loss (the official fine-tune)."""
     out = Path(out_dir) / CHECKPOINT_NAME
     shape = tuple(int(s) for s in datamodule.shape)
     if len(shape) != 3:
@@ -140,13 +159,16 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
         raise ValueError(f"precision must be 32 or bf16, got {precision!r}")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(seed)
-    model = MaskedAutoencoder(shape[0], base_channels, layers, mask_patch).to(device)
+    num_classes = int(datamodule.num_classes) if finetune_last_steps > 0 else 0
+    if finetune_last_steps > 0 and num_classes < 2:
+        raise ValueError(f"the classification fine-tune needs labelled data (num_classes >= 2), got {num_classes}")
+    model = MaskedAutoencoder(shape[0], base_channels, layers, mask_patch, num_classes, gn_eps).to(device)
     opt, sched = optim.build(model.parameters(), torch.device(device).type)
     ema = EMA(model, ema_decay)
     step, history = 0, []
     if resume and out.exists():
         state = load_checkpoint(out)
-        if state["config"] != model.config or tuple(state["data_shape"]) != shape:
+        if mae_config(state["config"]) != model.config or tuple(state["data_shape"]) != shape:
             raise ValueError(f"{out} holds an MAE with config {state['config']} for data {state['data_shape']}, not "
                              f"{model.config} for {list(shape)}; pass another --out or the same settings")
         model.load_state_dict(state["model"])
@@ -184,11 +206,13 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
     bar = tqdm(range(step, steps), initial=step, total=steps, desc="MAE", unit="step",
                disable=not progress or rank != 0)
     for n in bar:
-        x = next(stream).to(device, non_blocking=True)
+        x, labels = next(stream)
+        x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         stream_key = (n,) if world == 1 else (n, rank)  # one process: the masks of earlier versions
         mask = model.random_mask(x, *mask_ratio, make_generator(x.device, "mae-mask", seed, *stream_key))
+        lambda_cls = finetune_weight(n, steps, finetune_last_steps, warmup_finetune, finetune_cls)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = masked_loss(x, mask).float()
+            loss = masked_loss(x, mask, labels, lambda_cls).float()
         shown = loss.detach().clone()
         if world > 1:
             dist.all_reduce(shown)
@@ -259,6 +283,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-resume", action="store_true", help="start over even if DIR/mae.pt exists")
     p.add_argument("--export-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="dtype of the encoder export DIR/encoder.pt (bf16 runs compute in bf16)")
+    p.add_argument("--gn-eps", type=float, default=GN_EPS, help="GroupNorm epsilon (the official MAEs': flax's 1e-6)")
+    p.add_argument("--finetune-last-steps", type=int, default=0,
+                   help="classification fine-tune over the last N steps (official MAE-640: 3000; 0: none)")
+    p.add_argument("--warmup-finetune", type=int, default=1000, help="steps of the fine-tune weight's linear ramp")
+    p.add_argument("--finetune-cls", type=float, default=0.1,
+                   help="weight of the cross-entropy at the end of the ramp (the reconstruction gets 1 - it)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="data.key=value / paths.key=value overrides of the data config")
     return p.parse_args(argv)
@@ -281,7 +311,9 @@ def main(argv=None) -> None:
                           mask_patch=args.mask_patch, mask_ratio=tuple(args.mask_ratio), optim=optim,
                           ema_decay=args.ema_decay, seed=args.seed, device=device, save_every=args.save_every,
                           resume=not args.no_resume, progress=not args.no_progress,
-                          export_dtype=getattr(torch, args.export_dtype), precision=precision)
+                          export_dtype=getattr(torch, args.export_dtype), precision=precision, gn_eps=args.gn_eps,
+                          finetune_last_steps=args.finetune_last_steps, warmup_finetune=args.warmup_finetune,
+                          finetune_cls=args.finetune_cls)
     last = state["history"][-1][1] if state["history"] else float("nan")
     if world > 1:
         dist.destroy_process_group()
