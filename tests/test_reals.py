@@ -28,7 +28,7 @@ def test_fresh_reals_partition_the_bank():
 
 
 def test_shared_reals_are_one_batch():
-    module, x = bank_with_distinct_points(compose_config(["experiment=gwf_2d"]))
+    module, x = bank_with_distinct_points(compose_config(["experiment=gwf_2d", "loop.reals=shared"]))
     reals = module._real_batches(None, 2, torch.Generator().manual_seed(0))
     assert reals[0] is reals[1] and reals[0].pos.shape == (1, 256, 2)
 

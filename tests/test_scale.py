@@ -224,8 +224,8 @@ def test_cosine_schedule_and_rmsprop_as_the_official_options():
 def test_a_cosine_run_ends_each_optimizer_at_eta_min(tmp_path):
     """KL with a critic, 2 critic steps per update: the generator's cosine spans its 30 optimizer steps, the critic's
     its 60, so both end at their eta_min with the run."""
-    cfg = compose_config(["experiment=gwf_2d", "method=kl", "jko.steps=1", "jko.updates_first_step=30",
-                          "loop.critic_steps=2", "optim.schedule=cosine", "optim.eta_min=1e-5",
+    cfg = compose_config(["experiment=gwf_2d", "loop.reals=shared", "method=kl", "jko.steps=1",
+                          "jko.updates_first_step=30", "loop.critic_steps=2", "optim.schedule=cosine", "optim.eta_min=1e-5",
                           "critic_optim.schedule=cosine", "critic_optim.eta_min=2e-6", "eval.every_n_updates=1000",
                           "eval.num_samples=200", "logger=none", "trainer.enable_progress_bar=false", "threads=1"])
     assert train(cfg, tmp_path / "run")["finished"]
