@@ -295,7 +295,8 @@ def test_fixed_sampling_is_one_posterior_sample_per_image_and_its_flip():
     draws = [fixed(moments, np.random.default_rng(seed), key="00000007_n01440764_10026") for seed in range(40)]
     eps = [None, None]
     for z in draws:
-        view = int(np.abs(z / SD_VAE_LATENT_SCALE - m32[1, 0]).mean() < np.abs(z / SD_VAE_LATENT_SCALE - m32[0, 0]).mean())
+        u = z / SD_VAE_LATENT_SCALE
+        view = int(np.abs(u - m32[1, 0]).mean() < np.abs(u - m32[0, 0]).mean())
         e = (z / SD_VAE_LATENT_SCALE - m32[view, 0]) / m32[view, 1]
         if eps[view] is None:
             eps[view] = e

@@ -140,10 +140,12 @@ def _conv_shapes(c_in, c_out, k):
 
 
 OFFICIAL_G = ([(4096, 128), (4096,)]  # fc
-              + 3 * ([(256,), (256,)] + _conv_shapes(256, 256, 3) + [(256,), (256,)] + _conv_shapes(256, 256, 3) + _conv_shapes(256, 256, 1))
+              + 3 * ([(256,), (256,)] + _conv_shapes(256, 256, 3) + [(256,), (256,)] + _conv_shapes(256, 256, 3)
+                     + _conv_shapes(256, 256, 1))
               + [(256,), (256,)] + _conv_shapes(256, 3, 3))  # bn_final, conv_out
 OFFICIAL_D = (_conv_shapes(3, 128, 3) + _conv_shapes(128, 128, 3) + _conv_shapes(3, 128, 1)  # DFirstResBlock
-              + 3 * (_conv_shapes(128, 128, 3) + _conv_shapes(128, 128, 3) + _conv_shapes(128, 128, 1))  # 1 down, 2 no-down DResBlocks
+              # 1 down, 2 no-down DResBlocks
+              + 3 * (_conv_shapes(128, 128, 3) + _conv_shapes(128, 128, 3) + _conv_shapes(128, 128, 1))
               + [(128, 128 * 8 * 8), (128,)])  # fc: flatten -> embed_dim
 
 

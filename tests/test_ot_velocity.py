@@ -279,7 +279,8 @@ def test_partial_iterations_are_the_mmd_and_kl_kernel_flows(n_iters):
     n_iters=0.5 (KL-like): V = eps grad_x (log mean_j k(x, p_j) - log mean_j k(x, q'_j)), the KL flow between kernel
     density estimates; k = exp(-||x - y||^2 / (2 eps)), checked by autograd of the closed forms."""
     g = torch.Generator().manual_seed(11)
-    x, pos, neg = torch.randn(2, 20, 3, generator=g), torch.randn(2, 16, 3, generator=g) + 0.5, torch.randn(2, 18, 3, generator=g)
+    x, pos = torch.randn(2, 20, 3, generator=g), torch.randn(2, 16, 3, generator=g) + 0.5
+    neg = torch.randn(2, 18, 3, generator=g)
     v, info = sinkhorn_velocity(x, pos, neg, n_iters=n_iters, rms_normalize=False)
     eps = info["eps"].double()[:, None, None]
     xd = x.double().requires_grad_(True)

@@ -24,7 +24,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "ncsnpp": NCSNppGenerator,  # the official Large-Net (NCSN++ with AdaGN; image noise and a latent)
     "unet": UNetGenerator,  # the official U-Net (image-shaped noise in, image out)
     **{size: partial(dit, size) for size in DIT_SIZES},  # dit_tiny, dit_b2, dit_l2, dit_xl2 (LightningDiT-style)
-    # the official W-Flow generator (models/generator.py DitGen): wflow_dit_tiny, wflow_dit_b2, wflow_dit_l2, wflow_dit_xl2
+    # the official W-Flow generator (models/generator.py DitGen): wflow_dit_tiny, _b2, _l2, _xl2
     **{size: partial(wflow_dit, size) for size in WFLOW_SIZES},
 }
 
