@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from collections import abc
 import json
 import logging
@@ -42,7 +43,6 @@ class EvalCallback(L.Callback):
         self.alphas = alphas  # several: each scored on the same noise; the best logged as <metric>_best, alpha_best
         self.every_n_jko_steps = every_n_jko_steps
         self.num_samples = num_samples
-        self.alpha = alpha
         self.grid_per_class = grid_per_class
         self.seed = seed
         self.max_seconds = max_seconds
@@ -88,9 +88,11 @@ class EvalCallback(L.Callback):
                 metrics, x = found, x_a
                 break
             metrics.update({f"{k}@{alpha:g}": v for k, v in found.items()})
-            key = next(iter(found), None)
-            if key is not None and (x is None or self._better(key, found[key], metrics[f"{key}_best"])):
+            key = next(iter(found), None)  # the evaluator's first metric (fid, fd, sinkhorn_div) picks the best alpha
+            if key is not None and math.isfinite(found[key]) and (
+                    f"{key}_best" not in metrics or self._better(key, found[key], metrics[f"{key}_best"])):
                 metrics[f"{key}_best"], metrics["alpha_best"], x = found[key], float(alpha), x_a
+            x = x_a if x is None else x
         if module.source is not None:  # domain transfer: how far the generator moves its inputs, E ||G(z) - z||
             metrics["mean_transport"] = float((x - z.reshape(x.shape)).flatten(1).norm(dim=1).mean())
         out = Path(trainer.default_root_dir)

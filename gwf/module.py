@@ -86,7 +86,8 @@ class UpdateSizes:
 
 
 NOISES = ("normal", "uniform")  # generator input noise: N(0, I), or U[-1, 1]^d (the official GWF default)
-REALS = ("shared", "fresh")  # one real batch per update for all its steps, or one per optimizer step (official GWF)
+REALS = ("shared", "fresh")
+SAMPLE_CHUNK = 4096  # samples per generator forward in GWFModule.sample (evaluation)  # one real batch per update for all its steps, or one per optimizer step (official GWF)
 PROGRESS_BAR_KEYS = ("train/gen_loss", "train/v_rms", "train/critic_loss", "train/prox")
 
 
@@ -120,6 +121,8 @@ class GWFModule(L.LightningModule):
         self.sizes, self.optim, self.critic_optim = sizes, optim, critic_optim or optim
         self.critic_steps, self.generator_steps = critic_steps, generator_steps  # optimizer steps per update
         steps = (critic_steps if objective.critic is not None else 0) + generator_steps
+        # reals a class ring must hold before the first update: the update's disjoint draws with fresh reals
+        self.min_reals = sizes.pos_per_label * (steps if reals == "fresh" else 1)
         if reals == "fresh" and sizes.bank_capacity < steps * sizes.pos_per_label:
             raise ValueError(
                 f"loop.reals=fresh gives each of the update's {steps} optimizer steps its own "
@@ -215,16 +218,20 @@ class GWFModule(L.LightningModule):
 
     @torch.no_grad()
     def sample(self, n: int, labels: Tensor | None = None, alpha: float | Tensor | None = None, seed: int = 0,
-               use_ema: bool = True, return_inputs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+               use_ema: bool = True, return_inputs: bool = False,
+               chunk: int = SAMPLE_CHUNK) -> Tensor | tuple[Tensor, Tensor]:
         """n samples [n, *shape] for per-sample ``labels`` [n] (or None) and guidance alpha (float or [n]); with
-        ``return_inputs`` also the generator inputs z [n, *noise_shape]."""
+        ``return_inputs`` also the generator inputs z [n, *noise_shape]. The noise is drawn for all n at once; the
+        generator runs on ``chunk`` samples at a time (49,920 CIFAR samples in one forward would not fit a GPU)."""
         model = self.ema.model if use_ema else self.generator
         was_training = model.training
         model.eval()  # batch-norm generators sample with their running statistics
         z = self.model_inputs(model, n, make_generator(self.device, "sample", seed))
         if alpha is not None and not torch.is_tensor(alpha):
             alpha = torch.full((n,), float(alpha), device=self.device)
-        x = model(z, labels, alpha)
+        parts = [slice(i, i + chunk) for i in range(0, n, chunk)]
+        x = torch.cat([model(z[p], None if labels is None else labels[p], None if alpha is None else alpha[p])
+                       for p in parts]) if len(parts) > 1 else model(z, labels, alpha)
         model.train(was_training)
         return (x, z) if return_inputs else x
 
@@ -307,7 +314,7 @@ class GWFModule(L.LightningModule):
         self.data_position += 1
         self.push_to_bank(x_data, y_data, self.data_position)
         if not self._bank_ready:  # while the banks fill: one host decision per batch, on every rank alike
-            ready = self.bank.ready(self.sizes.pos_per_label, self.sizes.uncond_per_update)
+            ready = self.bank.ready(self.min_reals, self.sizes.uncond_per_update)
             self._bank_ready = self.trainer.strategy.reduce_boolean_decision(ready, all=True)
             if not self._bank_ready:
                 return None

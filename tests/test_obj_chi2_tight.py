@@ -96,3 +96,21 @@ def test_constant_critic_is_finite():
     x = torch.ones(1, 8, 2)
     loss, _ = obj.critic_loss(x, RealBatch(pos=x), torch.Generator())
     assert math.isfinite(loss.item()) and loss.item() == 0.0
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_bound_is_per_problem(reverse):
+    """Two labels: the losses are the mean over labels of each label's own bound (its means and variance), not the
+    bound of the pooled scores."""
+    torch.manual_seed(0)
+    obj = Chi2Tight(MLPCritic([2], hidden=8, depth=1), penalty=None, reverse=reverse)
+    g = torch.Generator().manual_seed(1)
+    x_real = torch.randn(2, 32, 2, generator=g) + torch.tensor([[[0.0, 0.0]], [[3.0, 0.0]]])
+    x_fake = torch.randn(2, 32, 2, generator=g)
+    both, _ = obj.critic_loss(x_fake, RealBatch(pos=x_real), torch.Generator())
+    each = [obj.critic_loss(x_fake[i:i + 1], RealBatch(pos=x_real[i:i + 1]), torch.Generator())[0] for i in range(2)]
+    torch.testing.assert_close(both, (each[0] + each[1]) / 2)
+    gen, _ = obj.generator_loss(GenBatch(x_fake, None, None, None), RealBatch(x_real), torch.Generator())
+    gens = [obj.generator_loss(GenBatch(x_fake[i:i + 1], None, None, None), RealBatch(x_real[i:i + 1]),
+                               torch.Generator())[0] for i in range(2)]
+    torch.testing.assert_close(gen, (gens[0] + gens[1]) / 2)

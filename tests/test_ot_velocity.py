@@ -293,3 +293,11 @@ def test_partial_iterations_are_the_mmd_and_kl_kernel_flows(n_iters):
     torch.testing.assert_close(v.double(), eps * grad, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="0.5 \\(KL-like"):
         sinkhorn_velocity(x, pos, neg, n_iters=0.3)
+
+
+def test_float_iteration_counts_from_a_config_run():
+    """n_iters=2.0 (a YAML float) runs two Sinkhorn iterations, as n_iters=2."""
+    g = torch.Generator().manual_seed(2)
+    x, pos, neg = (torch.randn(1, 8, 2, generator=g) for _ in range(3))
+    torch.testing.assert_close(sinkhorn_velocity(x, pos, neg, n_iters=2.0)[0],
+                               sinkhorn_velocity(x, pos, neg, n_iters=2)[0])

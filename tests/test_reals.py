@@ -46,3 +46,19 @@ def test_a_run_trains_with_fresh_reals(tmp_path):
     summary = train(cfg, tmp_path / "fresh")
     assert summary["last"]["update"] == 200
     assert summary["last"]["sinkhorn_div"] < summary["first"]["sinkhorn_div"] / 4
+
+
+def test_fresh_reals_wait_for_every_steps_draw():
+    """The first update waits until a ring holds the update's disjoint draws (steps x pos_per_label), not one."""
+    assert build_module(compose_config(FRESH), (2,), 0).min_reals == 512
+    assert build_module(compose_config(["experiment=gwf_2d", "loop.reals=shared"]), (2,), 0).min_reals == 256
+
+
+def test_sampling_in_chunks_is_sampling_at_once():
+    """GWFModule.sample runs the generator on chunks of the same noise (49,920 CIFAR samples do not fit one
+    forward): the same samples, to fp32 rounding of the batch size."""
+    module = build_module(compose_config(["experiment=gwf_2d"]), (2,), 0)
+    whole, z = module.sample(10, seed=3, return_inputs=True)
+    parts, z_parts = module.sample(10, seed=3, return_inputs=True, chunk=3)
+    assert torch.equal(z, z_parts)
+    torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-6)

@@ -28,12 +28,15 @@ class PositiveCritic(nn.Module):
         return F.softplus(self.base(x, labels))
 
 
-def tight_ratio(d_num: Tensor, d_den: Tensor, fixed_den: bool) -> Tensor:
-    """(E d_num - E d_den)^2 / (max(Var d_den, 1e-4) + 1e-8); ``fixed_den``: d_den's mean and variance detached."""
-    mean_den, var_den = d_den.mean(), d_den.var(unbiased=False).clamp_min(_VAR_FLOOR)
+def tight_ratio(d_num: Tensor, d_den: Tensor, fixed_den: bool, fixed_num_var: bool = False) -> Tensor:
+    """(E d_num - E d_den)^2 / (max(Var, 1e-4) + 1e-8) per problem, averaged: d_num [L, N], d_den [L, M]; Var is
+    d_den's, or d_num's detached with ``fixed_num_var`` (the official reverse generator loss); ``fixed_den``: d_den's
+    statistics detached."""
+    mean_den = d_den.mean(1)
+    var = (d_num.detach() if fixed_num_var else d_den).var(1, unbiased=False).clamp_min(_VAR_FLOOR)
     if fixed_den:
-        mean_den, var_den = mean_den.detach(), var_den.detach()
-    return (d_num.mean() - mean_den).square() / (var_den + _VAR_EPS)
+        mean_den, var = mean_den.detach(), var.detach()
+    return ((d_num.mean(1) - mean_den).square() / (var + _VAR_EPS)).mean()
 
 
 class Chi2Tight(Objective):
@@ -50,9 +53,10 @@ class Chi2Tight(Objective):
         self.penalty, self.penalty_weight, self.reverse = penalty, float(penalty_weight), bool(reverse)
 
     def scores(self, x: Tensor, labels: Tensor | None) -> Tensor:
-        """d on grouped samples x [L, K, *shape] -> [L*K] (at least fp32), labels [L] broadcast per sample."""
-        k = x.shape[1]
-        d = self.critic(x.flatten(0, 1), None if labels is None else labels.repeat_interleave(k)).reshape(-1)
+        """d on grouped samples x [L, K, *shape] -> [L, K] (at least fp32), labels [L] broadcast per sample: the
+        bound's means and variances are each problem's (label's)."""
+        n_prob, k = x.shape[:2]
+        d = self.critic(x.flatten(0, 1), None if labels is None else labels.repeat_interleave(k)).reshape(n_prob, k)
         return d.to(torch.promote_types(d.dtype, torch.float32))
 
     def critic_loss(self, x_gen: Tensor, real: RealBatch, rng: torch.Generator,
@@ -69,9 +73,5 @@ class Chi2Tight(Objective):
         with torch.no_grad():
             d_real = self.scores(real.pos, gen.labels)
         # forward: the reals' statistics fixed; reverse: the fakes' variance fixed, their mean moving (official)
-        if self.reverse:
-            loss = (d_real.mean() - d_fake.mean()).square() / (
-                d_fake.detach().var(unbiased=False).clamp_min(_VAR_FLOOR) + _VAR_EPS)
-        else:
-            loss = tight_ratio(d_fake, d_real, True)
+        loss = tight_ratio(d_fake, d_real, True, fixed_num_var=self.reverse)
         return loss, {"d_fake_gen": d_fake.mean().detach()}

@@ -115,8 +115,11 @@ class MMDGAN(Objective):
 
     def real_side(self, real: RealBatch, rng: torch.Generator, create_graph: bool) -> tuple[Tensor, Tensor]:
         """The reals' embeddings [L, M, E] and the factor [L] (or a scalar) the critic's objective is scaled by: 1
-        here, smmd's Jacobian scale there (``create_graph``: differentiable for the critic's update)."""
-        return self.critic(real.pos, real.labels), torch.ones((), device=real.pos.device)
+        here, smmd's Jacobian scale there (``create_graph``: differentiable for the critic's update; False: the
+        generator's step, which needs no gradient through the critic on the reals)."""
+        with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            e_real = self.critic(real.pos, real.labels)
+        return e_real, torch.ones((), device=real.pos.device)
 
     def critic_value(self, e_real: Tensor, e_gen: Tensor, z: Tensor | None) -> Tensor:
         """The critic's objective (maximized) per problem [L], before the scale; immd and ckmmd change it."""

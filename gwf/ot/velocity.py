@@ -187,6 +187,8 @@ def sinkhorn_velocities(xs: Sequence[Tensor], pos: Sequence[Tensor], neg: Sequen
             ws.append(w)
     _check_eps_rel(eps_rel)
     check_n_iters(n_iters)
+    if n_iters not in PARTIAL_ITERATIONS:
+        n_iters = int(n_iters)  # 2.0 from a config: the loops take an int
     # Inputs are checked here and eps is made here (> 0 by construction): the engines run without checks.
     project = kernel_projections if n_iters in PARTIAL_ITERATIONS else _projector(engine, compile)
 
