@@ -17,8 +17,8 @@ from tests.test_ddp import run_ranks, slurm_env
 # Per rank: 64 generated and 64 real samples per update, 16 data samples per batch into a bank of 256, so the bank
 # at the end still holds samples pushed before the stop (the comparison of banks is not vacuous). 2 outer JKO steps
 # of 4 + 8 updates; numbered checkpoints every 4 updates, one kept.
-TINY = ["experiment=gwf_2d", "method=kl", "jko.steps=2", "jko.updates_first_step=4", "jko.updates_per_step=8",
-        "ema_decay=0.9",
+TINY = ["experiment=gwf_2d", "loop.reals=shared", "method=kl", "jko.steps=2", "jko.updates_first_step=4",
+        "jko.updates_per_step=8", "ema_decay=0.9",
         "batch.global_size=128", "batch.bank_capacity=256", "data.batch_size=16", "eval.num_samples=200",
         "eval.evaluator.num_samples=200", "eval.every_n_updates=1000", "logger=none", "trainer=ddp",
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.enable_progress_bar=false", "threads=1",

@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # KL with a critic and R1 on 8 Gaussians: 2 outer JKO steps x 20 updates; 10 data batches per virtual epoch, so
 # the stops below fall inside an outer step and inside an epoch.
-KL_2D = ["experiment=gwf_2d", "method=kl", "jko.steps=2", "jko.updates_per_step=20", "ema_decay=0.9",
-         "batch.gen_per_label=64", "batch.pos_per_label=64", "batch.bank_capacity=128", "data.batch_size=64",
+# loop.reals=shared: one data batch per update fills the bank (the stream positions below count on it)
+KL_2D = ["experiment=gwf_2d", "loop.reals=shared", "method=kl", "jko.steps=2", "jko.updates_per_step=20",
+         "ema_decay=0.9", "batch.gen_per_label=64", "batch.pos_per_label=64", "batch.bank_capacity=128", "data.batch_size=64",
          "data.epoch_size=640", "eval.num_samples=200", "eval.evaluator.num_samples=200", "eval.every_n_updates=1000",
          "logger=none", "trainer.enable_progress_bar=false", "threads=1"]
 
