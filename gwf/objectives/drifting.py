@@ -116,9 +116,7 @@ class Drifting(FieldObjective):
     def references(self, gen: GenBatch, real: RealBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         if not (self.guidance and gen.alpha is not None and real.uncond is not None):
             return {"pos": real.pos}, {}
-        if real.uncond.dim() == real.pos.dim():  # [L, U, *shape]: each problem its own unconditional reals
-            return {"pos": real.pos, "uncond": real.uncond}, {}
-        return {"pos": real.pos}, {"uncond": real.uncond}
+        return self.with_uncond({"pos": real.pos}, real)
 
     def field(self, f: Tensor, refs: dict[str, Tensor], gen: GenBatch, tokens: int):
         uncond, weight = refs.get("uncond"), None

@@ -136,6 +136,14 @@ class FieldObjective(Objective):
         """The samples the field needs besides x: ({name: [L, M, *shape]} per label, {name: [U, *shape]} shared)."""
         raise NotImplementedError
 
+    @staticmethod
+    def with_uncond(grouped: dict[str, Tensor], real: RealBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``references``' pair with the unconditional reals added: per problem ([L, U, *shape], with the grouped
+        reals) or shared by the problems ([U, *shape])."""
+        if real.uncond.dim() == real.pos.dim():
+            return {**grouped, "uncond": real.uncond}, {}
+        return grouped, {"uncond": real.uncond}
+
     def field(self, f: Tensor, refs: dict[str, Tensor], gen: GenBatch, tokens: int
               ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """One width: f [L*T, N, C], refs name -> [L*T, M, C] (problem l*T + t); returns V [L*T, N, C] (detached

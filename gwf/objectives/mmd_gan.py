@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from gwf.objectives.base import GenBatch, Objective, RealBatch
 from gwf.objectives.kernels import make_kernel
+from gwf.objectives.mmd import _off_diagonal_mean
 from gwf.objectives.learned_kernel import LearnedKernel
 from gwf.objectives.penalties import check_penalty_name, penalty
 
@@ -56,12 +57,7 @@ def mmd2(kxx: Tensor, kyy: Tensor, kxy: Tensor | None, unbiased: bool, l: float 
     official ``MMD2``: l = 1 the MMD^2, l = -1 drops the cross term). ``unbiased``: the same-sample means leave out
     the diagonal (U-statistic); otherwise every entry counts (V-statistic)."""
     def same(k: Tensor) -> Tensor:
-        n = k.shape[1]
-        if not unbiased:
-            return k.mean((1, 2))
-        if n < 2:
-            raise ValueError(f"the unbiased MMD^2 needs at least 2 points per sample, got {n}")
-        return (k.sum((1, 2)) - k.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))
+        return _off_diagonal_mean(k) if unbiased else k.mean((1, 2))
 
     out = l * same(kxx) + same(kyy)
     return out if kxy is None else out - (l + 1) * kxy.mean((1, 2))

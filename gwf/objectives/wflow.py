@@ -51,11 +51,7 @@ class WFlow(FieldObjective):
 
     def references(self, gen: GenBatch, real: RealBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         grouped = {"pos": real.pos, **({"neg": gen.sample()} if self.estimator == "two_batch" else {})}
-        if not self._guided(gen, real):
-            return grouped, {}
-        if real.uncond.dim() == real.pos.dim():  # [L, U, *shape]: each problem its own unconditional reals
-            return {**grouped, "uncond": real.uncond}, {}
-        return grouped, {"uncond": real.uncond}
+        return self.with_uncond(grouped, real) if self._guided(gen, real) else (grouped, {})
 
     def fields(self, f_gen: list[Tensor], refs: dict[str, list[Tensor]], gen: GenBatch):
         return self._fields(f_gen, refs, gen)
