@@ -15,6 +15,11 @@ The official recipe's classification fine-tune (configs/mae/latent_640.yaml: fin
 --finetune-cls 0.1``: a linear classifier on the mean of the last map (the data's classes), and the loss
 lambda * cross-entropy + (1 - lambda) * reconstruction with lambda ramped from 0 to finetune_cls over the warm-up of
 the last steps (``finetune_weight``).
+
+The official recipe's pixel augmentation path (dataset/dataset.py with ``use_aug: true``: RandomResizedCrop scale
+(0.2, 1), bicubic, and a horizontal flip, then the SD-VAE's encoding) is ``--augment pixel``, with ``--vae DIR`` for
+the latent MAE: latent shards are decoded to pixels, augmented and encoded again; pixel shards are augmented and
+encoded (or, without ``--vae``, augmented and fed to the MAE as pixels). gwf/features/augment.py.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from tqdm import tqdm
 from gwf.build import conf_dir
 from gwf.constants import MAE_CHECKPOINT_FORMAT
 from gwf.ema import EMA
+from gwf.features.augment import AUGMENTATIONS, CROP_RATIO, CROP_SCALE, FLIP_PROB, PixelAugmentation, PixelPath
 from gwf.features.mae import GN_EPS, MaskedAutoencoder, export_encoder, load_checkpoint, mae_config, save_checkpoint
 from gwf.module import OptimConfig
 from gwf.seeding import make_generator
@@ -142,7 +148,7 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
                   resume: bool = True, progress: bool = True,
                   export_dtype: torch.dtype = torch.bfloat16, precision: str = "32", gn_eps: float = GN_EPS,
                   finetune_last_steps: int = 0, warmup_finetune: int = 1000,
-                  finetune_cls: float = 0.1) -> dict:  # fmt: skip
+                  finetune_cls: float = 0.1, augment: PixelPath | None = None) -> dict:  # fmt: skip
     """Train (or resume) the MAE into ``out_dir/mae.pt``; returns the final checkpoint dict (CPU tensors). The mask
     of step n is seeded by (seed, n), so it does not depend on where a run resumed. ``precision`` "bf16": the
     forward and backward under bf16 autocast (weights, optimizer and EMA in fp32). Inside a process group
@@ -150,9 +156,11 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
     rank too), gradients are averaged, the loss is averaged for the log and the non-finite check (all ranks stop
     together), rank 0 writes the files, and the ranks' weights are checked equal at the end.
     ``finetune_last_steps`` > 0: the MAE gets a classifier over ``datamodule.num_classes`` classes, trained with
-    weight ``finetune_weight`` in the loss (the official fine-tune)."""
+    weight ``finetune_weight`` in the loss (the official fine-tune). ``augment``: each batch goes through this pixel
+    path (gwf/features/augment.py) before the mask, its draws seeded by (seed, step[, rank]); the MAE's input shape
+    is the path's output shape."""
     out = Path(out_dir) / CHECKPOINT_NAME
-    shape = tuple(int(s) for s in datamodule.shape)
+    shape = tuple(int(s) for s in (datamodule.shape if augment is None else augment.shape))
     if len(shape) != 3:
         raise ValueError(f"the MAE encodes [C, H, W] latents or images; the data have shape {list(shape)}")
     if precision not in ("32", "bf16"):
@@ -171,6 +179,10 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
         if mae_config(state["config"]) != model.config or tuple(state["data_shape"]) != shape:
             raise ValueError(f"{out} holds an MAE with config {state['config']} for data {state['data_shape']}, not "
                              f"{model.config} for {list(shape)}; pass another --out or the same settings")
+        augment_settings = augment.settings() if augment is not None else None
+        if state.get("augment") != augment_settings:
+            raise ValueError(f"{out} was trained with augmentation {state.get('augment')}, this run asks for "
+                             f"{augment_settings}; pass another --out or the same --augment options")
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         ema.set_num_updates(state["ema_updates"])
@@ -190,7 +202,7 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
         return {"format": MAE_CHECKPOINT_FORMAT, "config": model.config, "data_shape": list(shape), "step": step,
                 "model": cpu(model.state_dict()), "ema": cpu(ema.model.state_dict()),
                 "ema_updates": int(ema.num_updates), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "history": history}
+                "history": history, "augment": augment.settings() if augment is not None else None}
 
     if step >= steps:
         return snapshot()
@@ -209,6 +221,8 @@ def train_encoder(datamodule, out_dir: str | Path, *, steps: int, base_channels:
         x, labels = next(stream)
         x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         stream_key = (n,) if world == 1 else (n, rank)  # one process: the masks of earlier versions
+        if augment is not None:  # CPU draws (crop boxes, flips, posterior noise): the same on any device
+            x = augment(x, make_generator("cpu", "mae-augment", seed, *stream_key))
         mask = model.random_mask(x, *mask_ratio, make_generator(x.device, "mae-mask", seed, *stream_key))
         lambda_cls = finetune_weight(n, steps, finetune_last_steps, warmup_finetune, finetune_cls)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -289,9 +303,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-finetune", type=int, default=1000, help="steps of the fine-tune weight's linear ramp")
     p.add_argument("--finetune-cls", type=float, default=0.1,
                    help="weight of the cross-entropy at the end of the ramp (the reconstruction gets 1 - it)")
+    p.add_argument("--augment", default="none", choices=AUGMENTATIONS,
+                   help="pixel: the official MAE recipe's pixel augmentation (random resized crop, flip; then --vae's "
+                        "encoding); latent data are decoded by --vae first")
+    p.add_argument("--vae", default=None,
+                   help="SD-VAE folder (diffusers) for --augment pixel: decodes latent data, encodes the augmented "
+                        "pixels (the latent MAE); unset: pixel data train a pixel MAE")
+    p.add_argument("--vae-subfolder", default=None, help="the VAE's subfolder (vae for a Stable Diffusion folder)")
+    p.add_argument("--vae-batch-size", type=int, default=64, help="images per VAE decode / encode call")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=list(CROP_SCALE), metavar=("MIN", "MAX"),
+                   help="area fraction of the random resized crop")
+    p.add_argument("--crop-ratio", type=float, nargs=2, default=list(CROP_RATIO), metavar=("MIN", "MAX"),
+                   help="aspect ratio range of the random resized crop")
+    p.add_argument("--crop-size", type=int, default=None, help="side of the resized crop in pixels (unset: the "
+                                                                  "data's, decoded latents' for latent data)")
+    p.add_argument("--flip-prob", type=float, default=FLIP_PROB, help="probability of the horizontal flip")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="data.key=value / paths.key=value overrides of the data config")
     return p.parse_args(argv)
+
+
+def pixel_path(args: argparse.Namespace, data_shape, device: str) -> PixelPath | None:
+    """The --augment pixel path of the parsed options (None for --augment none); the VAE loaded onto ``device``."""
+    aug_options = ("--vae", args.vae), ("--vae-subfolder", args.vae_subfolder), ("--crop-size", args.crop_size)
+    if args.augment == "none":
+        given = [name for name, value in aug_options if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --augment pixel")
+        return None
+    augmentation = PixelAugmentation(tuple(args.crop_scale), tuple(args.crop_ratio), args.flip_prob, args.crop_size)
+    vae = None
+    if args.vae is not None:
+        from gwf.data.latents import load_vae
+
+        vae = load_vae(args.vae, args.vae_subfolder).to(device).requires_grad_(False)
+    elif int(data_shape[0]) != 3 and int(data_shape[0]) != 1:
+        raise ValueError(f"--augment pixel augments images; the data have {int(data_shape[0])} channels (latents?): "
+                         "pass --vae /path/sd-vae-ft-mse to decode them to pixels and encode the crops again")
+    return PixelPath(augmentation, data_shape, vae, vae_batch_size=args.vae_batch_size)
 
 
 def main(argv=None) -> None:
@@ -305,6 +354,7 @@ def main(argv=None) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     precision = args.precision if args.precision != "auto" else "bf16" if device.startswith("cuda") else "32"
     datamodule = build_datamodule(data_config(args.data, overrides, args.seed))
+    augment = pixel_path(args, datamodule.shape, device)
     optim = OptimConfig(name="adamw", lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip)
     state = train_encoder(datamodule, args.out, steps=args.steps, base_channels=args.base_channels, layers=args.layers,
@@ -313,7 +363,7 @@ def main(argv=None) -> None:
                           resume=not args.no_resume, progress=not args.no_progress,
                           export_dtype=getattr(torch, args.export_dtype), precision=precision, gn_eps=args.gn_eps,
                           finetune_last_steps=args.finetune_last_steps, warmup_finetune=args.warmup_finetune,
-                          finetune_cls=args.finetune_cls)
+                          finetune_cls=args.finetune_cls, augment=augment)
     last = state["history"][-1][1] if state["history"] else float("nan")
     if world > 1:
         dist.destroy_process_group()
