@@ -1,6 +1,6 @@
 """gwf-convert: official checkpoints -> gwf generator files.
 
-    gwf-convert wflow-generator <official state_*.pt> --out <gwf .pt> [--size wflow_dit_xl2] [--raw]
+    gwf-convert wflow-generator <official state_*.pt> --out <gwf .pt> [--size dit_xl2] [--raw]
     gwf-convert mae <official ema_params.pt or its folder> <gwf encoder .pt> [--dtype bfloat16|float32|keep]
 
 The released W-Flow checkpoints (hf jiaqihan99/W-Flow, checkpoints/latent_sota_{B,L,XL}_ot/state_*.pt; official
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from gwf.constants import SD_VAE_LATENT_SHAPE
-from gwf.models.wflow_dit import WFLOW_SIZES, WFlowDiT, official_keys, wflow_dit
+from gwf.models.wflow_dit import DIT_SIZES, WFlowDiT, dit, official_keys
 
 FORMAT = "gwf-generator/1"
 _PREFIXES = re.compile(r"(^|\.)(module|_orig_mod)\.")  # DDP wrapper, torch.compile wrapper
@@ -99,12 +99,12 @@ def infer_options(state: dict[str, Tensor], out_shape=SD_VAE_LATENT_SHAPE, patch
 
 
 def size_of(options: dict) -> str:
-    """The WFLOW_SIZES name with these hidden, depth and num_heads."""
+    """The DIT_SIZES name with these hidden, depth and num_heads."""
     arch = {k: options[k] for k in ("hidden", "depth", "num_heads")}
-    for name, numbers in WFLOW_SIZES.items():
+    for name, numbers in DIT_SIZES.items():
         if numbers == arch:
             return name
-    raise ValueError(f"no W-Flow size has {arch}; known sizes: {WFLOW_SIZES}")
+    raise ValueError(f"no W-Flow size has {arch}; known sizes: {DIT_SIZES}")
 
 
 # ------------------------------------------------------------------------------------------------ mapping
@@ -143,16 +143,16 @@ def gwf_to_official(state: dict[str, Tensor], model: WFlowDiT) -> dict[str, Tens
 def convert_generator(src: str | Path, dst: str | Path, size: str | None = None, ema: bool = True,
                       out_shape=SD_VAE_LATENT_SHAPE, patch: int = 2) -> dict:
     """Official W-Flow generator checkpoint ``src`` -> gwf generator file ``dst``; returns its model_config.
-    ``size``: a WFLOW_SIZES name, checked against the checkpoint (None: read from it)."""
+    ``size``: a DIT_SIZES name, checked against the checkpoint (None: read from it)."""
     payload = read_checkpoint(src)
     state, kind = select_weights(payload, ema)
     options = infer_options(state, out_shape, patch)
     found = size_of(options)
     if size is not None and size != found:
         raise ValueError(f"--size {size} does not match the checkpoint, which is {found} ({options})")
-    config = {k: v for k, v in options.items() if k not in WFLOW_SIZES[found]}
+    config = {k: v for k, v in options.items() if k not in DIT_SIZES[found]}
     with torch.device("meta"):  # names and shapes only: no memory
-        model = wflow_dit(found, **config)
+        model = dit(found, **config)
     converted = official_to_gwf(state, model)
     source = dict(path=str(src), weights=kind, step=int(payload.get("step", -1)) if kind != "flat" else -1)
     dst = Path(dst)
@@ -168,7 +168,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", **optio
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a gwf-convert generator file (format {FORMAT})")
-    model = wflow_dit(payload["model"], **{**payload["model_config"], **options})
+    model = dit(payload["model"], **{**payload["model_config"], **options})
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.to(device)
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("wflow-generator", help="official W-Flow DitGen checkpoint -> gwf generator file")
     p.add_argument("src", help="official state_*.pt, params_ema/ema_params.pt, or a .safetensors state dict")
     p.add_argument("--out", required=True, help="gwf generator file to write (.pt)")
-    p.add_argument("--size", choices=sorted(WFLOW_SIZES), default=None,
+    p.add_argument("--size", choices=sorted(DIT_SIZES), default=None,
                    help="expected size (default: read from the checkpoint)")
     p.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA weights")
     p.add_argument("--out-shape", type=int, nargs=3, default=list(SD_VAE_LATENT_SHAPE), metavar=("C", "H", "W"),

@@ -1,7 +1,7 @@
-"""gwf-bench-step on a tiny imagenet_b2 (dit_tiny, a 2-stage MAE of width 8, 4x8x8 latents): its JSON, the memory
-probe against hand counts, the activation-scaling rule against direct measurements at two batch sizes, and its op and
-sync counts (fake tensors, full batch) against a direct OpCounter count of the same update on real CPU tensors, and
-the kernel counter of compiled code on known graphs."""
+"""gwf-bench-step on a tiny imagenet_b2 (dit_tiny: the official W-Flow DiT at width 64; a 2-stage MAE of width 8;
+4x8x8 latents): its JSON, the memory probe against hand counts, the activation-scaling rule against direct
+measurements at two batch sizes, and its op and sync counts (fake tensors, full batch) against a direct OpCounter
+count of the same update on real CPU tensors, and the kernel counter of compiled code on known graphs."""
 
 import json
 

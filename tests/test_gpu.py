@@ -82,9 +82,9 @@ class _PeakOfUpdate(L.Callback):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_imagenet_b2_update_fits_the_predicted_peak(monkeypatch, compiled):
-    """One steady-state imagenet_b2 update (DiT-B/2, MAE-640, 2 labels x 64 per rank, bf16-mixed, fused AdamW) peaks
-    within 10% of gwf-bench-step's prediction (torch.cuda.max_memory_allocated) with eager networks, and at most 10%
-    above it compiled as the recipe runs (model.compile, method.compile: auto; the prediction is the eager
+    """One steady-state imagenet_b2 update (the official DiT-B/2, MAE-640, 2 labels x 64 per rank, bf16-mixed, fused
+    AdamW) peaks within 10% of gwf-bench-step's prediction (torch.cuda.max_memory_allocated) with eager networks, and
+    at most 10% above it compiled as the recipe runs (model.compile, method.compile: auto; the prediction is the eager
     networks'). The MAE is random (its checkpoint loader is replaced: no 8 GB file), built through
     gwf.build.build_module like the rest."""
     from gwf.bench import step

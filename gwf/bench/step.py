@@ -258,7 +258,7 @@ class _ToList(TorchFunctionMode):
 def tiny_overrides(cfg, mae_path: Path | None) -> dict:
     """The op-count run: tiny widths (DiT head dim 8, the tiny MAE at ``mae_path``); depth, encoder layout, batch
     sizes (the class bank's too: a push larger than its capacity takes another path) and data shape unchanged."""
-    from gwf.models.dit import DIT_SIZES
+    from gwf.models.wflow_dit import DIT_SIZES
 
     out = {}
     if cfg.model.name in DIT_SIZES:

@@ -10,12 +10,11 @@ from torch import nn
 
 from functools import partial
 
-from gwf.models.dit import DIT_SIZES, dit
 from gwf.models.mlp import MLPGenerator
 from gwf.models.ncsnpp import NCSNppGenerator
 from gwf.models.resnet import ResNetGenerator
 from gwf.models.unet import UNetGenerator
-from gwf.models.wflow_dit import WFLOW_SIZES, wflow_dit
+from gwf.models.wflow_dit import DIT_SIZES, dit
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLPGenerator,
@@ -23,9 +22,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet_mmdgan": ResNetGenerator,  # the official resnet_MMDGAN: conf/model/resnet_mmdgan.yaml sets its layout
     "ncsnpp": NCSNppGenerator,  # the official Large-Net (NCSN++ with AdaGN; image noise and a latent)
     "unet": UNetGenerator,  # the official U-Net (image-shaped noise in, image out)
-    **{size: partial(dit, size) for size in DIT_SIZES},  # dit_tiny, dit_b2, dit_l2, dit_xl2 (LightningDiT-style)
-    # the official W-Flow generator (models/generator.py DitGen): wflow_dit_tiny, _b2, _l2, _xl2
-    **{size: partial(wflow_dit, size) for size in WFLOW_SIZES},
+    # the official W-Flow generator (models/generator.py DitGen): dit_tiny, dit_b2, dit_l2, dit_xl2
+    **{size: partial(dit, size) for size in DIT_SIZES},
 }
 
 

@@ -1,6 +1,11 @@
 """The official W-Flow one-step generator ([WF]; hanjq17/W-Flow ``models/generator.py`` ``DitGen`` around a
 ``LightningDiT``), written from the official constructors and forward, not copied. Line numbers below cite
 models/generator.py of the public fork hudsonchen/riesz_flow_hudson at commit a8941cb (the released code).
+``model=dit_tiny | dit_b2 | dit_l2 | dit_xl2`` (DIT_SIZES below) build it; every ImageNet recipe runs it. The Drifting
+release's Drift-L config sets the same options (configs/gen/latent_sota_L.yaml, read in its copy
+yhsure/drifting-models-pytorch: noise_classes 64, noise_coords 32, n_cls_tokens 16, use_qknorm / use_swiglu /
+use_rope / use_rmsnorm, attn_fp32 false). The LightningDiT-style DiT gwf had before
+(2D axial RoPE, log-alpha embedding, no noise tokens, nonzero output init) was removed: docs/differences.md.
 
 Architecture (official configs configs/gen/latent_sota_{B,L,XL}_ot_*.yaml: cond_dim = hidden_size, patch 2 on 4x32x32
 SD-VAE latents, use_qknorm / use_swiglu / use_rope / use_rmsnorm true, n_cls_tokens 16, noise_classes 64,
@@ -25,7 +30,7 @@ noise_coords 32):
 gwf interface: ONE flat noise vector per sample, ``z`` [B, C*H*W + noise_coords] = [latent noise | noise coordinates]:
 * ``z[:, :C*H*W]`` viewed as [B, C, H, W] is the Gaussian latent the official draws as randn [B, H, W, C] (l.617);
   gwf's layout is channels-first, the official's channels-last; both are i.i.d. N(0, 1), so the laws agree, and
-  the patch order (row, column, channel) is the same (official l.425-434 vs gwf.models.dit.patchify), so weights
+  the patch order (row, column, channel) is the same (official l.425-434 vs ``patchify``), so weights
   need no permutation.
 * the discrete noise token of coordinate i is ``floor(noise_classes * Phi(z[:, C*H*W + i]))`` (clamped to
   noise_classes - 1), Phi the standard normal CDF: for z_i ~ N(0, 1), Phi(z_i) is uniform on (0, 1), so the token is
@@ -62,8 +67,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from gwf.constants import SD_VAE_LATENT_SHAPE
-from gwf.models.dit import CHECKPOINTING, ROPE_THETA, RMSNorm, modulate, patchify, unpatchify
 
+CHECKPOINTING = ("none", "blocks", "every_k")  # model.checkpointing
+ROPE_THETA = 10000.0  # rotary base frequency (official l.177; RoFormer, Su et al. 2021)
 ALPHA_FREQ_DIM = 256  # frequencies of the cfg-scale embedder (official TimestepEmbedder default, l.469)
 ALPHA_EMBED_SCALE = 0.02  # c += 0.02 * RMSNorm(alpha embedding) (official l.605)
 SINCOS_BASE = 10000.0  # the position embedding's frequency base (official l.18)
@@ -71,6 +77,32 @@ TRUNK = ("patch_embed", "blocks", "final_layer", "pos_embed", "cls_embed", "c_to
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
+def patchify(x: Tensor, p: int) -> Tensor:
+    """x [B, C, H, W] -> tokens [B, (H/p)*(W/p), p*p*C], row-major over patches, (p_row, p_col, C) within one (the
+    official _patch_embed's order on its channels-last input, l.425-434)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: Tensor, p: int, c: int, h: int, w: int) -> Tensor:
+    """Inverse of ``patchify``: tokens [B, (h/p)*(w/p), p*p*c] -> x [B, c, h, w]."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, h // p, w // p, p, p, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32."""
+    y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float() if weight is not None else y).to(x.dtype)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x [B, N, D] * (1 + scale [B, D]) + shift [B, D]."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
 def swiglu_width(hidden: int, mlp_ratio: float = 4.0) -> int:
     """SwiGLU width: int(2/3 * int(hidden * mlp_ratio)) rounded up to a multiple of 32 (official l.284-287)."""
     width = int(2 / 3 * int(hidden * float(mlp_ratio)))
@@ -130,6 +162,18 @@ def _linear(d_in: int, d_out: int, init: str = "xavier") -> nn.Linear:
 
 
 # ------------------------------------------------------------------------------------------------ layers
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned gain (official RMSNorm, eps 1e-6)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
 class AlphaEmbedder(nn.Module):
     """Official TimestepEmbedder (l.468-490) on alpha: Linear(256, D), SiLU, Linear(D, D), weights N(0, 0.02^2)."""
 
@@ -352,28 +396,29 @@ def official_keys(module: nn.Module) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------ sizes
 # The one home of each size's numbers (the official configs latent_sota_{B,L,XL}_ot_1node.yaml, model: hidden_size,
-# depth, num_heads; cond_dim = hidden_size); conf/model/wflow_dit_*.yaml name the size and hold the other options.
-WFLOW_SIZES: dict[str, dict[str, int]] = {
-    "wflow_dit_tiny": dict(hidden=64, depth=2, num_heads=4),  # tests and CPU runs
-    "wflow_dit_b2": dict(hidden=768, depth=12, num_heads=12),
-    "wflow_dit_l2": dict(hidden=1024, depth=24, num_heads=16),
-    "wflow_dit_xl2": dict(hidden=1152, depth=28, num_heads=16),
+# depth, num_heads; cond_dim = hidden_size); conf/model/dit_*.yaml name the size and hold the other options.
+DIT_SIZES: dict[str, dict[str, int]] = {
+    "dit_tiny": dict(hidden=64, depth=2, num_heads=4),  # tests and CPU runs (not an official size)
+    "dit_b2": dict(hidden=768, depth=12, num_heads=12),
+    "dit_l2": dict(hidden=1024, depth=24, num_heads=16),
+    "dit_xl2": dict(hidden=1152, depth=28, num_heads=16),
 }
 
 # [WF] Table: B/2, L/2, XL/2 parameter counts (1000 classes).
-PAPER_PARAMS = {"wflow_dit_b2": 132.7e6, "wflow_dit_l2": 462.9e6, "wflow_dit_xl2": 678.9e6}
+PAPER_PARAMS = {"dit_b2": 132.7e6, "dit_l2": 462.9e6, "dit_xl2": 678.9e6}
 
 
-def wflow_dit(size: str, out_shape, num_classes: int = 0, **options) -> WFlowDiT:
-    """The W-Flow DiT of a named size; ``options`` (patch, noise_coords, ...; or a size number) go through."""
-    return WFlowDiT(out_shape, num_classes, **{**WFLOW_SIZES[size], **options})
+def dit(size: str, out_shape, num_classes: int = 0, **options) -> WFlowDiT:
+    """The W-Flow DiT of a named size (a DIT_SIZES key); ``options`` (patch, noise_coords, ...; or a size number)
+    go through."""
+    return WFlowDiT(out_shape, num_classes, **{**DIT_SIZES[size], **options})
 
 
-wflow_dit_tiny = partial(wflow_dit, "wflow_dit_tiny")
+dit_tiny = partial(dit, "dit_tiny")
 
 
 def count_parameters(size: str, out_shape=SD_VAE_LATENT_SHAPE, num_classes: int = 1000, **options) -> int:
     """Parameters of a size at the official settings (unless overridden), built on the meta device."""
     with torch.device("meta"):
-        model = wflow_dit(size, out_shape, num_classes, **options)
+        model = dit(size, out_shape, num_classes, **options)
     return sum(p.numel() for p in model.parameters())
