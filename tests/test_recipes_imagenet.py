@@ -14,7 +14,8 @@ from gwf.constants import MAE_CHECKPOINT_FORMAT
 from gwf.data.datamodule import ShardDataModule
 from gwf.data.shards import write_shards
 from gwf.features.mae import MAEFeatures, MaskedAutoencoder, save_checkpoint
-from gwf.models import MODELS
+from gwf.models import build_model
+from gwf.models.wflow_dit import WFlowDiT
 from gwf.objectives.drifting import Drifting
 from gwf.objectives.wflow import WFlow
 from gwf.build import build_module
@@ -24,20 +25,24 @@ from tests.conftest import CONF_DIR, compose_config
 SHAPE = (4, 8, 8)
 NUM_CLASSES = 10
 
-# Values read in the official configs each recipe cites (hanjq17/W-Flow configs/gen/*_ot_*node.yaml, lambertae/drifting
-# configs/gen/latent_sota_L.yaml): model, global labels per step, positives per label, lr, weight decay, warm-up,
-# updates, eps R / temperatures, Sinkhorn iterations, alpha power (neg_cfg_pw), forced alpha = 1 fraction.
+# Values read in the official configs each recipe cites (hanjq17/W-Flow configs/gen/ablation_ot_1node.yaml and
+# latent_sota_{B,L,XL}_ot_1node.yaml, lambertae/drifting configs/gen/latent_sota_L.yaml): model, global labels per step,
+# positives per label, lr, weight decay, warm-up, updates, eps R / temperatures, Sinkhorn iterations, alpha power
+# (neg_cfg_pw), forced alpha = 1 fraction; the generator: its parameter count with 1000 classes (the official DitGen's
+# at hidden_size / depth / num_heads of the config, tests/test_models_wflow_dit.py), attn_fp32, use_remat (gwf also
+# recomputes the Drifting L/2's blocks: memory only).
 OFFICIAL = {
     "imagenet_wflow_ablation": dict(model="dit_b2", labels=64, pos=64, lr=2e-4, wd=0.01, warmup=5000, updates=30000,
-                                    eps_rel=0.05, n_iters=10, power=3.0, one=0.0),
+                                    eps_rel=0.05, n_iters=10, power=3.0, one=0.0, params=132_708_880, attn_fp32=True,
+                                    remat=False),
     "imagenet_b2": dict(model="dit_b2", labels=128, pos=64, lr=4e-4, wd=0.0, warmup=10000, updates=200000,
-                        eps_rel=0.05, n_iters=10, power=5.0, one=0.0),
+                        eps_rel=0.05, n_iters=10, power=5.0, one=0.0, params=132_708_880, attn_fp32=False, remat=False),
     "imagenet_l2": dict(model="dit_l2", labels=128, pos=64, lr=4e-4, wd=0.01, warmup=10000, updates=200000,
-                        eps_rel=0.05, n_iters=1, power=3.0, one=0.5),
+                        eps_rel=0.05, n_iters=1, power=3.0, one=0.5, params=462_909_456, attn_fp32=False, remat=True),
     "imagenet_xl2": dict(model="dit_xl2", labels=128, pos=128, lr=3e-4, wd=0.01, warmup=10000, updates=180000,
-                         eps_rel=0.01, n_iters=1, power=4.0, one=0.2),
+                         eps_rel=0.01, n_iters=1, power=4.0, one=0.2, params=678_929_872, attn_fp32=False, remat=True),
     "imagenet_drifting": dict(model="dit_l2", labels=128, pos=64, lr=4e-4, wd=0.01, warmup=10000, updates=200000,
-                              temperatures=[0.2, 0.05, 0.02]),
+                              temperatures=[0.2, 0.05, 0.02], params=462_909_456, attn_fp32=False, remat=True),
 }
 
 
@@ -71,8 +76,15 @@ def test_recipe_composes_with_the_official_settings(recipe):
     sched = JKOSchedule(c["jko"]["steps"], c["jko"]["updates_per_step"], c["jko"]["updates_first_step"])
     assert sched.total_updates == want["updates"]
     assert c["method"]["features"]["name"] == "mae" and c["trainer"]["precision"] == "bf16-mixed"
-    # use_remat (L/2, XL/2; gwf also for the Drifting L/2) and grad_accum_steps (the ablation's 4 chunks)
-    assert c["model"]["checkpointing"] == ("blocks" if want["model"] != "dit_b2" else "none")
+    # the official generator at the config's options: every parameter, attn_fp32, use_remat
+    model = {k: v for k, v in c["model"].items() if k not in ("name", "compile")}
+    with torch.device("meta"):
+        generator = build_model(c["model"]["name"], out_shape=[4, 32, 32], num_classes=1000, **model)
+    assert isinstance(generator, WFlowDiT) and sum(p.numel() for p in generator.parameters()) == want["params"]
+    assert generator.noise_shape == (4 * 32 * 32 + 32,) and generator.n_cls_tokens == 16
+    assert model["attn_fp32"] is want["attn_fp32"]
+    assert c["model"]["checkpointing"] == ("blocks" if want["remat"] else "none")
+    # grad_accum_steps (the ablation's 4 chunks)
     assert c["batch"]["label_chunks"] == (4 if recipe == "imagenet_wflow_ablation" else 1)
     if c["method"]["name"] == "wflow":
         assert c["method"]["estimator"] == "two_batch" and c["method"]["eps_rel"] == want["eps_rel"]
@@ -93,9 +105,8 @@ def _tiny_mae(path):
 
 def _small(recipe, *extra):
     """The recipe with sizes shrunk for a CPU test (the evaluator is not used by build_module)."""
-    model = "dit_tiny" if "dit_tiny" in MODELS else "mlp"
     chunks = ["batch.label_chunks=2"] if recipe == "imagenet_wflow_ablation" else []  # its 4 chunks, 2 labels here
-    return compose_config([f"experiment={recipe}", f"model={model}", "eval=digits", "batch.labels_per_update=2",
+    return compose_config([f"experiment={recipe}", "model=dit_tiny", "eval=digits", "batch.labels_per_update=2",
                            "batch.gen_per_label=4", "batch.pos_per_label=4", "batch.uncond_per_update=4",
                            "batch.bank_capacity=8", *chunks, *extra])
 
