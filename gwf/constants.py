@@ -7,6 +7,11 @@ SD_VAE_LATENT_SHAPE = (4, 32, 32)
 DEFAULT_EPS_REL = 0.05  # W-Flow's relative eps R ([WF] official recipe; docs/conventions.md)
 # W-Flow's self-transport estimators: q' = a second batch (the paper's), q' = q (the ablation), q' = q self-masked.
 ESTIMATORS = ("two_batch", "single", "masked")
+# W-Flow's transport cost: "sq" = ||x - y||^2 / 2 (the paper's and the recipes'), "l2" = ||x - y|| (the official
+# code's use_quadratic_cost=False; [WF] Table 2c). Guidance: "velocity" ([WF] Eq. 16, the official use_new_cfg),
+# "distribution" (unconditional reals as weighted targets of the self term, [WF] Table 2b), "none".
+COSTS = ("sq", "l2")
+GUIDANCE_MODES = ("velocity", "distribution", "none")
 COMPILE_MODES = (False, True, "auto")  # model.compile, method.compile: auto compiles on CUDA only
 # Floor of a field's RMS before normalization, relative to the per-coordinate distance scale (W-Flow and Drifting).
 RMS_FLOOR_REL = 1e-4

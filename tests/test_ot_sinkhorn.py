@@ -7,6 +7,7 @@ Convention everywhere: cost ||x - y||^2 / 2, uniform weights, eps KL(pi | a (x) 
 
 import gwf  # noqa: F401  (first: torchvision workaround)
 
+import contextlib
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from scipy.stats import norm
 
 from gwf.ot import ENGINES, barycentric_projection, barycentric_projection_geomloss, sinkhorn_potentials
+from gwf.ot.sinkhorn import _log_kernels, _log_target_weights, _sinkhorn_loop, _sinkhorn_loop_compiled, log_domain_loop
 from gwf.ot.gaussian import (
     bures_w2_squared,
     entropic_barycentric_map_gaussians,
@@ -31,12 +33,22 @@ def _problems(seed=0, batch=3, n=24, m=31, d=3):
     return x, y
 
 
-def _pot_plan(x, y, eps):
-    """Converged float64 entropic plan from POT for cost ||x - y||^2 / 2, reg eps (KL to a (x) b)."""
+def _pot_plan(x, y, eps, cost_kind="sq", weights=None, diagonal=0.0):
+    """Converged float64 entropic plan from POT for cost ||x - y||^2 / 2 ("sq") or ||x - y|| ("l2"), reg eps (KL to
+    a (x) b); b uniform or ``weights`` normalized; ``diagonal`` added to C_ii for i < N (a prohibitive cost: the
+    self-pair mask)."""
     x, y = x.double().numpy(), y.double().numpy()
-    cost = 0.5 * ((x[:, None] - y[None]) ** 2).sum(-1)
-    a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
-    plan = ot.sinkhorn(a, b, cost, eps, method="sinkhorn_log", numItermax=100_000, stopThr=1e-13)
+    dist = np.sqrt(((x[:, None] - y[None]) ** 2).sum(-1))
+    cost = 0.5 * dist**2 if cost_kind == "sq" else dist
+    cost = cost + diagonal * np.eye(len(x), len(y))
+    a = np.full(len(x), 1 / len(x))
+    b = np.full(len(y), 1 / len(y)) if weights is None else weights.double().numpy()
+    b = b / b.sum()  # in float64: POT's stopping test needs marginals of equal mass
+    live = b > 0  # POT on the targets of positive weight (log 0 stalls its loop); no mass on the others
+    plan = np.zeros((len(x), len(y)))
+    plan[:, live] = ot.sinkhorn(a, b[live], cost[:, live], eps, method="sinkhorn_log", numItermax=100_000,
+                                stopThr=1e-13)
+    b = np.where(live, b, 1.0)  # in the KL term below, 0 log(0 / 0) = 0
     value = (plan * cost).sum() + eps * (plan * np.log(np.maximum(plan, 1e-300) / np.outer(a, b))).sum()
     return plan, cost, value
 
@@ -68,6 +80,82 @@ def test_own_engine_matches_pot_projection_potentials_and_value():
         assert float(f[b].mean() + g[b].mean()) == pytest.approx(value, rel=1e-5)
 
 
+@pytest.mark.parametrize("loop", ["row_frame", "log_domain"])
+@pytest.mark.parametrize("cost", ["sq", "l2"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cost_and_target_marginal_match_pot(cost, weighted, loop):
+    """cost ||x - y|| (the official use_quadratic_cost=False) and a non-uniform target marginal (the official
+    target_weights, normalized per problem; one target of weight 0) against POT in float64: T = N pi y, and the plan
+    rebuilt from the potentials, pi_ij = a_i b_j exp((f_i + g_j - C_ij) / eps). Both forms of the loop."""
+    x, y = _problems(seed=12, batch=3, n=14, m=19, d=3)
+    eps = torch.tensor([0.25, 0.7, 1.6])
+    g = torch.Generator().manual_seed(13)
+    w = 0.1 + 3 * torch.rand(3, 19, generator=g) if weighted else None
+    if weighted:
+        w[1, 4] = 0.0
+    with log_domain_loop() if loop == "log_domain" else contextlib.nullcontext():
+        t = barycentric_projection(x, y, eps, n_iters=1500, cost=cost, target_weights=w)
+        f, gg = sinkhorn_potentials(x, y, eps, n_iters=1500, cost=cost, target_weights=w)
+    for b in range(3):
+        plan, c, value = _pot_plan(x[b], y[b], float(eps[b]), cost, None if w is None else w[b])
+        np.testing.assert_allclose(t[b].numpy(), x.shape[1] * plan @ y[b].double().numpy(), atol=2e-5)
+        bw = np.full(19, 1 / 19) if w is None else w[b].double().numpy() / w[b].double().sum().item()
+        rebuilt = bw[None] / x.shape[1] * np.exp((f[b].double().numpy()[:, None] + gg[b].double().numpy()[None] - c)
+                                                 / float(eps[b]))
+        np.testing.assert_allclose(rebuilt, plan, atol=1e-6, rtol=1e-3)
+        if w is None or b != 1:
+            assert float(f[b].mean() + (torch.tensor(bw) * gg[b].double()).sum()) == pytest.approx(value, rel=1e-5)
+    if weighted:  # the target of weight 0 takes no mass: T is the projection onto the other 18 points
+        keep = [j for j in range(19) if j != 4]
+        alone = barycentric_projection(x[1:2], y[1:2, keep], eps[1:2], n_iters=1500, cost=cost,
+                                       target_weights=w[1:2, keep])
+        torch.testing.assert_close(t[1:2], alone, atol=2e-6, rtol=0)
+        assert float(gg[1, 4]) == 0.0  # its potential does not enter the plan
+
+
+@pytest.mark.parametrize("cost", ["sq", "l2"])
+def test_self_mask_of_a_union_target_matches_pot(cost):
+    """mask_diagonal with M > N (the targets [x, other points], as distribution guidance's masked self term): C_ii
+    = +inf for i < N only, against POT with a prohibitive cost on those entries; weighted targets."""
+    g = torch.Generator().manual_seed(14)
+    x, extra = torch.randn(2, 10, 4, generator=g), torch.randn(2, 6, 4, generator=g) + 0.5
+    y = torch.cat([x, extra], 1)
+    w = torch.cat([torch.ones(2, 10), torch.full((2, 6), 2.5)], 1)
+    eps = 0.6
+    t = barycentric_projection(x, y, eps, n_iters=1500, mask_diagonal=True, cost=cost, target_weights=w)
+    for b in range(2):
+        plan, _, _ = _pot_plan(x[b], y[b], eps, cost, w[b], diagonal=1e4)
+        np.testing.assert_allclose(t[b].numpy(), x.shape[1] * plan @ y[b].double().numpy(), atol=2e-5)
+
+
+def test_compiled_loop_with_target_weights():
+    """The compiled iteration with target weights (method.compile) gives the eager log-domain loop's potentials."""
+    x, y = _problems(seed=15, batch=2, n=12, m=9, d=3)
+    eps = torch.tensor([0.5, 1.0])
+    w = [torch.rand(2, 9, generator=torch.Generator().manual_seed(16)) + 0.2]
+    logk = _log_kernels([x - y.mean(1, keepdim=True)], [y - y.mean(1, keepdim=True)], eps, False, "l2")
+    log_w = _log_target_weights(w, [y])
+    a_eager, b_eager = _sinkhorn_loop(logk, 30, None, log_w)
+    a_comp, b_comp = _sinkhorn_loop_compiled(logk, 30, log_w)
+    torch.testing.assert_close(a_comp, a_eager, atol=2e-5, rtol=0)
+    torch.testing.assert_close(b_comp, b_eager, atol=2e-5, rtol=0)
+
+
+def test_target_weights_and_cost_errors():
+    x, y = torch.randn(2, 8, 3), torch.randn(2, 9, 3)
+    for project in (barycentric_projection, barycentric_projection_geomloss):
+        with pytest.raises(ValueError, match=r"shape \[B, M\]"):
+            project(x, y, 1.0, target_weights=torch.ones(2, 8))
+        with pytest.raises(ValueError, match=">= 0"):
+            project(x, y, 1.0, target_weights=-torch.ones(2, 9))
+        with pytest.raises(ValueError, match="positive sum"):
+            project(x, y, 1.0, target_weights=torch.zeros(2, 9))
+        with pytest.raises(ValueError, match="unknown cost"):
+            project(x, y, 1.0, cost="l1")
+    with pytest.raises(ValueError, match="quadratic cost only"):
+        barycentric_projection_geomloss(x, y, 1.0, cost="l2")
+
+
 def test_geomloss_engine_matches_pot_projection():
     # geomloss anneals eps and stops with one update at the target eps: its error shrinks like (1 - scaling).
     x, y = _problems(seed=1, batch=2, n=20, m=17, d=2)
@@ -75,6 +163,16 @@ def test_geomloss_engine_matches_pot_projection():
     t = barycentric_projection_geomloss(x, y, eps, scaling=0.999)
     for b in range(x.shape[0]):
         plan, _, _ = _pot_plan(x[b], y[b], eps)
+        t_ref = x.shape[1] * plan @ y[b].double().numpy()
+        disp = np.sqrt(((t_ref - x[b].numpy()) ** 2).sum(-1).mean())
+        err = np.sqrt(((t[b].numpy() - t_ref) ** 2).sum(-1).mean())
+        assert err < 5e-3 * disp, (err, disp)
+    # a non-uniform target marginal (geomloss's weights; a target of weight 0)
+    w = torch.rand(2, 17, generator=torch.Generator().manual_seed(1)) + 0.1
+    w[0, 2] = 0.0
+    t = barycentric_projection_geomloss(x, y, eps, scaling=0.999, target_weights=w)
+    for b in range(x.shape[0]):
+        plan, _, _ = _pot_plan(x[b], y[b], eps, weights=w[b])
         t_ref = x.shape[1] * plan @ y[b].double().numpy()
         disp = np.sqrt(((t_ref - x[b].numpy()) ** 2).sum(-1).mean())
         err = np.sqrt(((t[b].numpy() - t_ref) ** 2).sum(-1).mean())
@@ -303,14 +401,14 @@ def test_bad_input_raises_clear_errors(engine):
     with pytest.raises(ValueError, match=r"shape \[B\]"):
         project(x, y, torch.ones(3))
     with pytest.raises(ValueError):
-        project(x, y, 1.0, mask_diagonal=True)  # N != M (own) / unsupported (geomloss)
+        project(y, x, 1.0, mask_diagonal=True)  # M < N (own) / unsupported (geomloss)
 
 
 def test_mask_and_iteration_errors():
     x = torch.randn(2, 8, 3)
     with pytest.raises(ValueError, match="use engine='own'"):
         barycentric_projection_geomloss(x, x, 1.0, mask_diagonal=True)
-    with pytest.raises(ValueError, match="N == M"):
+    with pytest.raises(ValueError, match="M >= N"):
         barycentric_projection(x, torch.randn(2, 7, 3), 1.0, mask_diagonal=True)
     with pytest.raises(ValueError, match="at least 2 points"):
         barycentric_projection(x[:, :1], x[:, :1], 1.0, mask_diagonal=True)
