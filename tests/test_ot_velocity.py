@@ -301,3 +301,184 @@ def test_float_iteration_counts_from_a_config_run():
     x, pos, neg = (torch.randn(1, 8, 2, generator=g) for _ in range(3))
     torch.testing.assert_close(sinkhorn_velocity(x, pos, neg, n_iters=2.0)[0],
                                sinkhorn_velocity(x, pos, neg, n_iters=2)[0])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ablations of [WF] Table 2: the cost ||x - y|| (2c) and distribution guidance (2b)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _pot_projection(x, y, eps, cost, weights=None, diagonal=0.0):
+    """T = N pi y of one problem from POT's converged float64 plan (tests/test_ot_sinkhorn.py's reference)."""
+    from tests.test_ot_sinkhorn import _pot_plan
+
+    plan, _, _ = _pot_plan(x, y, eps, cost, weights, diagonal)
+    return torch.from_numpy(x.shape[0] * plan @ y.double().numpy())
+
+
+def test_l2_cost_velocity_against_pot_and_its_eps():
+    """cost="l2": eps = eps_rel x mean_{i,j} ||x_i - t_j|| over [x, q', p] (the official eps = R sqrt(S) on features
+    scaled to mean distance sqrt(S)), and V = T_p - T_q' with T from POT's float64 plan for the cost ||x - y||.
+    The field is scale-equivariant with eps linear in the scale."""
+    g = torch.Generator().manual_seed(21)
+    x, neg = torch.randn(2, 12, 3, generator=g), torch.randn(2, 10, 3, generator=g)
+    pos = 1.2 * torch.randn(2, 15, 3, generator=g) + 0.8
+    v, info = sinkhorn_velocity(x, pos, neg, cost="l2", n_iters=1500, rms_normalize=False)
+    for b in range(2):
+        targets = torch.cat([x[b], neg[b], pos[b]]).double()
+        mean_dist = float(torch.cdist(x[b].double(), targets).mean())
+        assert float(info["mean_dist"][b]) == pytest.approx(mean_dist, rel=1e-5)
+        eps = DEFAULT_EPS_REL * mean_dist
+        assert float(info["eps"][b]) == pytest.approx(eps, rel=1e-5)
+        v_ref = _pot_projection(x[b], pos[b], eps, "l2") - _pot_projection(x[b], neg[b], eps, "l2")
+        torch.testing.assert_close(v[b].double(), v_ref, atol=3e-5, rtol=0)
+    torch.testing.assert_close(info["eps"], relative_eps(x, [x, neg, pos], DEFAULT_EPS_REL, cost="l2"))
+    assert "msd" not in info
+    # the squared cost's field is another one (the test can tell them apart)
+    v_sq, _ = sinkhorn_velocity(x, pos, neg, n_iters=1500, rms_normalize=False)
+    assert _rel(v_sq, v) > 0.05
+    c = 5.0
+    v_c, info_c = sinkhorn_velocity(c * x, c * pos, c * neg, cost="l2", n_iters=1500, rms_normalize=False)
+    torch.testing.assert_close(v_c, c * v, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(info_c["eps"], c * info["eps"], rtol=1e-5, atol=0)
+
+
+def _official_distribution_velocity(x, pos, neg, uncond, alpha, eps_rel, n_iter, cost):
+    """What the official code computes for one label under distribution guidance (train.py with use_new_cfg=False,
+    resample_neg=True, disable_diag_mask=True, the ablation recipe's; drift_loss_ot.py with one R), re-implemented
+    in float64 from its text: the unconditional reals join the negatives with weight (cfg - 1)(n_gen - 1) / n_uncond,
+    the features are divided by scale / sqrt(S) (scale: the weighted RMS distance for the quadratic cost, the
+    weighted mean distance for ||x - y||, over the targets [gen, negatives, positives]), reg = R S or R sqrt(S), and
+    n_iter log-domain iterations from log_v = 0 give the plans; V = T_pos - T_neg in the features' units."""
+    x, pos, neg, uncond = (t.double() for t in (x, pos, neg, uncond))
+    n_gen, n_uncond, dim = x.shape[0], uncond.shape[0], x.shape[1]
+    uncond_w = (alpha - 1.0) * (n_gen - 1) / max(1, n_uncond)
+    fixed_neg = torch.cat([neg, uncond])
+    weight_neg = torch.cat([torch.ones(len(neg)), torch.full((n_uncond,), uncond_w)]).double()
+    targets = torch.cat([x, fixed_neg, pos])
+    targets_w = torch.cat([torch.ones(n_gen).double(), weight_neg, torch.ones(len(pos)).double()])
+    dist = torch.cdist(x, targets)
+    if cost == "sq":
+        scale = ((dist * dist * targets_w).mean() / (targets_w.mean() + 1e-8)).sqrt()
+    else:
+        scale = (dist * targets_w).mean() / (targets_w.mean() + 1e-8)
+    scale_inputs = torch.clamp(scale / dim**0.5, min=1e-3)
+    reg = eps_rel * (dim if cost == "sq" else dim**0.5)
+
+    def bary(z, y, b):
+        c = torch.cdist(z, y)
+        c = 0.5 * c * c if cost == "sq" else c
+        log_k = -c / reg
+        log_a = torch.full((len(z),), -math.log(len(z))).double()
+        log_b = torch.log((b / b.sum()).clamp_min(1e-30))
+        log_u, log_v = torch.zeros_like(log_a), torch.zeros_like(log_b)
+        for _ in range(max(int(n_iter), 1)):
+            log_u = log_a - torch.logsumexp(log_k + log_v[None, :], dim=-1)
+            log_v = log_b - torch.logsumexp(log_k.T + log_u[None, :], dim=-1)
+        plan = torch.exp(log_u[:, None] + log_k + log_v[None, :])
+        return plan @ y / plan.sum(-1, keepdim=True)
+
+    z = x / scale_inputs
+    v = bary(z, pos / scale_inputs, torch.ones(len(pos)).double()) - bary(z, fixed_neg / scale_inputs, weight_neg)
+    return v * scale_inputs
+
+
+@pytest.mark.parametrize("cost", ["sq", "l2"])
+def test_distribution_guidance_is_the_official_weighted_negative_target(cost):
+    """guidance="distribution" on a small conditional problem (3 labels, alpha 1, 2.5 and 4; 10 iterations, the
+    ablation recipe's) equals the official computation per label (``_official_distribution_velocity``): same eps
+    (the unconditional reals in the scale with their weight), same plan after the same iterations, no third term."""
+    g = torch.Generator().manual_seed(22)
+    x, neg = torch.randn(3, 9, 4, generator=g), torch.randn(3, 9, 4, generator=g)
+    pos = torch.randn(3, 11, 4, generator=g) + torch.tensor([1.5, 0.0, 0.0, 0.0])
+    uncond = 2.0 * torch.randn(3, 6, 4, generator=g)
+    alpha = torch.tensor([1.0, 2.5, 4.0])
+    v, info = sinkhorn_velocity(x, pos, neg, uncond=uncond, guidance_w=alpha - 1, guidance="distribution",
+                                n_iters=10, cost=cost, rms_normalize=False, eps_rel=0.05)
+    for b in range(3):
+        ref = _official_distribution_velocity(x[b], pos[b], neg[b], uncond[b], float(alpha[b]), 0.05, 10, cost)
+        torch.testing.assert_close(v[b].double(), ref, atol=2e-5, rtol=1e-4)
+    # velocity guidance is another field (the third term)
+    v_vel, _ = sinkhorn_velocity(x, pos, neg, uncond=uncond, guidance_w=alpha - 1, n_iters=10, cost=cost,
+                                 rms_normalize=False)
+    assert _rel(v_vel[1:], v[1:]) > 0.05
+    # at alpha = 1 the unconditional reals have weight 0: the unguided field once converged (the first row update,
+    # from g = 0, still sees them, as the official loop's does), and the same eps
+    v_off, info_off = sinkhorn_velocity(x, pos, neg, n_iters=500, cost=cost, rms_normalize=False)
+    v_conv, _ = sinkhorn_velocity(x, pos, neg, uncond=uncond, guidance_w=alpha - 1, guidance="distribution",
+                                  n_iters=500, cost=cost, rms_normalize=False)
+    torch.testing.assert_close(v_conv[0], v_off[0], atol=1e-5, rtol=0)
+    assert _rel(v[0], v_off[0]) > 1e-3  # after 10 iterations: not yet
+    torch.testing.assert_close(info["eps"][0], info_off["eps"][0])
+    assert bool((info["eps"][1:] != info_off["eps"][1:]).all())  # the weighted uncond reals enter the scale
+
+
+def test_distribution_guidance_masked_and_single_estimators_against_pot():
+    """q' = x: the self term's targets are [x, uncond] with weights 1 and w (N - 1) / U; "masked" removes the pairs
+    (x_i, x_i) only. Converged, against POT with that marginal (and a prohibitive cost on those pairs)."""
+    g = torch.Generator().manual_seed(23)
+    x, pos, uncond = torch.randn(2, 10, 3, generator=g), torch.randn(2, 8, 3, generator=g) + 1.0, torch.randn(2, 5, 3)
+    w = torch.tensor([0.5, 2.0])
+    for estimator in ("masked", "single"):
+        v, info = sinkhorn_velocity(x, pos, estimator=estimator, uncond=uncond, guidance_w=w, guidance="distribution",
+                                    n_iters=1500, rms_normalize=False)
+        for b in range(2):
+            eps = float(info["eps"][b])
+            weights = torch.cat([torch.ones(10), torch.full((5,), float(w[b]) * 9 / 5)])
+            t_self = _pot_projection(x[b], torch.cat([x[b], uncond[b]]), eps, "sq", weights,
+                                     diagonal=1e4 if estimator == "masked" else 0.0)
+            torch.testing.assert_close(v[b].double(), _pot_projection(x[b], pos[b], eps, "sq") - t_self,
+                                       atol=3e-5, rtol=0)
+            # eps's scale: the weighted mean of ||x_i - t_j||^2 over [x, pos, uncond]
+            parts = ((x[b], 1.0), (pos[b], 1.0), (uncond[b], float(w[b]) * 9 / 5))
+            msd = sum(s * float(torch.cdist(x[b].double(), t.double()).square().sum()) for t, s in parts) / (
+                10 * sum(s * len(t) for t, s in parts))
+            assert float(info["msd"][b]) == pytest.approx(msd, rel=1e-5)
+
+
+@pytest.mark.parametrize("n_iters", [0, 0.5])
+def test_partial_iterations_with_distribution_guidance_are_the_weighted_kernel_flows(n_iters):
+    """n_iters 0 / 0.5 with distribution guidance: the MMD-like and KL-like flows with the self term's measure
+    weighted (q' points 1, uncond reals w (N - 1) / U), checked by autograd of the closed forms."""
+    g = torch.Generator().manual_seed(24)
+    x, pos, neg, uncond = (torch.randn(2, n, 3, generator=g) for n in (10, 8, 10, 4))
+    w = torch.tensor([0.7, 3.0])
+    v, info = sinkhorn_velocity(x, pos, neg, uncond=uncond, guidance_w=w, guidance="distribution", n_iters=n_iters,
+                                rms_normalize=False)
+    eps = info["eps"].double()[:, None, None]
+    xd = x.double().requires_grad_(True)
+    targets = torch.cat([neg, uncond], 1).double()
+    b = torch.cat([torch.ones(2, 10), (w[:, None] * 9 / 4).expand(2, 4)], 1).double()
+    b = b / b.sum(-1, keepdim=True)
+
+    def kde(y, weights):  # [B, N]: sum_j b_j k(x_i, y_j)
+        return (torch.exp(-torch.cdist(xd, y).square() / (2 * eps)) * weights[:, None, :]).sum(-1)
+
+    k_pos = kde(pos.double(), torch.full((2, 8), 1 / 8).double())
+    energy = (k_pos - kde(targets, b)) if n_iters == 0 else (k_pos.log() - kde(targets, b).log())
+    (grad,) = torch.autograd.grad(energy.sum(), xd)
+    torch.testing.assert_close(v.double(), eps * grad, rtol=1e-4, atol=1e-6)
+
+
+def test_distribution_guidance_with_the_geomloss_engine(monkeypatch):
+    """geomloss takes the self term's target weights: its field agrees with the own engine's (eps-scaling 0.999)."""
+    monkeypatch.setitem(gwf.ot.ENGINES, "geomloss", functools.partial(barycentric_projection_geomloss,
+                                                                      scaling=0.999))
+    x, pos, neg, uncond = _clouds(25, 2, 32, 8, k=4)
+    kw = dict(uncond=uncond[:, :12], guidance_w=torch.tensor([1.0, 2.0]), guidance="distribution",
+              rms_normalize=False)
+    v_own, _ = sinkhorn_velocity(x, pos + 1.0, neg, n_iters=200, **kw)
+    v_geo, _ = sinkhorn_velocity(x, pos + 1.0, neg, engine="geomloss", **kw)
+    assert _rel(v_geo, v_own) < 3e-3
+
+
+def test_cost_and_guidance_errors():
+    x, pos, neg = _clouds(26, 2, 8, 3)
+    with pytest.raises(ValueError, match="unknown cost"):
+        sinkhorn_velocity(x, pos, neg, cost="l1")
+    with pytest.raises(ValueError, match="needs engine='own'"):
+        sinkhorn_velocity(x, pos, neg, cost="l2", engine="geomloss")
+    with pytest.raises(ValueError, match="unknown guidance"):
+        sinkhorn_velocity(x, pos, neg, uncond=pos, guidance_w=1.0, guidance="both")
+    with pytest.raises(ValueError, match="unknown cost"):
+        relative_eps(x, pos, cost="l1")
