@@ -158,6 +158,11 @@ class FieldObjective(Objective):
         return [self.field(f, {n: r[w] for n, r in refs.items()}, gen, f.shape[0] // len(gen.x))
                 for w, f in enumerate(f_gen)]
 
+    def set_scale(self, stat: Tensor, sets: SetMeans, width: int) -> Tensor:
+        """s_k [K] of a width's feature sets from the fields' per-problem distance statistic [L*T]: here the mean
+        squared distance, s_k = sqrt(mean over set k's problems / C) (the official scale / sqrt(S))."""
+        return (sets.means(stat) / width).sqrt()
+
     def _means(self, layout: SetLayout, labels: int, device: torch.device) -> SetMeans:
         key = (layout, labels, device)
         if key not in self._set_means:
@@ -171,8 +176,8 @@ class FieldObjective(Objective):
         for f, (velocity, info, msd), layout in zip(f_gen, self.fields(f_gen, refs, gen), layouts):
             sets = self._means(layout, len(gen.x), f.device)
             f = f.float()
-            if normalize:  # s_k = sqrt(mean over set k's problems of msd / C), detached
-                scale = (sets.means(msd) / f.shape[-1]).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+            if normalize:  # s_k = sqrt(mean over set k's problems of msd / C), detached (``set_scale``)
+                scale = self.set_scale(msd, sets, f.shape[-1]).clamp_min(torch.finfo(torch.float32).tiny)
                 f = f / sets.per_problem(scale)[:, None, None]
             target = (f + self.eta * velocity.float()).detach()
             sq = (f - target).pow(2)  # gradient -2 eta V / (s_k * numel_k) w.r.t. f

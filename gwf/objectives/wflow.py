@@ -2,30 +2,55 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from torch import Tensor
 
 import gwf.ot as _ot
-from gwf.constants import COMPILE_MODES, DEFAULT_EPS_REL, DEFAULT_N_ITERS, ESTIMATORS
+from gwf.constants import COMPILE_MODES, COSTS, DEFAULT_EPS_REL, DEFAULT_N_ITERS, ESTIMATORS, GUIDANCE_MODES
 from gwf.features import FeatureSpec
 from gwf.objectives.base import GenBatch, RealBatch
-from gwf.objectives.field import FieldObjective
+from gwf.objectives.field import FieldObjective, SetMeans
 from gwf.ot.velocity import check_n_iters, sinkhorn_velocities
+
+
+def guidance_mode(guidance: bool | str | None) -> str:
+    """method.guidance as one of GUIDANCE_MODES: true -> velocity, false / null -> none (the keys before the
+    distribution ablation existed)."""
+    if guidance is True:
+        return "velocity"
+    if guidance is False or guidance is None:
+        return "none"
+    if guidance not in GUIDANCE_MODES:
+        raise ValueError(f"method.guidance must be one of {list(GUIDANCE_MODES)} (or true = velocity, false = none), "
+                         f"got {guidance!r}")
+    return guidance
 
 
 class WFlow(FieldObjective):
     """The field loss of gwf.objectives.field with the W-Flow velocity (gwf.ot.sinkhorn_velocities), guided with
-    w = alpha - 1 ([WF] Eq. 16) when ``guidance`` and the batch has alpha and unconditional reals. The fields of all
-    feature sets are solved together: one Sinkhorn loop per target (positives, second batch, unconditional reals).
+    w = alpha - 1 when ``guidance`` is not "none" and the batch has alpha and unconditional reals: "velocity" ([WF]
+    Eq. 16, a third transport term) or "distribution" ([WF] Table 2b: the unconditional reals as targets of the self
+    term, of weight w (N - 1) / U each). The fields of all feature sets are solved together: one Sinkhorn loop per
+    target (positives, second batch, unconditional reals).
     ``compile``: the own engine's fixed-iteration loop through torch.compile: true, false or auto (on CUDA only).
     ``eps_rel``: one relative eps, or a list: the sum of the unit-RMS fields of each (the official ``R_list``,
-    drift_loss_ot.py ``_compute_V_all_R``: each R's field divided by its RMS, then summed)."""
+    drift_loss_ot.py ``_compute_V_all_R``: each R's field divided by its RMS, then summed).
+    ``cost``: "sq" (||x - y||^2 / 2) or "l2" (||x - y||, [WF] Table 2c: eps relative to the mean distance and the
+    feature scale s_k the mean distance / sqrt(C), as the official use_quadratic_cost=False; own engine only)."""
 
     def __init__(self, eta: float = 1.0, eps_rel: float | Sequence[float] = DEFAULT_EPS_REL, engine: str = "own",
                  n_iters: float = DEFAULT_N_ITERS, estimator: str = "two_batch", rms_normalize: bool = True,
-                 guidance: bool = True, features: FeatureSpec = None, feature_normalize: bool = True,
-                 compile: bool | str = False):
+                 guidance: bool | str = "velocity", features: FeatureSpec = None, feature_normalize: bool = True,
+                 compile: bool | str = False, cost: str = "sq"):
+        if cost not in COSTS:
+            raise ValueError(f"method.cost must be one of {list(COSTS)} (sq: ||x - y||^2 / 2, l2: ||x - y||), "
+                             f"got {cost!r}")
+        if cost != "sq" and engine != "own":
+            raise ValueError(f"method.cost={cost} needs method.engine=own (the {engine} engine has the quadratic "
+                             f"cost only: under ||x - y|| its gradient is not a barycentric projection)")
+        guidance = guidance_mode(guidance)
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown W-Flow estimator '{estimator}'; choose one of {ESTIMATORS}")
         eps_list = tuple(float(e) for e in eps_rel) if isinstance(eps_rel, (list, tuple)) else (float(eps_rel),)
@@ -44,10 +69,14 @@ class WFlow(FieldObjective):
         self.eps_rel = eps_list[0] if len(eps_list) == 1 else eps_list
         self.eps_list, self.engine, self.n_iters = eps_list, engine, n_iters
         self.compile = compile if engine == "own" else False  # auto with another engine: nothing to compile
-        self.estimator, self.rms_normalize, self.guidance = estimator, rms_normalize, guidance
+        self.estimator, self.rms_normalize, self.guidance, self.cost = estimator, rms_normalize, guidance, cost
 
     def _guided(self, gen: GenBatch, real: RealBatch) -> bool:
-        return self.guidance and gen.alpha is not None and real.uncond is not None
+        return self.guidance != "none" and gen.alpha is not None and real.uncond is not None
+
+    def set_scale(self, stat: Tensor, sets: SetMeans, width: int) -> Tensor:
+        """cost l2: s_k = the mean distance over set k's problems / sqrt(C) (the official scale for that cost)."""
+        return super().set_scale(stat, sets, width) if self.cost == "sq" else sets.means(stat) / math.sqrt(width)
 
     def references(self, gen: GenBatch, real: RealBatch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         grouped = {"pos": real.pos, **({"neg": gen.sample()} if self.estimator == "two_batch" else {})}
@@ -66,12 +95,15 @@ class WFlow(FieldObjective):
         per_eps = [sinkhorn_velocities(
             f_gen, refs["pos"], refs.get("neg"), eps_rel=eps, engine=self.engine, n_iters=self.n_iters,
             estimator=self.estimator, uncond=refs["uncond"] if guided else None, guidance_w=weights,
-            rms_normalize=self.rms_normalize, compile=self.compile) for eps in self.eps_list]
+            rms_normalize=self.rms_normalize, compile=self.compile, cost=self.cost,
+            guidance="velocity" if self.guidance == "none" else self.guidance) for eps in self.eps_list]
+        scale_key = "msd" if self.cost == "sq" else "mean_dist"
         out = []
         for w in range(len(f_gen)):  # several eps: the sum of their (unit-RMS) fields, their logs averaged
             v = sum(velocities[w] for velocities, _ in per_eps)
             infos = [infos[w] for _, infos in per_eps]
             logs = {k: sum(i[k] for i in infos) / len(infos) for k in ("v_rms", "eps")}
-            # the scale's targets are eps's: [f, neg, pos] (two_batch) or [f, pos], the same for every eps
-            out.append((v, logs, infos[0]["msd"]))
+            # the scale's targets are eps's: [f, neg, pos] (two_batch) or [f, pos] (+ the unconditional reals,
+            # weighted, under distribution guidance), the same for every eps
+            out.append((v, logs, infos[0][scale_key]))
         return out
