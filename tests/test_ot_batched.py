@@ -204,7 +204,9 @@ def test_the_operations_of_an_update_do_not_grow_with_the_sets_of_a_width():
 
 
 @pytest.mark.parametrize("cls, kwargs", [(WFlow, {}), (WFlow, {"estimator": "masked"}),
-                                         (WFlow, {"estimator": "single", "guidance": False}), (Drifting, {})])
+                                         (WFlow, {"estimator": "single", "guidance": False}),
+                                         (WFlow, {"cost": "l2", "guidance": "distribution"}),
+                                         (WFlow, {"estimator": "masked", "guidance": "distribution"}), (Drifting, {})])
 @pytest.mark.parametrize("encoder", [False, True])
 def test_training_path_has_no_host_synchronization(cls, kwargs, encoder):
     """No value read back, no data-dependent shape, in one generator loss (the own engine; geomloss is a reference
@@ -218,7 +220,8 @@ def test_training_path_has_no_host_synchronization(cls, kwargs, encoder):
     # On the CPU the row-frame loop reads one underflow flag per iteration (free there): 20 per Sinkhorn loop
     with OpCounter() as counter:
         loss_cpu, grad_cpu, _ = _loss(objective, x, neg, pos, unc, alpha)
-    loops = 0 if cls is Drifting else 3 - (not kwargs.get("guidance", True))  # positives, second batch or self, uncond
+    # positives, second batch or self (with the uncond reals under distribution guidance), uncond (velocity guidance)
+    loops = 0 if cls is Drifting else 3 - (kwargs.get("guidance", True) not in (True, "velocity"))
     assert counter.sync_counts == ({"_local_scalar_dense": 20 * loops} if loops else {}), counter.sync_counts
     torch.testing.assert_close(loss_cpu, loss, rtol=1e-5, atol=0)
 
