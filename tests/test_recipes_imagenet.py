@@ -30,19 +30,22 @@ NUM_CLASSES = 10
 # positives per label, lr, weight decay, warm-up, updates, eps R / temperatures, Sinkhorn iterations, alpha power
 # (neg_cfg_pw), forced alpha = 1 fraction; the generator: its parameter count with 1000 classes (the official DitGen's
 # at hidden_size / depth / num_heads of the config, tests/test_models_wflow_dit.py), attn_fp32, use_remat (gwf also
-# recomputes the Drifting L/2's blocks: memory only).
+# recomputes the Drifting L/2's blocks and every 4th block of B/2: memory only).
 OFFICIAL = {
     "imagenet_wflow_ablation": dict(model="dit_b2", labels=64, pos=64, lr=2e-4, wd=0.01, warmup=5000, updates=30000,
                                     eps_rel=0.05, n_iters=10, power=3.0, one=0.0, params=132_708_880, attn_fp32=True,
-                                    remat=False),
+                                    remat="none"),
     "imagenet_b2": dict(model="dit_b2", labels=128, pos=64, lr=4e-4, wd=0.0, warmup=10000, updates=200000,
-                        eps_rel=0.05, n_iters=10, power=5.0, one=0.0, params=132_708_880, attn_fp32=False, remat=False),
+                        eps_rel=0.05, n_iters=10, power=5.0, one=0.0, params=132_708_880, attn_fp32=False,
+                        remat="every_k"),
     "imagenet_l2": dict(model="dit_l2", labels=128, pos=64, lr=4e-4, wd=0.01, warmup=10000, updates=200000,
-                        eps_rel=0.05, n_iters=1, power=3.0, one=0.5, params=462_909_456, attn_fp32=False, remat=True),
+                        eps_rel=0.05, n_iters=1, power=3.0, one=0.5, params=462_909_456, attn_fp32=False,
+                        remat="blocks"),
     "imagenet_xl2": dict(model="dit_xl2", labels=128, pos=128, lr=3e-4, wd=0.01, warmup=10000, updates=180000,
-                         eps_rel=0.01, n_iters=1, power=4.0, one=0.2, params=678_929_872, attn_fp32=False, remat=True),
+                         eps_rel=0.01, n_iters=1, power=4.0, one=0.2, params=678_929_872, attn_fp32=False,
+                         remat="blocks"),
     "imagenet_drifting": dict(model="dit_l2", labels=128, pos=64, lr=4e-4, wd=0.01, warmup=10000, updates=200000,
-                              temperatures=[0.2, 0.05, 0.02], params=462_909_456, attn_fp32=False, remat=True),
+                              temperatures=[0.2, 0.05, 0.02], params=462_909_456, attn_fp32=False, remat="blocks"),
 }
 
 
@@ -83,7 +86,8 @@ def test_recipe_composes_with_the_official_settings(recipe):
     assert isinstance(generator, WFlowDiT) and sum(p.numel() for p in generator.parameters()) == want["params"]
     assert generator.noise_shape == (4 * 32 * 32 + 32,) and generator.n_cls_tokens == 16
     assert model["attn_fp32"] is want["attn_fp32"]
-    assert c["model"]["checkpointing"] == ("blocks" if want["remat"] else "none")
+    assert c["model"]["checkpointing"] == want["remat"] and c["model"]["checkpoint_every"] == (
+        4 if want["remat"] == "every_k" else 2)
     # grad_accum_steps (the ablation's 4 chunks)
     assert c["batch"]["label_chunks"] == (4 if recipe == "imagenet_wflow_ablation" else 1)
     if c["method"]["name"] == "wflow":
