@@ -421,6 +421,26 @@ def test_activation_checkpointing_gives_the_same_gradients(mode):
         torch.testing.assert_close(grads[1][1][n], g, rtol=1e-6, atol=1e-7, msg=n)
 
 
+def test_compiled_in_place_gives_the_eager_outputs_and_gradients():
+    """nn.Module.compile (what model.compile does, in place: state dict names unchanged), the first of the two blocks
+    recomputed in the backward pass (every_k): the eager outputs and gradients to fp32 rounding."""
+    eager = _tiny(checkpointing="every_k")
+    _perturb_zero_init(eager, std=0.2)
+    compiled = _tiny(checkpointing="every_k")
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile()
+    assert compiled.state_dict().keys() == eager.state_dict().keys() and eager.remat == [True, False]
+    z, labels, alpha = _inputs(eager)
+    results = []
+    for model in (eager, compiled):
+        out = model.train()(z, labels, alpha)
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for (name, _), a, b in zip(eager.named_parameters(), results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_activation_checkpointing_saves_less_for_the_backward_pass():
     def saved_bytes(model):
         total = []
