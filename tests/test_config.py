@@ -167,3 +167,34 @@ def test_the_extras_cover_the_optional_imports():
     assert "gwf[latents,slurm,wandb]" in extras["dev"]  # the README's commands install every part
     base = {re.split(r"[<>=\[]", d)[0] for d in project["dependencies"]}
     assert not base & {"diffusers", "safetensors", "wandb", "hydra-submitit-launcher"}
+
+
+def test_every_ablation_variant_composes_its_method_on_2d_and_digits():
+    """conf/ablation/*: each variant sets the objective and the one knob it names; on top of any experiment."""
+    want = {"sinkhorn": ("wflow", {}), "kl_like": ("wflow", {"n_iters": 0.5}), "mmd_like": ("wflow", {"n_iters": 0}),
+            "drifting": ("drifting", {}), "masked": ("wflow", {"estimator": "masked"}),
+            "single": ("wflow", {"estimator": "single"}), "l2": ("wflow", {"cost": "l2"}),
+            "distribution": ("wflow", {"guidance": "distribution"})}
+    assert sorted(want) == _options("ablation")
+    for experiment in ("gwf_2d", "digits_wflow"):
+        for variant, (method, keys) in want.items():
+            cfg = compose_config([f"experiment={experiment}", f"+ablation={variant}"])
+            assert cfg.method.name == method, (experiment, variant)
+            for k, v in keys.items():
+                assert cfg.method[k] == v, (experiment, variant, k)
+            if method == "wflow" and variant != "sinkhorn":  # one knob off the default
+                default = compose_config([f"experiment={experiment}", "+ablation=sinkhorn"]).method
+                assert [k for k in cfg.method if cfg.method[k] != default[k]] == list(keys), (experiment, variant)
+
+
+def test_wflow_on_2d_data_takes_its_tuned_defaults_and_the_command_line_wins():
+    """conf/tuning/wflow_toy2d.yaml applies to W-Flow on toy2d data after the experiment, to nothing else."""
+    cfg = compose_config(["experiment=gwf_2d", "method=wflow"])
+    assert (cfg.method.eps_rel, cfg.optim.lr) == (0.002, 3e-3)
+    assert compose_config(["experiment=toy2d_wflow"]).method.eps_rel == 0.002
+    cfg = compose_config(["experiment=gwf_2d", "method=wflow", "method.eps_rel=0.05", "optim.lr=2e-4"])
+    assert (cfg.method.eps_rel, cfg.optim.lr) == (0.05, 2e-4)
+    assert compose_config(["experiment=gwf_2d"]).optim.lr == 2e-4          # KL_DV: the official 2D lr
+    assert compose_config(["experiment=gwf_2d", "method=drifting"]).optim.lr == 2e-4
+    main = compose_config([])                                              # W-Flow on digits: untouched
+    assert (main.method.eps_rel, main.optim.lr) == (0.05, compose_config(["method=drifting"]).optim.lr)
