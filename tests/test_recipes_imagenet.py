@@ -26,26 +26,30 @@ SHAPE = (4, 8, 8)
 NUM_CLASSES = 10
 
 # Values read in the official configs each recipe cites (hanjq17/W-Flow configs/gen/ablation_ot_1node.yaml and
-# latent_sota_{B,L,XL}_ot_1node.yaml, lambertae/drifting configs/gen/latent_sota_L.yaml): model, global labels per step,
+# latent_sota_{B,L,XL}_ot_8node.yaml, lambertae/drifting configs/gen/latent_sota_L.yaml): model, global labels per step,
 # positives per label, lr, weight decay, warm-up, updates, eps R / temperatures, Sinkhorn iterations, alpha power
-# (neg_cfg_pw), forced alpha = 1 fraction; the generator: its parameter count with 1000 classes (the official DitGen's
-# at hidden_size / depth / num_heads of the config, tests/test_models_wflow_dit.py), attn_fp32, use_remat (gwf also
-# recomputes the Drifting L/2's blocks and every 4th block of B/2: memory only).
+# (neg_cfg_pw), forced alpha = 1 fraction (no_cfg_frac), unconditional reals per label (neg_per_sample), reals pushed
+# per step and bank (push_per_step, where one loader batch of dataset.batch_size / hosts does not exceed it); the
+# generator: its parameter count with 1000 classes (the official DitGen's at hidden_size / depth / num_heads of the
+# config, tests/test_models_wflow_dit.py), attn_fp32, use_remat (gwf also recomputes the Drifting L/2's blocks and
+# every 4th block of B/2: memory only).
 OFFICIAL = {
     "imagenet_wflow_ablation": dict(model="dit_b2", labels=64, pos=64, lr=2e-4, wd=0.01, warmup=5000, updates=30000,
-                                    eps_rel=0.05, n_iters=10, power=3.0, one=0.0, params=132_708_880, attn_fp32=True,
-                                    remat="none"),
+                                    eps_rel=0.05, n_iters=10, power=3.0, one=0.0, uncond=16, params=132_708_880,
+                                    attn_fp32=True, remat="none"),
     "imagenet_b2": dict(model="dit_b2", labels=128, pos=64, lr=4e-4, wd=0.0, warmup=10000, updates=200000,
-                        eps_rel=0.05, n_iters=10, power=5.0, one=0.0, params=132_708_880, attn_fp32=False,
-                        remat="every_k"),
+                        eps_rel=0.05, n_iters=10, power=5.0, one=0.0, uncond=32, push=128, params=132_708_880,
+                        attn_fp32=False, remat="every_k"),
     "imagenet_l2": dict(model="dit_l2", labels=128, pos=64, lr=4e-4, wd=0.01, warmup=10000, updates=200000,
-                        eps_rel=0.05, n_iters=1, power=3.0, one=0.5, params=462_909_456, attn_fp32=False,
-                        remat="blocks"),
+                        eps_rel=0.05, n_iters=1, power=3.0, one=0.5, uncond=32, push=128, params=462_909_456,
+                        attn_fp32=False, remat="blocks"),
     "imagenet_xl2": dict(model="dit_xl2", labels=128, pos=128, lr=3e-4, wd=0.01, warmup=10000, updates=180000,
-                         eps_rel=0.01, n_iters=1, power=4.0, one=0.2, params=678_929_872, attn_fp32=False,
-                         remat="blocks"),
+                         eps_rel=0.01, n_iters=1, power=4.0, one=0.2, uncond=32, push=128, params=678_929_872,
+                         attn_fp32=False, remat="blocks"),
+    # Drift-L: neg_per_sample 32, no_cfg_frac 0.5, neg_cfg_pw 3, push_per_step 64 per host (2048 / 32 hosts)
     "imagenet_drifting": dict(model="dit_l2", labels=128, pos=64, lr=4e-4, wd=0.01, warmup=10000, updates=200000,
-                              temperatures=[0.2, 0.05, 0.02], params=462_909_456, attn_fp32=False, remat="blocks"),
+                              temperatures=[0.2, 0.05, 0.02], power=3.0, one=0.5, uncond=32, push=64,
+                              params=462_909_456, attn_fp32=False, remat="blocks"),
 }
 
 
@@ -72,6 +76,14 @@ def test_recipe_composes_with_the_official_settings(recipe):
     assert c["batch"]["labels_per_update"] * _cluster_ranks(recipe) == want["labels"]  # per rank x ranks = global
     assert c["batch"]["gen_per_label"] == 64 and c["batch"]["pos_per_label"] == want["pos"]
     assert c["batch"]["bank_capacity"] == 128
+    # guidance: cfg on [cfg_min 1, cfg_max 4] with density alpha^-neg_cfg_pw, a no_cfg_frac at alpha = 1, neg_per_sample
+    # unconditional reals drawn for each label from a ring of negative_bank_size 1000
+    assert c["batch"]["alpha_max"] == 4.0 and c["batch"]["alpha_power"] == want["power"]
+    assert c["batch"]["alpha_one_fraction"] == want["one"]
+    assert c["batch"]["uncond_per_update"] == want["uncond"] and c["batch"]["uncond_per_label"] is True
+    assert c["batch"]["uncond_bank"] == 1000
+    if "push" in want:
+        assert c["data"]["batch_size"] == want["push"]
     assert c["optim"] == dict(name="adamw", lr=want["lr"], betas=[0.9, 0.95], weight_decay=want["wd"],
                               warmup_steps=want["warmup"], grad_clip=2.0, impl="auto", alpha=0.99,
                               schedule="constant", eta_min=0.0)  # warm-up then constant, as the official configs
@@ -92,10 +104,10 @@ def test_recipe_composes_with_the_official_settings(recipe):
     assert c["batch"]["label_chunks"] == (4 if recipe == "imagenet_wflow_ablation" else 1)
     if c["method"]["name"] == "wflow":
         assert c["method"]["estimator"] == "two_batch" and c["method"]["eps_rel"] == want["eps_rel"]
-        assert c["method"]["n_iters"] == want["n_iters"] and c["batch"]["alpha_max"] == 4.0
-        assert c["batch"]["alpha_power"] == want["power"] and c["batch"]["alpha_one_fraction"] == want["one"]
+        assert c["method"]["n_iters"] == want["n_iters"]
     else:
         assert c["method"]["name"] == "drifting" and c["method"]["temperatures"] == want["temperatures"]
+        assert c["method"]["guidance"] is True
 
 
 def _tiny_mae(path):
