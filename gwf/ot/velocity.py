@@ -69,17 +69,22 @@ def _mean_distance(x: Tensor, ys: Sequence[Tensor], weights: Sequence[Tensor | N
         return total / count
 
 
-def mean_squared_distance(x: Tensor, y: Tensor | Sequence[Tensor]) -> Tensor:
-    """mean_{i, j} ||x_i - y_j||^2 per problem, [B] fp32, exact and without the [N, M] matrix.
-
-    x: [B, N, D]; y: [B, M, D] or a sequence of such tensors (their union, every point weighted equally).
-    """
+def _target_sets(x: Tensor, y: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """The target sets of a distance scale (one tensor or a sequence), each checked against x."""
     ys = [y] if isinstance(y, Tensor) else list(y)
     if not ys:
         raise ValueError("relative eps needs at least one target set")
     for t in ys:
         check_point_clouds(x, t, "x", "y")
-    return _mean_squared_distance(x, ys)
+    return ys
+
+
+def mean_squared_distance(x: Tensor, y: Tensor | Sequence[Tensor]) -> Tensor:
+    """mean_{i, j} ||x_i - y_j||^2 per problem, [B] fp32, exact and without the [N, M] matrix.
+
+    x: [B, N, D]; y: [B, M, D] or a sequence of such tensors (their union, every point weighted equally).
+    """
+    return _mean_squared_distance(x, _target_sets(x, y))
 
 
 def mean_distance(x: Tensor, y: Tensor | Sequence[Tensor]) -> Tensor:
@@ -87,12 +92,7 @@ def mean_distance(x: Tensor, y: Tensor | Sequence[Tensor]) -> Tensor:
 
     x: [B, N, D]; y: [B, M, D] or a sequence of such tensors (their union, every point weighted equally).
     """
-    ys = [y] if isinstance(y, Tensor) else list(y)
-    if not ys:
-        raise ValueError("relative eps needs at least one target set")
-    for t in ys:
-        check_point_clouds(x, t, "x", "y")
-    return _mean_distance(x, ys)
+    return _mean_distance(x, _target_sets(x, y))
 
 
 def _check_eps_rel(eps_rel: float) -> None:
