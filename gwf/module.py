@@ -262,8 +262,13 @@ class GWFModule(L.LightningModule):
             return [RealBatch(self.bank.sample(labels, m, rng), uncond, labels)] * steps
         return [RealBatch(pos, uncond, labels) for pos in self.bank.sample(labels, steps * m, rng).split(m, dim=1)]
 
-    def _optimizer_step(self, opt, sched, params, grad_clip: float | None) -> Tensor:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf, foreach=True)
+    def _optimizer_step(self, opt, sched, params, grad_clip: float | None, measure: bool = True) -> Tensor | None:
+        """One optimizer step after clipping the gradients' global norm to ``grad_clip`` (None: no clipping).
+        Returns that norm (for the logs), or None without clipping when not ``measure``: a norm that no log writes
+        is not computed (clipping at an infinite norm multiplies by exactly 1)."""
+        grad_norm = None
+        if grad_clip or measure:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf, foreach=True)
         opt.step()
         sched.step()
         return grad_norm
@@ -277,6 +282,9 @@ class GWFModule(L.LightningModule):
         update is recorded on the device and reported by ``raise_if_nonfinite`` (at logs and checkpoints, so a
         non-finite state is never saved, combined over the ranks) instead of reading the device at every update."""
         if not (self.device.type != "cpu" if self.defer_finite_check is None else self.defer_finite_check):
+            one_process = self._trainer is None or self.trainer.world_size <= 1
+            if one_process and all(math.isfinite(float(t.detach())) for t in terms.values()):
+                return  # the common case on one CPU process: a host read per term, no tensor ops
             values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
             if self._trainer is not None and self.trainer.world_size > 1:  # every rank learns every rank's values
                 values = self.trainer.strategy.all_gather(values).reshape(self.trainer.world_size, -1)
@@ -326,7 +334,7 @@ class GWFModule(L.LightningModule):
         optimizers, schedulers = self.optimizers(), self.lr_schedulers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
-        logs = {}
+        logs, logs_due = {}, self._logs_due()  # constant during the step (Lightning advances it after the batch)
 
         if self.objective.critic is not None:
             for j in range(self.critic_steps):
@@ -338,19 +346,25 @@ class GWFModule(L.LightningModule):
                 self._check_finite("critic loss", critic_loss=loss_c)
                 optimizers[1].zero_grad(set_to_none=True)
                 self.manual_backward(loss_c)
-                logs["train/grad_norm_critic"] = self._optimizer_step(
-                    optimizers[1], schedulers[1], self.objective.critic.parameters(), self.critic_optim.grad_clip)
+                norm = self._optimizer_step(optimizers[1], schedulers[1], self.objective.critic.parameters(),
+                                            self.critic_optim.grad_clip, measure=logs_due)
+                if norm is not None:
+                    logs["train/grad_norm_critic"] = norm
                 logs.update({"train/critic_loss": loss_c.detach(), **{f"train/{k}": v for k, v in logs_c.items()}})
 
-        for j in range(self.generator_steps):
-            logs.update(self._generator_step(optimizers[0], schedulers[0], labels, alpha, reals[critic_steps + j], j))
+        # The generator's steps leave the critic's parameters out of autograd (Lightning's toggled_optimizer): their
+        # gradients would be discarded by the next critic step's zero_grad; the generator's are the same.
+        with self.toggled_optimizer(optimizers[0]) if len(optimizers) > 1 else contextlib.nullcontext():
+            for j in range(self.generator_steps):
+                logs.update(self._generator_step(optimizers[0], schedulers[0], labels, alpha, reals[critic_steps + j],
+                                                 j, measure=logs_due))
 
         self.ema.update(self.generator)
         if self.schedule.ends_outer_step(update):
             self.jko.refresh(self.generator)  # G_{theta_k} <- G_theta at the end of outer step k
         self.update_count += 1
         self._host_update += 1
-        if self._logs_due():
+        if logs_due:
             self.raise_if_nonfinite()
             logs.update({"jko/outer_step": float(self.schedule.locate(update)[0]),
                          "train/lr": schedulers[0].get_last_lr()[0], "update": float(update + 1)})
@@ -362,7 +376,7 @@ class GWFModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def _generator_step(self, opt, sched, labels: Tensor | None, alpha: Tensor | None, real: RealBatch,
-                        j: int) -> dict:
+                        j: int, measure: bool = True) -> dict:
         """One generator optimizer step. With ``label_chunks`` > 1 the labels go through the network (with their
         second batch, positives and the shared guidance reals) in chunks, each chunk's loss weighted by its share
         of the labels and its gradients accumulated without a DDP all-reduce but for the last chunk: the same
@@ -394,8 +408,9 @@ class GWFModule(L.LightningModule):
                                 rng=self.rng("jko", j, start))
                 self._check_finite("generator loss", gen_loss=loss, prox=prox)
                 self.manual_backward(loss + prox if size == num else (loss + prox) * (size / num))
-        grad_norm = self._optimizer_step(opt, sched, self.generator_parameters(), self.optim.grad_clip)
-        return {"train/grad_norm_gen": grad_norm, "train/gen_loss": loss.detach(), "train/prox": prox.detach(),
+        grad_norm = self._optimizer_step(opt, sched, self.generator_parameters(), self.optim.grad_clip, measure)
+        norm = {} if grad_norm is None else {"train/grad_norm_gen": grad_norm}
+        return {**norm, "train/gen_loss": loss.detach(), "train/prox": prox.detach(),
                 **{f"train/{k}": v for k, v in logs_g.items()}}
 
     def _gradient_sync(self, sync: bool):

@@ -189,3 +189,26 @@ def test_mmd_objective_kernel_params_and_descent():
     loss_after, _ = a.generator_loss(GenBatch(x.detach() - 10.0 * x.grad, None, None, None), RealBatch(pos),
                                      torch.Generator())
     assert loss_after < loss_a
+
+
+@pytest.mark.parametrize("name,params", [(name, params) for name, params, _ in CASES] + [("gaussian", {})])
+def test_evaluation_in_row_blocks_equals_the_differentiable_path_bit_for_bit(name, params, monkeypatch):
+    """Without autograd, one problem's kernel is computed BLOCK_ROWS rows at a time (kernels._kernel_in_blocks, the
+    evaluator's MMD); with autograd (training) on the whole matrix. Same values to the last bit, x against y and x
+    against itself, for sizes that are no multiple of the block or of a SIMD width, in fp32 and fp64, and the same
+    unbiased MMD^2; a median bandwidth (the default of "gaussian") needs the whole matrix and takes the other path."""
+    import gwf.objectives.kernels as kernels
+
+    blocked_calls = []
+    real = kernels._kernel_in_blocks
+    monkeypatch.setattr(kernels, "_kernel_in_blocks", lambda *a: blocked_calls.append(1) or real(*a))
+    k, g = make_kernel(name, **params), torch.Generator().manual_seed(3)
+    for n, m, dtype in [(300, 211, torch.float32), (2 * kernels.BLOCK_ROWS + 5, 70, torch.float64)]:
+        x = torch.randn(n, 2, generator=g, dtype=dtype) * 2 + 1
+        y = torch.randn(m, 2, generator=g, dtype=dtype)
+        xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        for fast, whole in ((k(x, y), k(xg, yg)), (k(x, x), k(xg, xg)),
+                            (mmd2_unbiased(x, y, k), mmd2_unbiased(xg, y, k))):
+            assert fast.dtype == dtype and torch.equal(fast, whole.detach())
+    median = name == "gaussian" and "sigma" not in params
+    assert len(blocked_calls) == (0 if median else 6)  # k(x, y), k(x, x) and the MMD's pooled kernel, two sizes

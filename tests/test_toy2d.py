@@ -52,6 +52,21 @@ def test_sinkhorn_divergence_separates_target_from_shifted_copy():
     assert abs(same["mmd2"]) < 0.02 * shifted["mmd2"]
 
 
+def test_the_references_self_term_is_computed_once_per_schedule_with_the_same_divergence():
+    """The evaluator keeps OT_eps(y, y)'s potential of its reference per annealing schedule (which starts from the
+    diameter of both clouds): samples inside the reference's box share one, samples beyond it get their own; the
+    divergence is the one computed inline to the last bit. Another cloud than the memo's is refused."""
+    ev = Toy2DEvaluator("8gaussians_gwf", num_samples=500)
+    inside = make_sampler("8gaussians_gwf")(400, _g(9)) * 0.5
+    for x in (inside, inside + 0.01, inside * 4):
+        assert sinkhorn_divergence(x, ev.reference, y_potentials=ev.reference_potentials) == \
+            sinkhorn_divergence(x, ev.reference)
+    assert len(ev.reference_potentials._memo) == 2
+    assert ev.evaluate(inside)["sinkhorn_div"] == sinkhorn_divergence(inside, ev.reference)
+    with pytest.raises(ValueError, match="another cloud"):
+        sinkhorn_divergence(inside, ev.reference + 1.0, y_potentials=ev.reference_potentials)
+
+
 @pytest.mark.parametrize("target, scale, n, m", [("8gaussians", 1.1, 600, 500), ("moons", 1.0, 400, 400),
                                                   ("checkerboard", 3.0, 300, 350)])
 def test_sinkhorn_divergence_is_geomlosss_to_float_rounding(target, scale, n, m):

@@ -187,3 +187,91 @@ def test_the_entry_point_imports_nothing_heavy():
     code = "import gwf.train, sys; print(sorted(m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_optimizer_step_measures_the_gradient_norm_when_logged_or_clipping():
+    """GWFModule._optimizer_step: without clipping, the global gradient norm is measured only for updates whose logs
+    are written (``measure``), and the gradients reach the optimizer as they are; with clipping, always measured and
+    the gradients scaled to ``grad_clip``. Norms against torch.linalg.vector_norm of all gradients."""
+    from gwf.module import GWFModule
+
+    def fresh():
+        p = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+        p[0].grad, p[1].grad = torch.tensor([3.0, 0.0, 4.0]), torch.full((2, 2), 6.0)  # global norm 13
+        opt = torch.optim.SGD(p, lr=1.0)
+        return p, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 1.0)
+
+    step = GWFModule._optimizer_step
+    p, opt, sched = fresh()
+    assert step(None, opt, sched, p, None, measure=False) is None
+    assert torch.equal(p[0].detach(), -torch.tensor([3.0, 0.0, 4.0]))  # SGD with lr 1: minus the untouched gradient
+    p, opt, sched = fresh()
+    norm = step(None, opt, sched, p, None, measure=True)
+    assert float(norm) == pytest.approx(13.0) and torch.equal(p[1].detach(), torch.full((2, 2), -6.0))
+    p, opt, sched = fresh()
+    norm = step(None, opt, sched, p, 1.3, measure=False)
+    assert float(norm) == pytest.approx(13.0)
+    assert float(torch.linalg.vector_norm(torch.cat([q.detach().flatten() for q in p]))) == pytest.approx(1.3, rel=1e-5)
+
+
+def test_the_updates_fast_paths_leave_every_parameter_bit_for_bit(tmp_path, monkeypatch):
+    """The update's speed-ups (gwf/module.py) change no number: gradient norms measured only for logged updates
+    (clipping at an infinite norm multiplies by exactly 1) and the critic's parameters left out of autograd in the
+    generator's steps (Lightning's toggled_optimizer; their gradients were discarded by the next critic step's
+    zero_grad). KL_DV with R1 and JKO on 2D, 2 JKO steps x 6 updates, against the former update (every norm, the
+    critic in the generator's graph): generator, critic, EMA, frozen copy, bank and optimizer states equal, and
+    the logged metrics."""
+    import contextlib
+    import csv
+
+    from gwf.module import GWFModule
+
+    args = ["experiment=gwf_2d", "jko.steps=2", "jko.updates_per_step=6", "data.batch_size=128",
+            "batch.gen_per_label=64", "batch.pos_per_label=64", "batch.bank_capacity=128", "eval.num_samples=100",
+            "eval.evaluator.num_samples=100", "eval.every_n_updates=100", "trainer.log_every_n_steps=4",
+            "trainer.enable_progress_bar=false", "threads=1"]
+
+    def run(name):
+        train(compose_config(args), tmp_path / name)
+        with open(tmp_path / name / "metrics.csv") as f:
+            rows = [{k: v for k, v in r.items() if k != "eval/seconds"} for r in csv.DictReader(f)]
+        return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False), rows
+
+    fast, fast_rows = run("fast")
+    measure_always = GWFModule._optimizer_step
+    monkeypatch.setattr(GWFModule, "_optimizer_step", lambda self, *a, measure=True: measure_always(self, *a))
+    monkeypatch.setattr(GWFModule, "toggled_optimizer", lambda self, opt: contextlib.nullcontext())
+    former, former_rows = run("former")
+    assert fast["state_dict"].keys() == former["state_dict"].keys()
+    for prefix in ("generator.", "objective.critic.", "ema.model.", "jko.previous.", "bank."):
+        assert any(k.startswith(prefix) for k in fast["state_dict"]), prefix
+    for k, v in fast["state_dict"].items():
+        assert torch.equal(v, former["state_dict"][k]), k
+    for a, b in zip(fast["optimizer_states"], former["optimizer_states"], strict=True):
+        for pid, state in a["state"].items():
+            for name, v in state.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][pid][name])), (pid, name)
+    logged = [r for r in fast_rows if r.get("train/grad_norm_gen")]
+    assert len(logged) == 3 and all(r["train/grad_norm_critic"] for r in logged)  # updates 4, 8 and 12
+    assert fast_rows == former_rows
+
+
+def test_an_unconditional_mlp_generator_equals_its_concatenating_form():
+    """MLPGenerator without conditioning feeds each layer its input as is instead of concatenating an empty
+    conditioning vector (a copy per layer): the same outputs and parameter gradients, to the last bit."""
+    from gwf.models.mlp import MLPGenerator
+
+    torch.manual_seed(0)
+    gen = MLPGenerator([2], noise_dim=2, hidden=32, depth=3)
+    z = torch.rand(64, 2) * 2 - 1
+    out = gen(z)
+    out.square().sum().backward()
+    fast = [p.grad.clone() for p in gen.parameters()]
+    gen.zero_grad()
+    h, empty = z, z.new_zeros(64, 0)
+    for layer in gen.layers:
+        h = gen.act(layer(torch.cat([h, empty], dim=-1)))
+    ref = gen.out(torch.cat([h, empty], dim=-1))
+    ref.square().sum().backward()
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a, p.grad) for a, p in zip(fast, gen.parameters(), strict=True))

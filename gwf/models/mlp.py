@@ -74,7 +74,9 @@ class MLPGenerator(nn.Module):
         if z.ndim != 2 or z.shape[1] != self.noise_dim:
             raise ValueError(f"MLPGenerator expects z of shape [B, {self.noise_dim}], got {tuple(z.shape)}")
         c = self._cond(z, labels, alpha)
+        # nothing to join (unconditional): no copy of each layer's input, which the concatenation made contiguous
+        join = (lambda h: torch.cat([h, c], dim=-1)) if c.shape[1] else (lambda h: h.contiguous())
         h = z
         for layer in self.layers:
-            h = self.act(layer(torch.cat([h, c], dim=-1)))
-        return self.out(torch.cat([h, c], dim=-1)).view(len(z), *self.out_shape)
+            h = self.act(layer(join(h)))
+        return self.out(join(h)).view(len(z), *self.out_shape)
