@@ -8,6 +8,7 @@ tau None is the "no JKO" baseline.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,13 @@ PREVIOUS_MODES = ("generator", "eval")
 def tau_from_official_lambda2(lambda2: float, data_dim: int) -> float:
     """The official GWF code's ``--lambda2`` (transport term averaged over D dims, weight 1/lambda2) as our tau."""
     return lambda2 * data_dim / 2.0
+
+
+def check_identity_start(noise_shape: tuple[int, ...], data_shape: tuple[int, ...]) -> None:
+    """jko.start=noise takes T_0 = identity on the noise (or its image-shaped part): the sizes must agree."""
+    if math.prod(noise_shape) != math.prod(data_shape):
+        raise ValueError(f"jko.start=noise needs noise of the data's size (T_0 = identity), got noise {noise_shape} "
+                         f"for data {data_shape}: set model.noise_dim to the data dimension or jko.start=generator")
 
 
 class JKOProximal(nn.Module):
@@ -89,10 +97,7 @@ class JKOProximal(nn.Module):
                 z = gen_inputs[0]
                 if hasattr(self.previous, "identity_input"):  # the generator's image-shaped part of z (NCSN++)
                     z = self.previous.identity_input(z)
-                if z[0].numel() != x[0].numel():
-                    raise ValueError(f"jko.start=noise needs noise of the data's size (T_0 = identity), got noise "
-                                     f"{tuple(z.shape[1:])} for data {tuple(x.shape[1:])}: set model.noise_dim to the "
-                                     "data dimension or jko.start=generator")
+                check_identity_start(tuple(z.shape[1:]), tuple(x.shape[1:]))
                 x_prev = z.reshape(x.shape)
             else:
                 x_prev = self.previous.train(train_mode and self.previous_mode == "generator")(*gen_inputs)

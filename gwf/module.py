@@ -17,7 +17,7 @@ from gwf.conditioning import ConditioningSampler
 from gwf.constants import COMPILE_MODES
 from gwf.data.bank import ClassBank
 from gwf.ema import EMA
-from gwf.jko import JKOProximal, JKOSchedule
+from gwf.jko import JKOProximal, JKOSchedule, check_identity_start
 from gwf.objectives.base import GenBatch, Objective, RealBatch
 from gwf.seeding import make_generator
 
@@ -130,6 +130,10 @@ class GWFModule(L.LightningModule):
                 f"never seen before, data.batch_size) to at least {steps * sizes.pos_per_label}, or loop.reals=shared")
         self.seed = seed
         self.source = source  # generator input: None (Gaussian noise) or a CPU sampler (n, Generator) -> [n, *shape]
+        if tau is not None and jko_start == "noise" and source is None:  # at build time, not at the first update
+            z = torch.zeros(1, *generator.noise_shape)
+            z = generator.identity_input(z) if hasattr(generator, "identity_input") else z
+            check_identity_start(tuple(z.shape[1:]), self.data_shape)
         labels = conditioning.labels_per_update if conditioning.conditional else 1
         if not 1 <= sizes.label_chunks <= labels or labels % sizes.label_chunks:
             raise ValueError(f"batch.label_chunks={sizes.label_chunks} must divide the {labels} label(s) per rank and "

@@ -150,3 +150,20 @@ def test_fresh_noise_start_is_the_official_flat_latent_first_step():
     assert float(prox(gen(z), z, rng=torch.Generator().manual_seed(5))) == 0.0
     with pytest.raises(ValueError, match="fresh_noise"):
         JKOProximal(gen, tau=1.0, start="zeros")
+
+
+def test_start_from_noise_of_the_wrong_size_fails_when_the_module_is_built():
+    """jko.start=noise with noise_dim != the data dimension: refused by build_module, before any update runs."""
+    from tests.conftest import compose_config
+
+    from gwf.build import build_datamodule, build_module
+
+    def build(*overrides):
+        cfg = compose_config(["experiment=gwf_2d", "method=wflow", *overrides])
+        data = build_datamodule(cfg)
+        return build_module(cfg, data.shape, data.num_classes)
+
+    with pytest.raises(ValueError, match="noise of the data's size.*model.noise_dim"):
+        build("model.noise_dim=16")
+    build("model.noise_dim=16", "jko.start=generator")
+    build("model.noise_dim=16", "jko.tau=null")
