@@ -109,6 +109,26 @@ def test_train_stream_seeding(shard_dir):
     assert _same(first, _stream(_datamodule(shard_dir, seed=0, num_workers=1).train_dataloader()))
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_decoded_shard_cache_gives_the_same_stream(shard_dir, num_workers):
+    """data.cache_mb: shards parsed once per process give the batches of an uncached stream, epoch after epoch; a
+    budget below one shard caches nothing; cached samples are read-only (no later draw can see a change)."""
+    uncached = _datamodule(shard_dir, cache_mb=0, num_workers=num_workers).train_dataloader()
+    cached = _datamodule(shard_dir, num_workers=num_workers).train_dataloader()
+    tiny = _datamodule(shard_dir, cache_mb=1e-4, num_workers=num_workers).train_dataloader()  # 105 bytes
+    for _ in range(3):  # 48 samples from 30 per epoch: every shard is drawn several times
+        expected = _stream(uncached)
+        assert _same(_stream(cached), expected) and _same(_stream(tiny), expected)
+    if num_workers == 0:  # the main process holds the cache; workers hold their own and start empty each pass
+        assert sorted(cached.stream._cache) == sorted(cached.stream.urls) and not tiny.stream._cache
+        _, x, _ = cached.stream._cache[cached.stream.urls[0]][0]
+        assert not x.flags.writeable
+    else:
+        assert not cached.stream._cache
+    with pytest.raises(ValueError, match="cache_mb"):
+        _datamodule(shard_dir, cache_mb=-1)
+
+
 def test_val_stream_deterministic_and_complete(shard_dir):
     dm = _datamodule(shard_dir)
     loader = dm.val_dataloader()
