@@ -1,16 +1,19 @@
 """The official latent MAE of Drifting / W-Flow in gwf: its state-dict layout (written below as data from the official
 code) converts into gwf's encoder export and back into gwf's MaskedAutoencoder bitwise; the converted encoder computes
-the official forward; a mismatched file is refused with the key named; the official feature sets (names, order,
-norm_x, global, means, stds, patch statistics) against direct computations; the MAE-256 / MAE-640 parameter counts;
-the classification fine-tune's loss and ramp against their formulas.
+the official forward; the JAX release's Flax msgpack tree (its key names and layouts written below as data from the
+official code, encoded as flax encodes it) converts the same, bitwise; a mismatched file is refused with the key
+named; the official feature sets (names, order, norm_x, global, means, stds, patch statistics) against direct
+computations; the MAE-256 / MAE-640 parameter counts; the classification fine-tune's loss and ramp against their
+formulas.
 
 Official code read: riesz_flow_hudson models/mae_model.py ([PT], the PyTorch port of the release, line numbers),
 models/hf.py, misc/convert_mae_to_pt.py, configs/mae/latent_640.yaml, latent_ablation_256.yaml, and the JAX release's
-models/mae_model.py and train_mae.py ([JAX]).
+models/mae_model.py, utils/init_util.py and train_mae.py ([JAX]), google/flax flax/serialization.py.
 """
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +24,8 @@ from gwf.constants import FEATURE_STD_EPS, MAE_CHECKPOINT_FORMAT
 from gwf.data.datamodule import ShardDataModule
 from gwf.data.shards import write_shards
 from gwf.features import build_features
-from gwf.features.convert import OFFICIAL_MAES, convert_mae, gwf_name, official_shapes, official_to_gwf
+from gwf.features.convert import (OFFICIAL_MAES, convert_mae, flax_path, gwf_name, official_flax_shapes, official_name,
+                                  official_shapes, official_to_gwf, read_flax_msgpack, read_official)
 from gwf.features.mae import GN_EPS, LEGACY_GN_EPS, MAEFeatures, MaskedAutoencoder, load_mae, save_checkpoint
 from gwf.features.train import finetune_weight, train_encoder
 from gwf.module import OptimConfig
@@ -79,6 +83,72 @@ OFFICIAL_TINY_SHAPES = {
     "decoder.head.weight": (4, 8, 1, 1), "decoder.head.bias": (4,),
     "fc.weight": (10, 64), "fc.bias": (10,),
 }
+
+# The same MAE as the JAX release stores it (ema_params.msgpack: {path: shape} of the Flax param tree, [JAX]
+# models/mae_model.py): modules named by their setup attributes, the stage lists ``self.stages = [...]`` as
+# stages_{i}, the blocks of each nn.Sequential(blocks) as its field layers_{j}; nn.Conv kernels HWIO (+ bias for the
+# head), nn.GroupNorm scale/bias, nn.Dense kernel (in, out) + bias. (Only the shapes matter here: at these widths
+# [JAX]'s 32-group concat_norm_fn could not be built for up21 / up10.)
+FLAX_TINY_SHAPES = {
+    "encoder/conv1/kernel": (3, 3, 4, 8), "encoder/gn1/scale": (8,), "encoder/gn1/bias": (8,),
+    "encoder/layer1_norm/scale": (8,), "encoder/layer1_norm/bias": (8,), "encoder/layer2_norm/scale": (16,),
+    "encoder/layer2_norm/bias": (16,), "encoder/layer3_norm/scale": (32,), "encoder/layer3_norm/bias": (32,),
+    "encoder/layer4_norm/scale": (64,), "encoder/layer4_norm/bias": (64,),
+    "encoder/stages_0/layers_0/conv1/kernel": (3, 3, 8, 8), "encoder/stages_0/layers_0/gn1/scale": (8,),
+    "encoder/stages_0/layers_0/gn1/bias": (8,), "encoder/stages_0/layers_0/conv2/kernel": (3, 3, 8, 8),
+    "encoder/stages_0/layers_0/gn2/scale": (8,), "encoder/stages_0/layers_0/gn2/bias": (8,),
+    "encoder/stages_1/layers_0/conv1/kernel": (3, 3, 8, 16), "encoder/stages_1/layers_0/gn1/scale": (16,),
+    "encoder/stages_1/layers_0/gn1/bias": (16,), "encoder/stages_1/layers_0/conv2/kernel": (3, 3, 16, 16),
+    "encoder/stages_1/layers_0/gn2/scale": (16,), "encoder/stages_1/layers_0/gn2/bias": (16,),
+    "encoder/stages_1/layers_0/proj_conv/kernel": (1, 1, 8, 16), "encoder/stages_1/layers_0/proj_gn/scale": (16,),
+    "encoder/stages_1/layers_0/proj_gn/bias": (16,), "encoder/stages_1/layers_1/conv1/kernel": (3, 3, 16, 16),
+    "encoder/stages_1/layers_1/gn1/scale": (16,), "encoder/stages_1/layers_1/gn1/bias": (16,),
+    "encoder/stages_1/layers_1/conv2/kernel": (3, 3, 16, 16), "encoder/stages_1/layers_1/gn2/scale": (16,),
+    "encoder/stages_1/layers_1/gn2/bias": (16,), "encoder/stages_2/layers_0/conv1/kernel": (3, 3, 16, 32),
+    "encoder/stages_2/layers_0/gn1/scale": (32,), "encoder/stages_2/layers_0/gn1/bias": (32,),
+    "encoder/stages_2/layers_0/conv2/kernel": (3, 3, 32, 32), "encoder/stages_2/layers_0/gn2/scale": (32,),
+    "encoder/stages_2/layers_0/gn2/bias": (32,), "encoder/stages_2/layers_0/proj_conv/kernel": (1, 1, 16, 32),
+    "encoder/stages_2/layers_0/proj_gn/scale": (32,), "encoder/stages_2/layers_0/proj_gn/bias": (32,),
+    "encoder/stages_3/layers_0/conv1/kernel": (3, 3, 32, 64), "encoder/stages_3/layers_0/gn1/scale": (64,),
+    "encoder/stages_3/layers_0/gn1/bias": (64,), "encoder/stages_3/layers_0/conv2/kernel": (3, 3, 64, 64),
+    "encoder/stages_3/layers_0/gn2/scale": (64,), "encoder/stages_3/layers_0/gn2/bias": (64,),
+    "encoder/stages_3/layers_0/proj_conv/kernel": (1, 1, 32, 64), "encoder/stages_3/layers_0/proj_gn/scale": (64,),
+    "encoder/stages_3/layers_0/proj_gn/bias": (64,), "decoder/bridge/conv/kernel": (3, 3, 64, 64),
+    "decoder/bridge/gn/scale": (64,), "decoder/bridge/gn/bias": (64,), "decoder/up43/concat_norm_fn/scale": (96,),
+    "decoder/up43/concat_norm_fn/bias": (96,), "decoder/up43/proj/conv/kernel": (3, 3, 96, 32),
+    "decoder/up43/proj/gn/scale": (32,), "decoder/up43/proj/gn/bias": (32,),
+    "decoder/up43/refine/conv/kernel": (3, 3, 32, 32), "decoder/up43/refine/gn/scale": (32,),
+    "decoder/up43/refine/gn/bias": (32,), "decoder/up32/concat_norm_fn/scale": (48,),
+    "decoder/up32/concat_norm_fn/bias": (48,), "decoder/up32/proj/conv/kernel": (3, 3, 48, 16),
+    "decoder/up32/proj/gn/scale": (16,), "decoder/up32/proj/gn/bias": (16,),
+    "decoder/up32/refine/conv/kernel": (3, 3, 16, 16), "decoder/up32/refine/gn/scale": (16,),
+    "decoder/up32/refine/gn/bias": (16,), "decoder/up21/concat_norm_fn/scale": (24,),
+    "decoder/up21/concat_norm_fn/bias": (24,), "decoder/up21/proj/conv/kernel": (3, 3, 24, 8),
+    "decoder/up21/proj/gn/scale": (8,), "decoder/up21/proj/gn/bias": (8,),
+    "decoder/up21/refine/conv/kernel": (3, 3, 8, 8), "decoder/up21/refine/gn/scale": (8,),
+    "decoder/up21/refine/gn/bias": (8,), "decoder/up10/concat_norm_fn/scale": (16,),
+    "decoder/up10/concat_norm_fn/bias": (16,), "decoder/up10/proj/conv/kernel": (3, 3, 16, 8),
+    "decoder/up10/proj/gn/scale": (8,), "decoder/up10/proj/gn/bias": (8,),
+    "decoder/up10/refine/conv/kernel": (3, 3, 8, 8), "decoder/up10/refine/gn/scale": (8,),
+    "decoder/up10/refine/gn/bias": (8,), "decoder/head/kernel": (1, 1, 8, 4), "decoder/head/bias": (4,),
+    "fc/kernel": (64, 10), "fc/bias": (10,),
+}
+
+
+def _pt_name(path):
+    """[JAX] path -> [PT] name, written from the two official files: stages_i/layers_j -> stages.i.j, kernel and
+    scale -> weight."""
+    parts = path.split("/")
+    if parts[1].startswith("stages_"):  # encoder/stages_i/layers_j/...
+        parts[1:3] = ["stages", parts[1][len("stages_"):], parts[2][len("layers_"):]]
+    parts[-1] = {"kernel": "weight", "scale": "weight"}.get(parts[-1], parts[-1])
+    return ".".join(parts)
+
+
+def _to_pt_layout(a):
+    """HWIO -> OIHW, (in, out) -> (out, in)."""
+    return a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T if a.ndim == 2 else a
+
 
 # Parameter counts of the official MAEs (MAEResNetJAX(num_classes=1000, in_channels=4, base_channels=B,
 # layers=[3, 4, 6, 3], input_patch_size=1), configs/mae/latent_ablation_256.yaml and latent_640.yaml), summed over
@@ -219,9 +289,184 @@ def test_mismatched_official_checkpoints_are_refused_with_the_key_named(tmp_path
     src = _write_official(tmp_path / "pixel", sd, {"model_config": {**OFFICIAL_TINY, "input_patch_size": 8}})
     with pytest.raises(ValueError, match="input_patch_size 8: a pixel-space MAE"):
         convert_mae(src, tmp_path / "pixel" / "encoder.pt")
-    (tmp_path / "raw.msgpack").write_bytes(b"\x80")
-    with pytest.raises(ValueError, match="msgpack.*misc/convert_mae_to_pt.py"):
-        convert_mae(tmp_path / "raw.msgpack", tmp_path / "encoder.pt")
+
+
+# ----------------------------------------------------------------------------------------------- the JAX msgpack
+def _flax_ext(shape, dtype_name, raw, code=1):
+    """flax/serialization.py _msgpack_ext_pack: ExtType(ndarray 1 | npscalar 3, msgpack of (shape, dtype name,
+    C-order bytes), use_bin_type=True)."""
+    msgpack = pytest.importorskip("msgpack")
+    return msgpack.ExtType(code, msgpack.packb((tuple(shape), dtype_name, raw), use_bin_type=True))
+
+
+def _ext(t):
+    """A torch tensor as flax writes the array: numpy's bytes and dtype name; bf16 (jnp.bfloat16, dtype name
+    "bfloat16") as its 16-bit patterns."""
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return _flax_ext(t.shape, "bfloat16", t.view(torch.int16).numpy().tobytes("C"))
+    a = t.numpy()
+    return _flax_ext(a.shape, a.dtype.name, a.tobytes("C"))
+
+
+def _chunked(t, chunk):
+    """flax's _chunk (done there above 2**30 bytes): the flat array in pieces of ``chunk`` elements."""
+    flat = t.contiguous().reshape(-1)
+    return {"__msgpack_chunked_array__": True, "shape": {str(i): n for i, n in enumerate(t.shape)},
+            "chunks": {str(i): _ext(flat[k:k + chunk]) for i, k in enumerate(range(0, flat.numel(), chunk))}}
+
+
+CHUNKED_LEAF = "encoder/stages_1/layers_1/conv2/kernel"  # 2,304 elements: written in chunks of 1,000
+BF16_LEAF = "decoder/up43/proj/conv/kernel"  # written in bf16 (its values rounded to bf16 in the source)
+
+
+def _write_msgpack(folder, flax_leaves, metadata=None, wrap=True):
+    """ema_params.msgpack (+ metadata.json) of {flax path: tensor in the file's layout}, as flax's
+    msgpack_serialize packs it: nested maps, ExtType leaves, CHUNKED_LEAF chunked, BF16_LEAF in bf16."""
+    msgpack = pytest.importorskip("msgpack")
+    tree = {}
+    for path, t in flax_leaves.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _chunked(t, 1000) if path == CHUNKED_LEAF else _ext(t)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ema_params.msgpack").write_bytes(msgpack.packb({"params": tree} if wrap else tree, use_bin_type=True))
+    if metadata is not None:
+        (folder / "metadata.json").write_text(json.dumps(metadata))
+    return folder / "ema_params.msgpack"
+
+
+def _random_gwf_mae_as_flax():
+    """(official state dict, {flax path: tensor in the file's layout}) of a random gwf MaskedAutoencoder at the tiny
+    official size; BF16_LEAF's values rounded to bf16."""
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(**{k: OFFICIAL_TINY[k] for k in ("in_channels", "base_channels", "layers")},
+                              num_classes=OFFICIAL_TINY["num_classes"])
+    for p in model.parameters():  # GroupNorm starts at 1 / 0: random values everywhere
+        p.data.normal_()
+    gwf_sd = model.state_dict()
+    official = {k: gwf_sd[gwf_name(k)].clone() for k in OFFICIAL_TINY_SHAPES}
+    official[_pt_name(BF16_LEAF)] = official[_pt_name(BF16_LEAF)].to(torch.bfloat16)
+    flax = {path: _file_layout(official[_pt_name(path)]) for path in FLAX_TINY_SHAPES}
+    return official, flax
+
+
+def _file_layout(t):
+    """OIHW -> HWIO, (out, in) -> (in, out): the inverse of _to_pt_layout."""
+    return t.permute(2, 3, 1, 0).contiguous() if t.dim() == 4 else t.t().contiguous() if t.dim() == 2 else t
+
+
+def test_flax_tree_names_and_layouts_against_the_official_layout():
+    """The [JAX] tree written above is the [PT] state dict renamed and transposed, leaf for leaf; gwf's name mapping
+    and its expected tree agree with it, and at the MAE-640 size every name maps back."""
+    assert {_pt_name(p): tuple(_to_pt_layout(np.empty(s)).shape) for p, s in FLAX_TINY_SHAPES.items()} \
+        == OFFICIAL_TINY_SHAPES
+    assert official_flax_shapes(OFFICIAL_TINY) == FLAX_TINY_SHAPES
+    assert all(official_name(p) == _pt_name(p) for p in FLAX_TINY_SHAPES)
+    cfg = OFFICIAL_MAES["mae_latent_640"]
+    shapes = official_shapes(cfg["in_channels"], cfg["base_channels"], cfg["layers"], cfg["num_classes"])
+    assert all(official_name(flax_path(k, len(s))) == k for k, s in shapes.items())
+    assert flax_path("encoder.stages.2.5.proj_gn.weight", 1) == "encoder/stages_2/layers_5/proj_gn/scale"
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_jax_release_msgpack_converts_bitwise(tmp_path, wrap):
+    """A random gwf MAE written as the JAX release's ema_params.msgpack (flax's encoding, one chunked leaf, one bf16
+    leaf, with and without the "params" wrapper) converts back to the same tensors exactly; gwf-convert mae reads
+    the folder."""
+    official, flax = _random_gwf_mae_as_flax()
+    meta = {"model_config": {"base_channels": 8, "patch_size": 2, "dropout_prob": 0.0, "layers": [1, 2, 1, 1],
+                             "in_channels": 4, "use_bf16": True, "input_patch_size": 1, "num_classes": 10},
+            "step": 7}
+    src = _write_msgpack(tmp_path / "mae_latent_tiny", flax, meta if wrap else None, wrap=wrap)
+    state, metadata = read_official(src.parent)  # the folder: no ema_params.pt, so the msgpack
+    assert metadata == (meta if wrap else {})
+    assert state.keys() == official.keys()
+    for k, v in official.items():
+        assert state[k].dtype == v.dtype and state[k].is_contiguous() and torch.equal(state[k], v), k
+    export = convert_mae(src, tmp_path / "encoder.pt", dtype=None)
+    assert export["step"] == (7 if wrap else 0) and export["dtype"] == "float32"  # the bf16 leaf is the decoder's
+    assert export["config"] == {**OFFICIAL_TINY, "mask_patch": 2, "gn_eps": 1e-6}
+    assert "msgpack" in export["source"]["layout"]
+    enc = build_features({"name": "mae", "path": str(tmp_path / "encoder.pt")})
+    loaded = enc.encoder.state_dict()
+    encoder_keys = [k for k in official if k.startswith("encoder.")]
+    assert len(loaded) == len(encoder_keys)
+    assert all(torch.equal(loaded[gwf_name(k)[len("encoder."):]], official[k]) for k in encoder_keys)
+    # the whole model, decoder (the bf16 leaf too) and classifier
+    model = MaskedAutoencoder(**export["config"])
+    model.load_state_dict(official_to_gwf(state, export["config"]), strict=True)
+    full = model.state_dict()
+    assert all(torch.equal(full[gwf_name(k)], v.float()) for k, v in official.items())
+    # gwf-convert mae FOLDER DST
+    from gwf.convert import main
+
+    main(["mae", str(src.parent), str(tmp_path / "cli.pt"), "--dtype", "float32"])
+    cli = torch.load(tmp_path / "cli.pt", weights_only=True)
+    assert cli["encoder"].keys() == export["encoder"].keys()
+    assert all(torch.equal(cli["encoder"][k], v) for k, v in export["encoder"].items())
+
+
+def test_msgpack_decoding_known_answers(tmp_path):
+    """flax's other leaves: a numpy scalar (ext 3) as a 0-d tensor, a complex (ext 2), int and bool arrays, an
+    empty array; a damaged array and an unknown extension are refused."""
+    msgpack = pytest.importorskip("msgpack")
+    ints = np.arange(6, dtype=np.int64).reshape(2, 3)
+    tree = {"step": _flax_ext((), "int32", np.int32(41).tobytes(), code=3), "z": msgpack.ExtType(2, msgpack.packb(
+        (1.5, -2.0))), "a": {"ints": _ext(torch.from_numpy(ints)), "mask": _ext(torch.tensor([True, False])),
+                              "empty": _ext(torch.zeros(0, 3))}}
+    (tmp_path / "t.msgpack").write_bytes(msgpack.packb(tree, use_bin_type=True))
+    out = read_flax_msgpack(tmp_path / "t.msgpack")
+    assert out["step"].shape == () and out["step"].item() == 41 and out["step"].dtype == torch.int32
+    assert out["z"] == complex(1.5, -2.0)
+    assert torch.equal(out["a"]["ints"], torch.from_numpy(ints)) and out["a"]["mask"].tolist() == [True, False]
+    assert out["a"]["empty"].shape == (0, 3)
+    (tmp_path / "bad.msgpack").write_bytes(msgpack.packb({"w": _flax_ext((2, 3), "float32", b"\0" * 20)}))
+    with pytest.raises(ValueError, match=r"shape \(2, 3\) and dtype float32 holds 20 bytes, expected 24"):
+        read_flax_msgpack(tmp_path / "bad.msgpack")
+    (tmp_path / "ext.msgpack").write_bytes(msgpack.packb({"w": msgpack.ExtType(9, b"")}))
+    with pytest.raises(ValueError, match="unknown msgpack extension type 9"):
+        read_flax_msgpack(tmp_path / "ext.msgpack")
+
+
+def test_mismatched_msgpack_trees_are_refused_with_the_path_named(tmp_path, monkeypatch):
+    _, flax = _random_gwf_mae_as_flax()
+    missing = {k: v for k, v in flax.items() if k != "encoder/stages_1/layers_1/gn2/bias"}
+    with pytest.raises(ValueError, match=r"1 missing keys: encoder/stages_1/layers_1/gn2/bias"):
+        convert_mae(_write_msgpack(tmp_path / "missing", missing), tmp_path / "missing" / "encoder.pt")
+    shape = {**flax, "decoder/up21/proj/conv/kernel": torch.zeros(1, 1, 24, 8)}
+    with pytest.raises(ValueError, match=r"1 wrong shapes: decoder/up21/proj/conv/kernel \(1, 1, 24, 8\) "
+                                         r"\(expected \(3, 3, 24, 8\)\)"):
+        convert_mae(_write_msgpack(tmp_path / "shape", shape), tmp_path / "shape" / "encoder.pt")
+    extra = {**flax, "encoder/stages_0/layers_0/proj_conv/kernel": torch.zeros(1, 1, 8, 8)}
+    with pytest.raises(ValueError, match=r"1 unexpected keys: encoder/stages_0/layers_0/proj_conv/kernel"):
+        convert_mae(_write_msgpack(tmp_path / "extra", extra), tmp_path / "extra" / "encoder.pt")
+    assert not any(tmp_path.glob("*/encoder.pt"))
+    (tmp_path / "junk.msgpack").write_bytes(b"\xc1")  # a byte msgpack never uses
+    with pytest.raises(ValueError, match="junk.msgpack is not a Flax msgpack file"):
+        convert_mae(tmp_path / "junk.msgpack", tmp_path / "encoder.pt")
+    # without the msgpack package: the error says what to install
+    monkeypatch.setitem(sys.modules, "msgpack", None)
+    with pytest.raises(ValueError, match="pip install msgpack"):
+        convert_mae(tmp_path / "missing" / "ema_params.msgpack", tmp_path / "encoder.pt")
+
+
+def test_the_artifact_folder_is_read_from_its_pt_first(tmp_path):
+    """A folder with both files (what misc/convert_mae_to_pt.py leaves) reads ema_params.pt; without either, the
+    error names both."""
+    official, flax = _random_gwf_mae_as_flax()
+    folder = tmp_path / "mae_latent_tiny"
+    _write_msgpack(folder, flax)
+    other = _official_state(5)
+    torch.save(other, folder / "ema_params.pt")
+    state, _ = read_official(folder)
+    assert all(torch.equal(state[k], v) for k, v in other.items())
+    assert convert_mae(folder, tmp_path / "e.pt")["source"]["path"].endswith("ema_params.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no ema_params.pt or ema_params.msgpack in"):
+        read_official(tmp_path / "empty")
 
 
 # ----------------------------------------------------------------------------------------------- feature sets
