@@ -1,7 +1,8 @@
 """gwf-convert: official checkpoints -> gwf generator files.
 
     gwf-convert wflow-generator <official state_*.pt> --out <gwf .pt> [--size dit_xl2] [--raw]
-    gwf-convert mae <official ema_params.pt or its folder> <gwf encoder .pt> [--dtype bfloat16|float32|keep]
+    gwf-convert mae <official ema_params.msgpack, ema_params.pt or their folder> <gwf encoder .pt>
+        [--dtype bfloat16|float32|keep]
 
 The released W-Flow checkpoints (hf jiaqihan99/W-Flow, checkpoints/latent_sota_{B,L,XL}_ot/state_*.pt; official
 README "Checkpoint Format" and utils/ckpt_util.py ``save_checkpoint``) are ``torch.save`` dicts {step, model,
@@ -11,10 +12,15 @@ trained weights). The official train.py compiles the trunk in place (``model.mod
 making its EMA copy: the raw ``model`` entry then carries ``model._orig_mod.`` names, the EMA copy does not; DDP
 would add ``module.``. Both prefixes are removed. Also read: the official EMA
 artifact params_ema/ema_params.pt (a flat state dict, utils/ckpt_util.py ``save_params_ema_artifact``), any flat
-state dict in a .pt, and .safetensors files when the ``safetensors`` package is installed. NOT read: the Flax
-MsgPack trees of the Drifting JAX releases (``ema_params.msgpack``, models/hf.py ``load_jax_ema_params``): they need
-flax and the official JAX-to-PyTorch tree conversion (utils/param_convert.py), which the released repository does
-not contain; W-Flow's own generators are released as torch files.
+state dict in a .pt, and .safetensors files when the ``safetensors`` package is installed. NOT read for generators:
+the Flax MsgPack trees of the Drifting JAX generator releases (``ema_params.msgpack``, models/hf.py
+``load_jax_ema_params``): their names need the official JAX-to-PyTorch tree conversion (utils/param_convert.py), which
+the released repository does not contain; W-Flow's own generators are released as torch files.
+
+``gwf-convert mae`` (gwf/features/convert.py) reads the authors' latent MAEs (hf Goodeat/drifting
+models/mae/jax/mae_latent_{256,640}): the JAX release's ``ema_params.msgpack`` itself (decoded without flax or jax;
+needs the ``msgpack`` package, gwf's ``convert`` extra) or the ``ema_params.pt`` that the official
+misc/convert_mae_to_pt.py writes, with the ``metadata.json`` beside it; a folder is read from its .pt first.
 
 Architecture options (num_classes, n_cls_tokens, noise_classes, noise_coords, head count) are read from the
 checkpoint's shapes; the size from its width and depth (or checked against ``--size``). The output holds
@@ -202,9 +208,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="latent shape (default: the SD-VAE latents 4 32 32)")
     p.add_argument("--patch", type=int, default=2, help="patch size (default 2, the official)")
     p.set_defaults(run=_run_wflow)
-    m = sub.add_parser("mae", help="official latent MAE (misc/convert_mae_to_pt.py's ema_params.pt) -> gwf encoder "
-                                   "file for method.features.path")
-    m.add_argument("src", help="the official torch export: ema_params.pt, or its artifact folder (with metadata.json)")
+    m = sub.add_parser("mae", help="official latent MAE (the JAX release's ema_params.msgpack, or the ema_params.pt "
+                                   "of misc/convert_mae_to_pt.py) -> gwf encoder file for method.features.path")
+    m.add_argument("src", help="ema_params.msgpack (needs msgpack: pip install msgpack), ema_params.pt, or their "
+                               "artifact folder (with metadata.json; the .pt first)")
     m.add_argument("dst", help="gwf encoder file to write (.pt)")
     m.add_argument("--dtype", choices=("bfloat16", "float32", "keep"), default="bfloat16",
                    help="stored precision (default bfloat16; keep: the source's)")

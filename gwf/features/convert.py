@@ -307,7 +307,8 @@ def official_file(src: str | Path) -> Path:
 def read_official(src: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict in the [PT] names, metadata) of an official MAE: ``src`` is an ema_params.pt, an
     ema_params.msgpack (metadata.json beside either is read when present), or the artifact folder holding them
-    (the .pt first). The .pt is memory-mapped (MAE-640 is ~11 GB in fp32); the msgpack is decoded into memory."""
+    (the .pt first). The .pt is memory-mapped (MAE-640 is 10.75 GB in fp32); the msgpack is decoded into
+    memory."""
     src = official_file(src)
     meta_path = src.parent / "metadata.json"
     metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
