@@ -51,9 +51,10 @@ def read_checkpoint(src: str | Path) -> dict:
     if not src.is_file():
         raise FileNotFoundError(f"no checkpoint at {src}")
     if src.suffix == ".msgpack":
-        raise ValueError(f"{src}: Flax MsgPack trees (the Drifting JAX release format) need flax and the official "
-                         "JAX-to-PyTorch conversion (utils/param_convert.py, not released); W-Flow's generators are "
-                         "released as torch state_*.pt files, which this reads")
+        raise ValueError(f"{src}: a Flax MsgPack tree (the Drifting JAX generator release format) is not a W-Flow "
+                         "generator: its parameter names need the official JAX-to-PyTorch tree conversion "
+                         "(utils/param_convert.py, not released). W-Flow's generators are released as torch "
+                         "state_*.pt files, which this reads; the MAE's msgpack is read by `gwf-convert mae`")
     if src.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
