@@ -164,9 +164,11 @@ def test_the_extras_cover_the_optional_imports():
     extras = project["optional-dependencies"]
     assert {"diffusers", "safetensors"} <= set(extras["latents"]) and extras["wandb"] == ["wandb"]
     assert any(d.startswith("hydra-submitit-launcher") for d in extras["slurm"])
-    assert "gwf[latents,slurm,wandb]" in extras["dev"]  # the README's commands install every part
+    assert any(d.startswith("msgpack") for d in extras["convert"])  # gwf-convert mae of the JAX release's msgpack
+    assert "gwf[latents,slurm,wandb,convert]" in extras["dev"]  # the README's commands install every part
+    assert "gwf[latents,slurm,wandb,convert]" in extras["all"]
     base = {re.split(r"[<>=\[]", d)[0] for d in project["dependencies"]}
-    assert not base & {"diffusers", "safetensors", "wandb", "hydra-submitit-launcher"}
+    assert not base & {"diffusers", "safetensors", "wandb", "hydra-submitit-launcher", "msgpack"}
 
 
 def test_every_ablation_variant_composes_its_method_on_2d_and_digits():
