@@ -24,6 +24,32 @@ END = "<!-- field-profile:{name}:end -->"
 EDGES = (-9.0, -2.0, -1.0, -0.5, -0.2, 0.0, 0.2, 0.5, 1.0, 2.0, 9.0)
 
 
+def radial(x, v, mixture):
+    """For samples x [B, N, 2] and their field v [B, N, 2]: (nearest mode is a light one, offset along the line from
+    the mixture's mean through that mode's centre (> 0: beyond it), the field's component along that line), each
+    [B, N]. Light modes: those lighter than the heaviest."""
+    import torch
+
+    centers, weights = mixture.centers, mixture.weights
+    u = centers - (weights[:, None] * centers).sum(0)
+    u = u / u.norm(dim=1, keepdim=True)  # outward unit direction of each mode
+    nearest = torch.cdist(x.reshape(-1, 2), centers).argmin(1).reshape(x.shape[:2])
+    c, un = centers[nearest], u[nearest]
+    return (weights < weights.max())[nearest], ((x - c) * un).sum(-1), (v * un).sum(-1)
+
+
+def binned(select, offset, value, edges=EDGES) -> list[tuple[float, float, float, float, float]]:
+    """(lo, hi, selected samples per batch, mean value, its standard error) of each offset bin [lo, hi) holding at
+    least 2 selected samples; ``select``, ``offset``, ``value`` [B, N]."""
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = select & (offset >= lo) & (offset < hi)
+        k = int(m.sum())
+        if k >= 2:
+            rows.append((lo, hi, k / len(select), float(value[m].mean()), float(value[m].std() / k**0.5)))
+    return rows
+
+
 def profile(ckpt: Path, batches: int, seed: int = 1) -> str:
     import torch
 
@@ -59,34 +85,19 @@ def profile(ckpt: Path, batches: int, seed: int = 1) -> str:
         # the estimator's own bias: the same field with the target as the model (q = p), where it should vanish
         x_ref = torch.stack([target(n_gen, g) for _ in range(batches)])
         v_ref = field(x_ref, torch.stack([target(n_gen, g) for _ in range(batches)]))
-    centers, weights = target.centers, target.weights
+    weights = target.weights
     light = weights < weights.max()
-    mean = (weights[:, None] * centers).sum(0)
-    u = centers - mean
-    u = u / u.norm(dim=1, keepdim=True)  # outward unit direction of each mode
-
-    def radial(x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(on a light mode, offset from its centre, radial V), each [batches, n_gen], by nearest mode."""
-        nearest = torch.cdist(x.reshape(-1, 2), centers).argmin(1).reshape(x.shape[:2])
-        c, un = centers[nearest], u[nearest]
-        return light[nearest], ((x - c) * un).sum(-1), (v * un).sum(-1)
-
-    on_light, offset, radial_v = radial(x, v)
-    ref_light, _, ref_v = radial(x_ref, v_ref)
+    on_light, offset, radial_v = radial(x, v, target)
+    ref_light, _, ref_v = radial(x_ref, v_ref, target)
     ref = ref_v[ref_light]
-    share_gen = float(on_light.float().mean())
-    share_target = float(weights[light].sum())
     lines = [f"W-Flow field at the generated samples of the light modes ({int(light.sum())} of {len(weights)}; "
              f"`{ckpt.parent.parent.name}`), {batches} draws of {n_gen} generated + {n_gen} second batch + {n_pos} "
-             f"target samples. Generated mass nearest a light mode: {share_gen:.3f} (target: {share_target:.3f}).",
+             f"target samples. Generated mass nearest a light mode: {float(on_light.float().mean()):.3f} (target: "
+             f"{float(weights[light].sum()):.3f}).",
              "", "| radial offset from the centre | samples per batch | mean radial V (> 0: outwards) |",
              "|---|---:|---:|"]
-    for lo, hi in zip(EDGES[:-1], EDGES[1:]):
-        m = on_light & (offset >= lo) & (offset < hi)
-        k = int(m.sum())
-        if k >= 2:
-            se = float(radial_v[m].std() / k**0.5)
-            lines.append(f"| [{lo:+.1f}, {hi:+.1f}) | {k / batches:.2f} | {float(radial_v[m].mean()):+.2f} ± {se:.2f} |")
+    lines += [f"| [{lo:+.1f}, {hi:+.1f}) | {k:.2f} | {m:+.2f} ± {se:.2f} |"
+              for lo, hi, k, m, se in binned(on_light, offset, radial_v)]
     lines += ["", f"With the target as the model (q = p), the same field's mean radial V at the light modes' samples is "
               f"{float(ref.mean()):+.3f} ± {float(ref.std() / len(ref) ** 0.5):.3f}.",
               "", f"(made by `python tools/field_profile.py {ckpt} --batches {batches}`)"]
