@@ -25,6 +25,7 @@ google/flax flax/serialization.py (the msgpack encoding).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import re
 import warnings
@@ -144,13 +145,10 @@ def _flax_array(payload: bytes, msgpack) -> torch.Tensor:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"flax array of dtype {name!r}: not a dtype torch has")
     shape = tuple(int(n) for n in shape)
-    count = 1
-    for n in shape:
-        count *= n
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(data) != count * itemsize:
+    count = math.prod(shape)
+    if len(data) != count * dtype.itemsize:
         raise ValueError(f"flax array of shape {shape} and dtype {name} holds {len(data)} bytes, expected "
-                         f"{count * itemsize}: the file is damaged")
+                         f"{count * dtype.itemsize}: the file is damaged")
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     with warnings.catch_warnings():  # the decoded bytes are immutable; every reader here copies before any write
@@ -280,14 +278,11 @@ def read_release_msgpack(src: str | Path, metadata: Mapping | None = None) -> di
     odd = [p for p, v in flat.items() if not torch.is_tensor(v)]
     if odd:
         raise ValueError(f"{src}: leaves that are not arrays: {', '.join(odd[:10])}")
-    state = {official_name(p): _to_torch_layout(p, v) for p, v in flat.items()}
-    config = official_config(state, metadata)
-    check_layout(flat, official_flax_shapes(config), f"the JAX param tree in {src}")
-    del state
-    out = {}
-    for path in list(flat):  # one contiguous copy per leaf; the decoded bytes go as soon as their leaf is copied
-        out[official_name(path)] = _to_torch_layout(path, flat.pop(path)).clone(memory_format=torch.contiguous_format)
-    return out
+    state = {official_name(p): _to_torch_layout(p, v) for p, v in flat.items()}  # views of the decoded bytes
+    check_layout(flat, official_flax_shapes(official_config(state, metadata)), f"the JAX param tree in {src}")
+    del flat
+    # one contiguous copy per leaf; the decoded bytes go as soon as their leaf is copied
+    return {name: state.pop(name).clone(memory_format=torch.contiguous_format) for name in list(state)}
 
 
 # ------------------------------------------------------------------------------------------------ reading
