@@ -210,3 +210,30 @@ def test_bad_names_raise():
         CriticDivergence("hellinger", critic)
     with pytest.raises(ValueError, match="r1\\+r2"):
         CLASSES["kl"](critic, penalty="r3")
+
+
+@pytest.mark.parametrize("penalty,forwards", [("r1", 2), ("r3gan", 2), ("interpolated", 3), ("none", 2)])
+def test_critic_step_runs_the_critic_as_the_official(penalty, forwards):
+    """R1 and r3gan differentiate the scores of the reals (and fakes) that the bound uses, as the official sjko and
+    r3gan penalties: two critic forwards per critic step; the interpolated penalty scores its own points (three).
+    The loss and the critic's gradients equal those of the penalty computed on a second forward."""
+    from gwf.objectives.penalties import penalty as penalty_fn
+
+    torch.manual_seed(0)
+    critic = MLPCritic([2], hidden=16, depth=2)
+    calls = []
+    critic.register_forward_hook(lambda *args: calls.append(1))
+    obj = CriticDivergence("kl_dv", critic, penalty=penalty, penalty_weight=0.2)
+    g = torch.Generator().manual_seed(1)
+    x_real, x_fake = torch.randn(1, 32, 2, generator=g), torch.randn(1, 32, 2, generator=g) + 1.0
+    loss, logs = obj.critic_loss(x_fake, RealBatch(pos=x_real), torch.Generator().manual_seed(2))
+    assert len(calls) == forwards
+    loss.backward()
+    grads = [p.grad.clone() for p in critic.parameters()]
+    critic.zero_grad()
+    d_real, d_fake = critic(x_real[0]), critic(x_fake[0])
+    again = obj.row.critic_loss(d_real, d_fake, False) + penalty_fn(
+        penalty, 0.2, critic, x_real, x_fake, rng=torch.Generator().manual_seed(2))
+    again.backward()
+    torch.testing.assert_close(loss, again, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads, [p.grad for p in critic.parameters()], rtol=1e-5, atol=1e-7)

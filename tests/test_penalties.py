@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gwf.objectives.penalties import (PENALTIES, interpolated_penalty, penalty, r1_penalty, r2_penalty,
-                                      wgan_gp_penalty)
+                                      scored_inputs, wgan_gp_penalty)
 
 D = 3
 
@@ -48,6 +48,48 @@ def test_r1_r2_hand_values():
     # r3gan: the official GWF weight 0.5 (R1 + R2)
     value = penalty("r3gan", 0.2, critic, x_real.view(2, 8, D), x_fake.view(2, 6, D))
     torch.testing.assert_close(value.double(), 0.1 * (expected_r1 + expected_r2), rtol=1e-6, atol=0)
+
+
+class Counting(Quadratic):
+    calls = 0
+
+    def forward(self, x, labels=None):
+        self.calls += 1
+        return super().forward(x, labels)
+
+
+@pytest.mark.parametrize("name,expected", [("r1", lambda r1, r2: 0.2 * r1), ("r2", lambda r1, r2: 0.2 * r2),
+                                           ("r1+r2", lambda r1, r2: 0.2 * (r1 + r2)),
+                                           ("r3gan", lambda r1, r2: 0.1 * (r1 + r2))])
+def test_scored_penalties_reuse_the_scores(name, expected):
+    """With the scores of scored_inputs' leaves (the official sjko / r3gan), R1 and R2 differentiate them: the hand
+    values, with no critic forward of their own; the critic's parameter gradients equal the recomputed penalty's."""
+    critic, x_real, x_fake = Counting(), points(1).view(2, 8, D), points(2, 12).view(2, 6, D)
+    r1 = critic.grad(x_real.reshape(-1, D)).pow(2).sum(1).mean()
+    r2 = critic.grad(x_fake.reshape(-1, D)).pow(2).sum(1).mean()
+    real, fake = scored_inputs(name, 0.2, x_real, x_fake)
+    assert real.requires_grad == (name != "r2") and fake.requires_grad == (name != "r1")
+    d_real, d_fake = critic(real.flatten(0, 1)), critic(fake.flatten(0, 1))
+    calls = critic.calls
+    value = penalty(name, 0.2, critic, real, fake, scores=(d_real, d_fake))
+    assert critic.calls == calls  # no forward of its own
+    torch.testing.assert_close(value.double(), expected(r1, r2), rtol=1e-6, atol=0)
+    loss = d_fake.mean() - d_real.mean() + value
+    loss.backward()
+    scored = [critic.A.grad.clone(), critic.b.grad.clone()]
+    critic.zero_grad()
+    again = critic(x_fake.flatten(0, 1)).mean() - critic(x_real.flatten(0, 1)).mean() + penalty(
+        name, 0.2, critic, x_real, x_fake)
+    again.backward()
+    torch.testing.assert_close(scored, [critic.A.grad, critic.b.grad], rtol=1e-12, atol=1e-12)
+
+
+def test_scores_of_inputs_without_grad_are_refused():
+    critic, x = Quadratic(), points(1).view(1, 16, D)
+    with pytest.raises(ValueError, match="scored_inputs"):
+        penalty("r1", 0.2, critic, x, x, scores=(critic(x[0]), critic(x[0])))
+    real, fake = scored_inputs("r1", 0.0, x, x)  # a zero weight differentiates nothing
+    assert not real.requires_grad and not fake.requires_grad
 
 
 def test_interpolated_and_wgan_gp_hand_values():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gwf.objectives.base import GenBatch, Objective, RealBatch
-from gwf.objectives.penalties import check_penalty_name, penalty
+from gwf.objectives.penalties import check_penalty_name, penalty, scored_inputs
 
 _VAR_FLOOR, _VAR_EPS = 1e-4, 1e-8  # official clamp and epsilon
 
@@ -61,10 +61,11 @@ class Chi2Tight(Objective):
 
     def critic_loss(self, x_gen: Tensor, real: RealBatch, rng: torch.Generator,
                     z: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        x_gen = x_gen.detach()
-        d_real, d_fake = self.scores(real.pos, real.labels), self.scores(x_gen, real.labels)
+        x_real, x_gen = scored_inputs(self.penalty, self.penalty_weight, real.pos, x_gen)
+        d_real, d_fake = self.scores(x_real, real.labels), self.scores(x_gen, real.labels)
         bound = tight_ratio(d_real, d_fake, False) if self.reverse else tight_ratio(d_fake, d_real, False)
-        pen = penalty(self.penalty, self.penalty_weight, self.critic, real.pos, x_gen, real.labels, rng)
+        pen = penalty(self.penalty, self.penalty_weight, self.critic, x_real, x_gen, real.labels, rng,
+                      scores=(d_real.flatten(), d_fake.flatten()))
         logs = {"d_real": d_real.mean(), "d_fake": d_fake.mean(), "fdiv": bound, "penalty": pen}
         return -bound + pen, {k: v.detach() for k, v in logs.items()}
 

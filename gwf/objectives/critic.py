@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gwf.objectives.base import GenBatch, Objective, RealBatch
-from gwf.objectives.penalties import check_penalty_name, penalty
+from gwf.objectives.penalties import check_penalty_name, penalty, scored_inputs
 
 
 def _lse_mean(v: Tensor) -> Tensor:
@@ -134,13 +134,14 @@ class CriticDivergence(Objective):
 
     def critic_loss(self, x_gen: Tensor, real: RealBatch, rng: torch.Generator,
                     z: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        x_gen = x_gen.detach()
         if x_gen.shape[0] != real.pos.shape[0] or x_gen.shape[2:] != real.pos.shape[2:]:
             raise ValueError(f"x_gen [L, N, *shape] {tuple(x_gen.shape)} does not match real.pos [L, M, *shape] "
                              f"{tuple(real.pos.shape)}")
-        d_real, d_fake = self.scores(real.pos, real.labels), self.scores(x_gen, real.labels)
+        x_real, x_gen = scored_inputs(self.penalty, self.penalty_weight, real.pos, x_gen)
+        d_real, d_fake = self.scores(x_real, real.labels), self.scores(x_gen, real.labels)
         bound = -self.row.critic_loss(d_real, d_fake, self.reverse)
-        pen = penalty(self.penalty, self.penalty_weight, self.critic, real.pos, x_gen, real.labels, rng)
+        pen = penalty(self.penalty, self.penalty_weight, self.critic, x_real, x_gen, real.labels, rng,
+                      scores=(d_real, d_fake))
         logs = {"d_real": d_real.mean(), "d_fake": d_fake.mean(), self.row.estimate: bound, "penalty": pen}
         return -bound + pen, {k: v.detach() for k, v in logs.items()}
 

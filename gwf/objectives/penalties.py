@@ -70,11 +70,32 @@ def check_penalty_name(name: str | None) -> None:
         raise ValueError(f"unknown gradient penalty '{name}'; choose one of {list(PENALTY_NAMES)} or None")
 
 
+def scored_inputs(name: str | None, weight: float, x_real: Tensor, x_fake: Tensor) -> tuple[Tensor, Tensor]:
+    """x_real and x_fake detached, made leaves that require grad where the penalty ``name`` differentiates the
+    critic (R1: the reals, R2: the fakes). Score these with the critic and pass the scores to :func:`penalty`
+    (``scores=``): the penalty then differentiates them instead of running the critic again, as the official
+    GWF's ``sjko`` and ``r3gan`` penalties do (losses.py ``gradient_penalty``; train.py sets ``requires_grad`` on
+    the batches before ``netD``): one critic forward fewer, the same value."""
+    active = name not in (None, "none") and weight != 0
+    real = x_real.detach().requires_grad_(True) if active and name in ("r1", "r1+r2", "r3gan") else x_real.detach()
+    fake = x_fake.detach().requires_grad_(True) if active and name in ("r2", "r1+r2", "r3gan") else x_fake.detach()
+    return real, fake
+
+
+def _scored_grad_sq(x: Tensor, d: Tensor) -> Tensor:
+    """E ||grad_x d(x)||^2 from scores d of the leaf x [L, K, *shape] (create_graph: a loss on it trains the
+    critic)."""
+    (grad,) = torch.autograd.grad(d.sum(), x, create_graph=True)
+    return grad.flatten(0, 1).flatten(1).float().pow(2).sum(1).mean()
+
+
 def penalty(name: str | None, weight: float, critic: nn.Module, x_real: Tensor, x_fake: Tensor,
-            labels: Tensor | None = None, rng: torch.Generator | None = None) -> Tensor:
+            labels: Tensor | None = None, rng: torch.Generator | None = None,
+            scores: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """weight * penalty on grouped samples: x_real [L, M, *shape], x_fake [L, N, *shape], labels [L] or None.
     Interpolation pairs the first min(M, N) samples of each problem (same class); "r1+r2" = R1 + R2, "r3gan" =
-    (R1 + R2) / 2."""
+    (R1 + R2) / 2. ``scores``: the critic's scores (d_real, d_fake) of x_real and x_fake made by
+    :func:`scored_inputs`; R1 and R2 then differentiate them (no critic forward of their own)."""
     check_penalty_name(name)
     if name in (None, "none") or weight == 0:
         return x_real.new_zeros((), dtype=torch.float32)
@@ -90,9 +111,18 @@ def penalty(name: str | None, weight: float, critic: nn.Module, x_real: Tensor, 
         K = min(M, N)
         return weight * PENALTIES[name](critic, x_real[:, :K].flatten(0, 1), x_fake[:, :K].flatten(0, 1),
                                         per_sample(K), rng=rng)
+    def grad_sq(x: Tensor, d: Tensor | None, k: int) -> Tensor:
+        if d is None:  # no scores of this leaf: the critic runs again on a detached copy
+            return _input_grad(critic, x.flatten(0, 1), per_sample(k)).pow(2).sum(1).mean()
+        if not x.requires_grad:
+            raise ValueError(f"penalty '{name}' got scores of inputs that do not require grad: make the inputs with "
+                             "scored_inputs() before scoring them")
+        return _scored_grad_sq(x, d)
+
+    d_real, d_fake = scores if scores is not None else (None, None)
     value = x_real.new_zeros((), dtype=torch.float32)
     if name != "r2":
-        value = value + r1_penalty(critic, x_real.flatten(0, 1), per_sample(M))
+        value = value + grad_sq(x_real, d_real, M)
     if name != "r1":
-        value = value + r2_penalty(critic, x_fake.flatten(0, 1), per_sample(N))
+        value = value + grad_sq(x_fake, d_fake, N)
     return weight * (0.5 * value if name == "r3gan" else value)
