@@ -134,7 +134,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[CheckpointCadence, 
                                 keep=c.keep, stop_requested=lambda: preemption.requested)
     evaluation = EvalCallback(instantiate(e.evaluator), every_n_updates=e.every_n_updates,
                               num_samples=e.num_samples, alpha=e.alpha, grid_per_class=e.grid_per_class,
-                              max_seconds=e.get("max_seconds"), every_n_jko_steps=e.get("every_n_jko_steps"))
+                              max_seconds=e.get("max_seconds"), every_n_jko_steps=e.get("every_n_jko_steps"),
+                              redraw_seconds=e.get("redraw_seconds", 30.0))
     return cadence, preemption, evaluation
 
 

@@ -94,3 +94,41 @@ def test_each_evaluation_is_timed_and_one_over_budget_warns(tmp_path, caplog):
     ddp = L.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(timeout=timedelta(minutes=10)), logger=False)
     assert callback.budget(ddp) == 300.0 and callback.budget(L.Trainer(accelerator="cpu", logger=False)) is None
     assert EvalCallback(lambda: None, max_seconds=42).budget(ddp) == 42.0
+
+
+def test_the_bar_redraws_at_most_every_min_interval_at_new_jko_steps_and_at_the_end():
+    """A redraw per update cost 3% of a 2D run: the bar is drawn again after min_interval seconds, at a new JKO
+    step's description, and at the last update, never in between."""
+    from gwf.callbacks import UpdateProgress
+
+    bar = UpdateProgress(min_interval=0.1)
+    bar._drawn = (10.0, "JKO step 1/3")
+    assert not bar.redraw_due(5, 30, "JKO step 1/3", 10.05)  # too soon, same step
+    assert bar.redraw_due(6, 30, "JKO step 1/3", 10.2)  # min_interval elapsed
+    assert bar.redraw_due(10, 30, "JKO step 2/3", 10.01)  # a new JKO step
+    assert bar.redraw_due(30, 30, "JKO step 1/3", 10.0)  # the end
+    assert UpdateProgress(min_interval=0).redraw_due(7, 30, "", 0.0)  # 0: every update (the old behaviour)
+
+
+def test_the_run_pictures_are_redrawn_at_most_every_redraw_seconds_and_at_the_end(tmp_path):
+    """eval_curves.png and trajectories.png: drawn at an evaluation when redraw_seconds have passed since the last
+    drawing, skipped before, and always drawn when training ends (force); the particles are recorded every time."""
+    import torch
+
+    from gwf.callbacks import EvalCallback
+
+    callback = EvalCallback(lambda: None, redraw_seconds=3600)
+    callback.rows = [{"update": 0, "hq_rate": 0.0}, {"update": 10, "hq_rate": 0.5}]
+    callback.particles = [torch.zeros(4, 2), torch.ones(4, 2)]
+    callback._real_2d = torch.randn(50, 2)
+    pictures = [tmp_path / "eval_curves.png", tmp_path / "trajectories.png"]
+    callback._run_pictures(tmp_path, force=False)  # never drawn yet: due
+    assert all(p.exists() for p in pictures)
+    for p in pictures:
+        p.unlink()
+    callback.rows.append({"update": 20, "hq_rate": 0.7})
+    callback._run_pictures(tmp_path, force=False)  # within the hour: skipped
+    assert not any(p.exists() for p in pictures)
+    callback._run_pictures(tmp_path, force=True)  # the end of training
+    assert all(p.exists() for p in pictures)
+    assert EvalCallback(lambda: None, redraw_seconds=0)._drawn_at == float("-inf")

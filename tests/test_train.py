@@ -275,3 +275,18 @@ def test_an_unconditional_mlp_generator_equals_its_concatenating_form():
     ref.square().sum().backward()
     assert torch.equal(out, ref)
     assert all(torch.equal(a, p.grad) for a, p in zip(fast, gen.parameters(), strict=True))
+
+
+def test_imports_run_without_the_garbage_collector_and_leave_it_as_found():
+    import gc
+
+    from gwf.train import imports_without_gc
+
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        with imports_without_gc():
+            assert not gc.isenabled()
+            made = [object() for _ in range(10)]
+        assert gc.isenabled() is enabled and gc.get_freeze_count() >= len(made)
+    gc.enable()
+    gc.unfreeze()
