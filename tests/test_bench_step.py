@@ -139,3 +139,12 @@ def test_kernel_counter_counts_extern_and_generated_kernels():
     with KernelCounter() as kernels, OpCounter() as ops:
         fn(x, w)
     assert kernels.op_counts == ops.op_counts and ops.ops == 4  # mm, relu, sum, exp
+
+
+def test_a_recipe_on_data_sampled_on_the_fly_is_refused_with_the_tool_to_use(capsys):
+    from gwf.bench.step import main
+
+    with pytest.raises(SystemExit):
+        main(["--recipe", "gwf_2d"])
+    err = capsys.readouterr().err
+    assert "experiment=gwf_2d samples its data on the fly" in err and "gwf-bench-2d" in err

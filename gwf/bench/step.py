@@ -617,7 +617,12 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give --recipe NAME or --all")
     rows = []
     for recipe in recipes:
-        r = predict(compose(recipe, args.overrides, args.data_space), recipe + (" (data space)" * args.data_space),
+        cfg = compose(recipe, args.overrides, args.data_space)
+        if "shape" not in cfg.data or "num_classes" not in cfg.data:
+            p.error(f"experiment={recipe} samples its data on the fly ({cfg.data.get('_target_')}): there is no "
+                    "data.shape / data.num_classes to predict an update from. gwf-bench-step predicts the recipes "
+                    "on prepared data (imagenet_*, cifar10_*, digits_*); time a 2D run on the CPU with gwf-bench-2d")
+        r = predict(cfg, recipe + (" (data space)" * args.data_space),
                     args.mae_channels or recipe_mae_channels(recipe),
                     [int(n) for n in args.mae_layers.split(",")], cpu_count=args.cpu_count)
         rows.append(r)
