@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from gwf.constants import RUN_ARCHIVE
 from gwf.data.shards import atomic_write, link_or_copy
 
 log = logging.getLogger("gwf")
@@ -80,12 +81,12 @@ def archive_previous_run(run_dir: Path) -> Path | None:
     Hydra's files of this launch (``.hydra/``, the job log) stay. Returns the archive, or None when there was
     nothing to move. Called by the launching process only (rank 0 before the other ranks start)."""
     run_dir = Path(run_dir)
-    keep = {"archive", ".hydra"}
+    keep = {RUN_ARCHIVE, ".hydra"}
     old = [p for p in run_dir.iterdir() if p.name not in keep and p.suffix != ".log"] if run_dir.is_dir() else []
     if not any(p.name in ("checkpoints", "metrics.csv", "eval.csv") for p in old):
         return None
-    n = 1 + max((int(p.name) for p in (run_dir / "archive").glob("*") if p.name.isdigit()), default=0)
-    target = run_dir / "archive" / str(n)
+    n = 1 + max((int(p.name) for p in (run_dir / RUN_ARCHIVE).glob("*") if p.name.isdigit()), default=0)
+    target = run_dir / RUN_ARCHIVE / str(n)
     target.mkdir(parents=True)
     for p in old:
         p.rename(target / p.name)

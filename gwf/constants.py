@@ -49,3 +49,6 @@ LATENTS_SAMPLES_PER_SHARD = 2048
 FEATURE_STD_EPS = 1e-6
 MAE_CHECKPOINT_FORMAT = "gwf-mae-v1"
 MAE_ENCODER_FORMAT = "gwf-mae-encoder-v1"  # encoder-only export (EMA weights): what training runs load
+# A fresh start (ckpt_path=null) moves the earlier run of its directory into <run>/RUN_ARCHIVE/<n>/ (gwf.checkpointing);
+# gwf-report leaves those out.
+RUN_ARCHIVE = "archive"

@@ -21,6 +21,7 @@ import yaml
 
 from gwf import console_main
 from gwf.config import upgrade_config
+from gwf.constants import RUN_ARCHIVE
 from gwf.jko import JKOSchedule
 from gwf.launch import SWEEP_RECORDS
 
@@ -109,9 +110,11 @@ def excluded_keys(run_dir: Path) -> set[str]:
 
 
 def find_runs(root: Path) -> list[Run]:
-    """Every run directory (holding gwf-train's config.yaml, not Hydra's .hydra/config.yaml) under ``root``."""
+    """Every run directory (holding gwf-train's config.yaml, not Hydra's .hydra/config.yaml) under ``root``; earlier
+    runs that a fresh start (``ckpt_path=null``) moved into ``<run>/archive/<n>/`` are not counted."""
     dirs = sorted(p.parent for p in root.rglob("config.yaml")
-                  if p.parent.name != ".hydra" and SWEEP_RECORDS not in p.relative_to(root).parts)
+                  if p.parent.name != ".hydra" and SWEEP_RECORDS not in p.relative_to(root).parts
+                  and RUN_ARCHIVE not in p.relative_to(root).parts[:-1])
     if not dirs:
         raise FileNotFoundError(f"no run directory (with config.yaml) under {root}; pass the sweep directory, "
                                 "e.g. runs/<name>/multirun")

@@ -17,7 +17,7 @@ TOTAL = 60 + (2 - 1) * 40  # jko.updates_first_step + (steps - 1) * updates_per_
 def _write_run(root, method, tau, seed, final, last_update=TOTAL, summary=True, extra=()):
     overrides = [f"method={method}", f"jko.tau={'null' if tau is None else tau}", f"seed={seed}", *extra]
     run = root / ",".join(overrides)
-    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra").mkdir(parents=True, exist_ok=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     cfg = {"name": "toy", "seed": seed, "method": {"name": method},
            "jko": {"tau": tau, "steps": 2, "updates_first_step": 60, "updates_per_step": 40}}
@@ -172,3 +172,19 @@ def test_two_launches_sharing_a_name_report_one_at_a_time(tmp_path):
     assert seeds(main([str(root), "--sweep", first, "--out", str(tmp_path / "one")])) == {("kl", 0), ("kl", 1)}
     with pytest.raises(ValueError, match=f"--sweep nope: no such launch .*recorded: {first}, {second}"):
         main([str(root), "--sweep", "nope"])
+
+
+def test_an_earlier_run_archived_by_a_fresh_start_is_not_counted(tmp_path):
+    """ckpt_path=null moves a point's earlier run into <run>/archive/<n>/ (gwf.checkpointing.archive_previous_run):
+    the report counts the new run only, and an archive passed as the root is read as a run."""
+    from gwf.checkpointing import archive_previous_run
+
+    root = tmp_path / "multirun"
+    _write_run(root, "kl", None, 0, 5.0)
+    run = next(root.iterdir())
+    archived = archive_previous_run(run)
+    assert archived == run / "archive" / "1" and (archived / "eval.csv").exists()
+    _write_run(root, "kl", None, 0, 1.0)  # the fresh run in the same directory
+    md = main([str(root), "--out", str(tmp_path / "r")])["markdown"]
+    assert "| kl | **1 (n=1)** |" in md or "| kl | **1** |" in md, md
+    assert "5" not in md.split("| kl |")[1].split("\n")[0]
