@@ -111,9 +111,9 @@ def penalty(name: str | None, weight: float, critic: nn.Module, x_real: Tensor, 
         K = min(M, N)
         return weight * PENALTIES[name](critic, x_real[:, :K].flatten(0, 1), x_fake[:, :K].flatten(0, 1),
                                         per_sample(K), rng=rng)
-    def grad_sq(x: Tensor, d: Tensor | None, k: int) -> Tensor:
+    def grad_sq(fn: PenaltyFn, x: Tensor, d: Tensor | None, k: int) -> Tensor:
         if d is None:  # no scores of this leaf: the critic runs again on a detached copy
-            return _input_grad(critic, x.flatten(0, 1), per_sample(k)).pow(2).sum(1).mean()
+            return fn(critic, x.flatten(0, 1), per_sample(k))
         if not x.requires_grad:
             raise ValueError(f"penalty '{name}' got scores of inputs that do not require grad: make the inputs with "
                              "scored_inputs() before scoring them")
@@ -122,7 +122,7 @@ def penalty(name: str | None, weight: float, critic: nn.Module, x_real: Tensor, 
     d_real, d_fake = scores if scores is not None else (None, None)
     value = x_real.new_zeros((), dtype=torch.float32)
     if name != "r2":
-        value = value + grad_sq(x_real, d_real, M)
+        value = value + grad_sq(r1_penalty, x_real, d_real, M)
     if name != "r1":
-        value = value + grad_sq(x_fake, d_fake, N)
+        value = value + grad_sq(r2_penalty, x_fake, d_fake, N)
     return weight * (0.5 * value if name == "r3gan" else value)
