@@ -97,7 +97,12 @@ def train(cfg: DictConfig, run_dir: Path, extra_callbacks: tuple = ()) -> dict:
 def imports_without_gc():
     """The garbage collector off while torch, Lightning and the model code are imported: their millions of module
     objects would set off collections that find nothing to free (0.3 s of the 3.8 s of imports on one thread).
-    After, the objects made so far are frozen (the interpreter's later collections skip them) and it is on again."""
+    After, the objects made so far are frozen (the interpreter's later collections skip them) and it is on again.
+    Only the first time in a process (Lightning not yet imported): a later call, e.g. the next job of an in-process
+    sweep or test, would freeze the earlier run's uncollected garbage for good."""
+    if "lightning" in sys.modules:
+        yield
+        return
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -277,16 +277,27 @@ def test_an_unconditional_mlp_generator_equals_its_concatenating_form():
     assert all(torch.equal(a, p.grad) for a, p in zip(fast, gen.parameters(), strict=True))
 
 
-def test_imports_run_without_the_garbage_collector_and_leave_it_as_found():
+def test_imports_run_without_the_garbage_collector_once_and_leave_it_as_found(monkeypatch):
+    """The first import of Lightning in a process runs with gc off and freezes what it made; once Lightning is
+    imported (the next job of an in-process sweep), nothing is frozen: that job's predecessor's garbage stays
+    collectable."""
     import gc
+    import sys
 
     from gwf.train import imports_without_gc
 
+    assert "lightning" in sys.modules  # the test process has imported it
+    frozen = gc.get_freeze_count()
+    with imports_without_gc():
+        assert gc.isenabled()
+        made = [[] for _ in range(10)]
+    assert gc.get_freeze_count() == frozen and made
+    monkeypatch.delitem(sys.modules, "lightning")  # as in a fresh process
     for enabled in (True, False):
         (gc.enable if enabled else gc.disable)()
         with imports_without_gc():
             assert not gc.isenabled()
-            made = [object() for _ in range(10)]
-        assert gc.isenabled() is enabled and gc.get_freeze_count() >= len(made)
+            made = [[] for _ in range(10)]
+        assert gc.isenabled() is enabled and gc.get_freeze_count() >= frozen + len(made)
     gc.enable()
     gc.unfreeze()
