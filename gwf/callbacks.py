@@ -74,6 +74,18 @@ class EvalCallback(L.Callback):
         per_class = max(self.num_samples // num_classes, 1)
         return torch.arange(num_classes, device=module.device).repeat_interleave(per_class)
 
+    def _mode_samples(self, module, n: int, labels, alpha) -> dict:
+        """``{"mode_x": samples}`` when the evaluator counts its mode metrics on more samples than the ``n`` it scores
+        (Toy2DEvaluator's ``mode_samples``; unconditional data): drawn apart, from the same fixed-noise seed, so the
+        scored samples stay those of ``n`` alone; else ``{}``."""
+        wanted = getattr(self.evaluator, "mode_samples", None)
+        if labels is not None or not wanted or wanted <= n:
+            return {}
+        was_training = module.training
+        x = module.sample(wanted, None, alpha, seed=self.seed)
+        module.train(was_training)
+        return {"mode_x": x}
+
     def evaluate(self, trainer, module) -> dict | None:
         if not trainer.is_global_zero:
             return None
@@ -90,7 +102,8 @@ class EvalCallback(L.Callback):
             x_a, z = module.sample(n, labels, alpha, seed=self.seed, return_inputs=True)
             module.train(was_training)
             # metrics that do not apply (None: class accuracy of unconditional samples) are left out
-            found = {k: float(v) for k, v in self.evaluator.evaluate(x_a, labels).items() if v is not None}
+            found = {k: float(v) for k, v in self.evaluator.evaluate(x_a, labels, **self._mode_samples(
+                module, n, labels, alpha)).items() if v is not None}
             if len(alphas) == 1:
                 metrics, x = found, x_a
                 break

@@ -159,3 +159,45 @@ def test_official_mmd_is_the_uniform_learned_kernel_mmd():
     same = big.evaluate(make_sampler("8gaussians_gwf")(2000, _g(8)))["mmd2_gwf"]
     assert abs(same) < 0.05 * big.evaluate(make_sampler("8gaussians_gwf")(2000, _g(8)) + 0.3)["mmd2_gwf"]
     assert "mmd2_gwf" not in Toy2DEvaluator("8gaussians_gwf", num_samples=12).evaluate(x)
+
+
+def test_mode_metrics_count_the_extra_samples_and_the_divergences_the_scored_ones():
+    """evaluate(x, mode_x=y): hq_rate and mode_recall are those of y (known: a far cloud has none, the target's own
+    samples recall every mode), the Sinkhorn divergence and MMD^2 those of x alone, to the last bit."""
+    ev = Toy2DEvaluator("8gaussians_gwf", num_samples=300, mode_samples=5000)
+    target = make_sampler("8gaussians_gwf")
+    x, many = target(300, _g(21)), target(5000, _g(22))
+    alone, both = ev.evaluate(x), ev.evaluate(x, mode_x=many)
+    assert both["sinkhorn_div"] == alone["sinkhorn_div"] and both["mmd2"] == alone["mmd2"]
+    assert both["hq_rate"] == mode_metrics(many, target)["hq_rate"] and both["mode_recall"] == 1.0
+    assert abs(both["hq_rate"] - (1 - math.exp(-4.5))) < 0.01  # within 3 std of a 2D Gaussian's centre
+    assert ev.evaluate(x, mode_x=many * 0.01 + 10)["hq_rate"] == 0.0
+    with pytest.raises(ValueError, match="mode_samples"):
+        Toy2DEvaluator("8gaussians_gwf", num_samples=10, mode_samples=0)
+
+
+def test_a_2d_run_counts_its_mode_metrics_on_mode_samples_of_the_fixed_noise(tmp_path):
+    """The evaluation callback draws eval.evaluator.mode_samples samples apart from the scored ones: the logged
+    hq_rate is that of the final generator's mode_samples samples of the evaluation seed, the divergences those of
+    its num_samples alone (the same as a run without mode_samples)."""
+    import json
+
+    from gwf.callbacks import EvalCallback
+    from gwf.sample import load_module
+    from gwf.train import train
+    from tests.conftest import compose_config
+
+    run = ["experiment=gwf_2d", "method=wflow", "jko.steps=1", "jko.updates_per_step=20", "eval.every_n_updates=20",
+           "eval.num_samples=300", "eval.evaluator.num_samples=300", "checkpoint.every_n_updates=20"]
+    train(compose_config([*run, "eval.evaluator.mode_samples=4000"]), tmp_path / "many")
+    train(compose_config([*run, "eval.evaluator.mode_samples=null"]), tmp_path / "few")
+    many, few = (json.loads((tmp_path / d / "eval_summary.json").read_text())["last"] for d in ("many", "few"))
+    assert many["sinkhorn_div"] == few["sinkhorn_div"] and many["mmd2"] == few["mmd2"]
+    module, cfg = load_module(tmp_path / "many" / "checkpoints" / "last.ckpt")
+    seed = EvalCallback(lambda: None).seed  # the evaluations' fixed-noise seed
+    expected = mode_metrics(module.sample(4000, seed=seed), make_sampler(cfg.data.target))
+    assert many["hq_rate"] == pytest.approx(expected["hq_rate"], abs=1e-9)
+    assert many["mode_recall"] == expected["mode_recall"]
+    scored = mode_metrics(module.sample(300, seed=seed), make_sampler(cfg.data.target))
+    assert few["hq_rate"] == pytest.approx(scored["hq_rate"], abs=1e-9)
+    assert 0 < many["hq_rate"] != few["hq_rate"]  # a generator part-way there: the counts differ

@@ -119,10 +119,19 @@ class Toy2DEvaluator:
     always, ``hq_rate`` and ``mode_recall`` for Gaussian-mixture targets. ``official_mmd``: also ``mmd2_gwf``, the
     official GWF ``--compute_MMD`` value, the unbiased MMD^2 on the raw points under the learned kernel's uniform
     mixture of its 7 families (gwf.objectives.learned_kernel; train.py evaluates with ``get_kernel(args)``, untrained
-    for every objective but the MMD rows, whose trained weights make their value run-specific)."""
+    for every objective but the MMD rows, whose trained weights make their value run-specific).
+
+    ``mode_samples``: hq_rate and mode_recall are counted on this many generated samples (``mode_x``, drawn by the
+    evaluation callback from the same fixed-noise seed) instead of the scored ones when it is larger. They cost a
+    distance to each mode per sample, where the divergences cost a transport problem: at 1,000 samples an hq_rate
+    near 0.93 has a binomial error of 0.008, at 20,000 of 0.002."""
 
     def __init__(self, target: str, num_samples: int = 2000, blur: float = 0.05, mmd_sigma: float = 0.5,
-                 seed: int = 0, official_mmd: bool = False):
+                 seed: int = 0, official_mmd: bool = False, mode_samples: int | None = None):
+        if mode_samples is not None and mode_samples < 1:
+            raise ValueError(f"eval.evaluator.mode_samples must be a positive number of samples or null, got "
+                             f"{mode_samples}")
+        self.mode_samples = mode_samples
         self.sampler = make_sampler(target)
         self.reference = self.sampler(num_samples, make_generator("cpu", "toy2d-eval", target, seed))
         self.blur = blur
@@ -130,13 +139,15 @@ class Toy2DEvaluator:
         self.kernel = make_kernel("gaussian", sigma=mmd_sigma)
         self.official_kernel = LearnedKernel().requires_grad_(False) if official_mmd else None
 
-    def evaluate(self, x: Tensor, labels: Tensor | None = None) -> dict[str, float]:
+    def evaluate(self, x: Tensor, labels: Tensor | None = None, mode_x: Tensor | None = None) -> dict[str, float]:
+        """The metrics of samples x [N, 2]; ``mode_x`` [M, 2] (more samples of the same model): hq_rate and
+        mode_recall on them instead of on x."""
         x = x.detach().float().cpu()
         out = {"sinkhorn_div": sinkhorn_divergence(x, self.reference, self.blur,
                                                    y_potentials=self.reference_potentials),
                "mmd2": float(mmd2_unbiased(x, self.reference, self.kernel))}
         if isinstance(self.sampler, GaussianMixture):
-            out.update(mode_metrics(x, self.sampler))
+            out.update(mode_metrics(x if mode_x is None else mode_x, self.sampler))
         if self.official_kernel is not None:
             x64, ref = x.double()[None], self.reference.double()[None]
             gram = self.official_kernel.double().gram
