@@ -331,7 +331,11 @@ def plot_heatmap(rows, columns, table, metric: str, path: Path) -> Path | None:
     if not rows:
         return None
     grid = np.array([[table[(r, c)][0] if (r, c) in table else np.nan for c in columns] for r in rows])
-    fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 2.5, 0.55 * len(rows) + 1.6))
+    # room for the row labels (about 0.08 in a character at the tick font's size): rows named by several overrides
+    # ("wflow (method.eps_rel=0.002, optim.lr=0.0002)") did not fit beside a one-column map
+    label_width = 0.08 * max(len(str(r)) for r in rows)
+    fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 2.4 + max(label_width, 0.9), 0.55 * len(rows) + 1.6),
+                           layout="constrained")  # lays out the colorbar and its label too
     finite = grid[np.isfinite(grid)]
     log = finite.size and wide_range(finite)
     shown = np.log10(grid) if log else grid
@@ -345,7 +349,7 @@ def plot_heatmap(rows, columns, table, metric: str, path: Path) -> Path | None:
     ax.set_yticks(range(len(rows)), rows)
     fig.colorbar(im, ax=ax, label=f"log10 {metric}" if log else metric)
     ax.set_title(f"final {metric}, mean over seeds")
-    return save_figure(fig, path)
+    return save_figure(fig, path, tight=False)
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -188,3 +188,20 @@ def test_an_earlier_run_archived_by_a_fresh_start_is_not_counted(tmp_path):
     md = main([str(root), "--out", str(tmp_path / "r")])["markdown"]
     assert "| kl | **1 (n=1)** |" in md or "| kl | **1** |" in md, md
     assert "5" not in md.split("| kl |")[1].split("\n")[0]
+
+
+def test_long_row_labels_fit_the_heat_map_without_a_layout_warning(tmp_path):
+    """Rows named by several overrides (a W-Flow eps_rel x lr sweep) get a figure wide enough for their labels:
+    matplotlib's "Tight layout not applied" warning, which gwf-report printed for such sweeps, does not come."""
+    import warnings
+
+    root = tmp_path / "multirun"
+    for i, eps in enumerate(("0.002", "0.005", "0.05")):
+        for j, lr in enumerate(("0.0002", "0.001", "0.003")):
+            _write_run(root, "wflow", 1.0, 0, 0.5 + 0.01 * (3 * i + j),
+                       extra=[f"method.eps_rel={eps}", f"optim.lr={lr}"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = main([str(root), "--out", str(tmp_path / "r"), "--metric", "hq_rate"])
+    assert "| wflow (method.eps_rel=0.002, optim.lr=0.0002) |" in result["markdown"]
+    assert (tmp_path / "r" / "heatmap_hq_rate.png").is_file()
