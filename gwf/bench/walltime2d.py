@@ -1,14 +1,18 @@
-"""Wall time of the [GWF] 2D recipe, one thread, side by side with the official script: ``gwf-train
-experiment=gwf_2d threads=1`` (KL_DV + JKO, 5 JKO steps x 500 updates, batch 256, evaluated at the start and after
-each JKO step) and, with ``--official``, the official README's 2D command (``train.py --dataset eight_gaussians
---divergence KL_DV --JKO ...``, one thread), run alternately in fresh processes, whole processes timed.
+"""Wall time and high-quality rate of the [GWF] 2D recipe, one thread, side by side with the official script:
+``gwf-train experiment=gwf_2d threads=1 seed=i`` (KL_DV + JKO, 5 JKO steps x 500 updates, batch 256, evaluated at the
+start and after each JKO step) and, with ``--official``, the official README's 2D command (``train.py --dataset
+eight_gaussians --divergence KL_DV --JKO ...``, one thread, ``--seed i``), run alternately in fresh processes, whole
+processes timed; repeat i uses seed i on both sides.
 
     gwf-bench-2d [--repeats 3] [--official ~/GWF --official-python ~/gwf-venv/bin/python] [--json rows.json]
 
 The official code is a clone of github.com/Paulcauch/GWF (nothing is downloaded here); its interpreter needs the
 official requirements (torch, torchvision, matplotlib, pytorch-fid). The torchvision workaround of gwf/_compat.py is
-applied to it before ``train.py`` runs, unchanged, as ``__main__``. Measure on an idle machine: the ratio, not the
-seconds, carries across machines.
+applied to it before ``train.py`` runs, unchanged, as ``__main__``, with the README's flags plus ``--seed`` and
+``--save_ckpt`` (its generator after each JKO step, a few kB). Both final generators are scored the same way: the
+high-quality rate (share within 3 std of a mode) of ``MODE_SAMPLES`` samples of uniform noise, as gwf's 2D
+evaluation counts it (``eval.evaluator.mode_samples``). Measure on an idle machine: the ratio, not the seconds,
+carries across machines.
 """
 
 from __future__ import annotations
@@ -56,11 +60,41 @@ def _timed(cmd: list[str], cwd: str, env: dict, log: Path) -> float:
     return seconds
 
 
-def official_command(python: str, official: Path, method: str, exp: str) -> list[str]:
-    """The official 2D command for ``method`` (a key of METHODS), through the bootstrap."""
+def official_command(python: str, official: Path, method: str, exp: str, seed: int = 1024) -> list[str]:
+    """The official 2D command for ``method`` (a key of METHODS) with ``--seed`` (train.py's default: 1024) and
+    ``--save_ckpt``, through the bootstrap."""
     compat = Path(__file__).resolve().parent.parent / "_compat.py"
     return [python, "-c", _BOOTSTRAP, str(compat), str(official), *OFFICIAL_ARGS,
-            "--divergence", METHODS[method], "--exp", exp]
+            "--divergence", METHODS[method], "--exp", exp, "--seed", str(seed), "--save_ckpt"]
+
+
+MODE_SAMPLES = 20_000  # generated samples scored per final generator, as gwf's eval.evaluator.mode_samples
+SCORE_SEED = 12345  # their uniform noise
+
+
+def official_checkpoint(fid_base_dir: Path, method: str, exp: str) -> Path:
+    """Where train.py's ``--save_ckpt`` writes (``<FID_BASE_DIR>/checkpoints/GWF/<divergence>/<dataset>/<exp>``)."""
+    return Path(fid_base_dir) / "checkpoints" / "GWF" / METHODS[method] / "eight_gaussians" / exp / "latest.pt"
+
+
+def official_hq_rate(checkpoint: Path, samples: int = MODE_SAMPLES) -> float:
+    """The high-quality rate of the official final generator (``netT`` of a ``--save_ckpt`` file: networks/__init__.py
+    ``Generator2D``, ``mlp_2d`` widths) on ``samples`` points of uniform noise on [-1, 1]^2 (``--type_noise unif``),
+    against the official 8 Gaussians: gwf's ``mode_metrics``, as its 2D evaluation scores gwf's generator."""
+    import torch
+    from torch import nn
+
+    from gwf.data.toy2d import make_sampler
+    from gwf.eval.toy2d import mode_metrics
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["netT"]
+    hidden = state["model.0.weight"].shape[0]
+    net = nn.Sequential(nn.Linear(2, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                        nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
+    net.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    with torch.no_grad():
+        z = torch.rand(samples, 2, generator=torch.Generator().manual_seed(SCORE_SEED)) * 2 - 1
+        return mode_metrics(net(z), make_sampler("8gaussians_gwf"))["hq_rate"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,27 +115,35 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(args.repeats):
             row = {"run": i + 1}
             if args.official is not None:
-                row["official_s"] = _timed(official_command(args.official_python, args.official, args.method,
-                                                            f"gwf_bench_2d_{i}"),
+                exp = f"gwf_bench_2d_{i}"
+                row["official_s"] = _timed(official_command(args.official_python, args.official, args.method, exp,
+                                                            seed=i),
                                            str(args.official), env, Path(root) / f"official_{i}.log")
+                row["official_hq_rate"] = official_hq_rate(official_checkpoint(Path(root), args.method, exp))
                 print(f"official run {i + 1}/{args.repeats}: {row['official_s']:.1f} s", flush=True)
             run_dir = Path(root) / "runs"
             cmd = [sys.executable, "-m", "gwf.train", "experiment=gwf_2d", f"method={args.method}", "threads=1",
-                   f"paths.root={run_dir}", f"run_id=run{i}"]
+                   f"seed={i}", f"paths.root={run_dir}", f"run_id=run{i}"]
             row["gwf_s"] = _timed(cmd, root, env, Path(root) / f"gwf_{i}.log")
             summary = json.loads((run_dir / "gwf_2d" / f"run{i}" / "eval_summary.json").read_text())
             row["gwf_hq_rate"] = summary["last"]["hq_rate"]
             print(f"gwf run {i + 1}/{args.repeats}: {row['gwf_s']:.1f} s", flush=True)
             rows.append(row)
     official = "official_s" in rows[0]
-    head = "| run | gwf-train (s) | hq_rate |" + (" official train.py (s) | ratio |" if official else "")
-    lines = [head, "|---:|---:|---:|" + ("---:|---:|" if official else "")]
+    head = "| run (seed) | gwf-train (s) | hq_rate |" + (" official train.py (s) | hq_rate | ratio |" if official else "")
+    lines = [head, "|---:|---:|---:|" + ("---:|---:|---:|" if official else "")]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['gwf_s']:.1f} | {r['gwf_hq_rate']:.3f} |"
-                     + (f" {r['official_s']:.1f} | {r['gwf_s'] / r['official_s']:.2f} |" if official else ""))
+        lines.append(f"| {r['run']} ({r['run'] - 1}) | {r['gwf_s']:.1f} | {r['gwf_hq_rate']:.3f} |"
+                     + (f" {r['official_s']:.1f} | {r['official_hq_rate']:.3f} | {r['gwf_s'] / r['official_s']:.2f} |"
+                        if official else ""))
     med = statistics.median
-    lines.append(f"| median | {med(r['gwf_s'] for r in rows):.1f} | |"
-                 + (f" {med(r['official_s'] for r in rows):.1f} | "
+
+    def mean_std(key: str) -> str:
+        values = [r[key] for r in rows]
+        return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+
+    lines.append(f"| median (hq: mean ± std) | {med(r['gwf_s'] for r in rows):.1f} | {mean_std('gwf_hq_rate')} |"
+                 + (f" {med(r['official_s'] for r in rows):.1f} | {mean_std('official_hq_rate')} | "
                     f"{med(r['gwf_s'] / r['official_s'] for r in rows):.2f} |" if official else ""))
     print("\n".join(lines))
     if args.json:
