@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from gwf.bench.walltime2d import (METHODS, OFFICIAL_ARGS, main, official_checkpoint, official_command,
-                                  official_hq_rate)
+                                  official_hq_rate, table)
 
 PROBE = """import json, sys, torch
 json.dump({"argv": sys.argv, "threads": torch.get_num_threads(), "name": __name__,
@@ -64,3 +64,23 @@ def test_the_official_generator_is_scored_on_the_official_modes(tmp_path):
     assert where == tmp_path / "checkpoints" / "GWF" / "KL_DV" / "eight_gaussians" / "exp0" / "latest.pt"
     assert official_hq_rate(_official_generator_checkpoint(where, [1.0, 0.0]), samples=500) == 1.0
     assert official_hq_rate(_official_generator_checkpoint(where, [0.0, 0.0]), samples=500) == 0.0
+
+
+def test_the_table_has_each_side_that_ran_and_their_ratio():
+    rows = [{"method": "kl_dv", "run": i + 1, "seed": i, "gwf_s": g, "gwf_hq_rate": h, "official_s": o,
+             "official_hq_rate": oh} for i, (g, h, o, oh) in enumerate([(30.0, 0.7, 20.0, 0.6), (33.0, 0.8, 22.0, 0.7),
+                                                                        (27.0, 0.9, 21.0, 0.8)])]
+    lines = table(rows).splitlines()
+    assert lines[0] == "| run (seed) | gwf-train (s) | hq_rate | official train.py (s) | hq_rate | ratio |"
+    assert lines[2] == "| 1 (0) | 30.0 | 0.700 | 20.0 | 0.600 | 1.50 |"
+    assert lines[-1] == "| median (hq: mean ± std) | 30.0 | 0.800 ± 0.100 | 21.0 | 0.700 ± 0.100 | 1.50 |"
+    official_only = [{k: v for k, v in r.items() if not k.startswith("gwf")} for r in rows]
+    assert table(official_only).splitlines()[-1] == "| median (hq: mean ± std) | 21.0 | 0.700 ± 0.100 |"
+
+
+@pytest.mark.parametrize("argv, message", [(["--method", "kl_dv,nope"], "choose among"),
+                                           (["--official-only"], "--official-only needs --official")])
+def test_bad_arguments_are_refused_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main([*argv, "--repeats", "1"])
+    assert message in capsys.readouterr().err

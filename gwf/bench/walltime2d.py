@@ -5,6 +5,7 @@ eight_gaussians --divergence KL_DV --JKO ...``, one thread, ``--seed i``), run a
 processes timed; repeat i uses seed i on both sides.
 
     gwf-bench-2d [--repeats 3] [--official ~/GWF --official-python ~/gwf-venv/bin/python] [--json rows.json]
+    gwf-bench-2d --official ~/GWF --official-only --method kl_dv,kl,kl_centered,chi2,js   # the official rates
 
 The official code is a clone of github.com/Paulcauch/GWF (nothing is downloaded here); its interpreter needs the
 official requirements (torch, torchvision, matplotlib, pytorch-fid). The torchvision workaround of gwf/_compat.py is
@@ -97,55 +98,90 @@ def official_hq_rate(checkpoint: Path, samples: int = MODE_SAMPLES) -> float:
         return mode_metrics(net(z), make_sampler("8gaussians_gwf"))["hq_rate"]
 
 
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+
+
+def bench(method: str, repeats: int, official: Path | None, official_python: str, root: Path, env: dict,
+          run_gwf: bool = True) -> list[dict]:
+    """``repeats`` rows for ``method``: repeat i runs seed i, the official script first (with ``official``), then
+    gwf-train (with ``run_gwf``); each side's seconds and final high-quality rate."""
+    rows = []
+    for i in range(repeats):
+        row = {"method": method, "run": i + 1, "seed": i}
+        if official is not None:
+            exp = f"gwf_bench_2d_{method}_{i}"
+            row["official_s"] = _timed(official_command(official_python, official, method, exp, seed=i),
+                                       str(official), env, root / f"official_{method}_{i}.log")
+            row["official_hq_rate"] = official_hq_rate(official_checkpoint(root, method, exp))
+            print(f"{method}: official run {i + 1}/{repeats}: {row['official_s']:.1f} s", flush=True)
+        if run_gwf:
+            run_dir = root / "runs"
+            cmd = [sys.executable, "-m", "gwf.train", "experiment=gwf_2d", f"method={method}", "threads=1",
+                   f"seed={i}", f"paths.root={run_dir}", f"run_id={method}_{i}"]
+            row["gwf_s"] = _timed(cmd, str(root), env, root / f"gwf_{method}_{i}.log")
+            summary = json.loads((run_dir / "gwf_2d" / f"{method}_{i}" / "eval_summary.json").read_text())
+            row["gwf_hq_rate"] = summary["last"]["hq_rate"]
+            print(f"{method}: gwf run {i + 1}/{repeats}: {row['gwf_s']:.1f} s", flush=True)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """One method's rows as Markdown: seconds and hq_rate of each side that ran, the ratio of their seconds, and a
+    last row with the median seconds and the mean ± std of the rates."""
+    sides = [(k, name) for k, name in (("gwf", "gwf-train"), ("official", "official train.py")) if f"{k}_s" in rows[0]]
+    both = len(sides) == 2
+    head = "| run (seed) |" + "".join(f" {name} (s) | hq_rate |" for _, name in sides) + (" ratio |" if both else "")
+    lines = [head, "|---:|" + "---:|---:|" * len(sides) + ("---:|" if both else "")]
+    for r in rows:
+        lines.append(f"| {r['run']} ({r['seed']}) |" + "".join(f" {r[k + '_s']:.1f} | {r[k + '_hq_rate']:.3f} |"
+                                                             for k, _ in sides)
+                     + (f" {r['gwf_s'] / r['official_s']:.2f} |" if both else ""))
+    med = statistics.median
+    lines.append("| median (hq: mean ± std) |" + "".join(
+        f" {med(r[k + '_s'] for r in rows):.1f} | {_mean_std([r[k + '_hq_rate'] for r in rows])} |" for k, _ in sides)
+                 + (f" {med(r['gwf_s'] / r['official_s'] for r in rows):.2f} |" if both else ""))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="gwf-bench-2d", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--method", default="kl_dv", choices=sorted(METHODS))
+    p.add_argument("--method", default="kl_dv",
+                   help=f"objective, or a comma-separated list of them (a table each, then a summary): "
+                        f"{', '.join(sorted(METHODS))}")
     p.add_argument("--official", type=Path, help="a clone of github.com/Paulcauch/GWF (its train.py)")
     p.add_argument("--official-python", default=sys.executable,
                    help="the interpreter with the official requirements (default: this one)")
+    p.add_argument("--official-only", action="store_true",
+                   help="run only the official script (its seconds and hq_rate): gwf's own rates of the same "
+                        "seeds are those of `gwf-train -m experiment=gwf_2d_sweep jko.tau=1 seed=0,1,2`")
     p.add_argument("--json", help="also write the rows as JSON to this file")
     args = p.parse_args(argv)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        p.error(f"--method {args.method}: choose among {', '.join(sorted(METHODS))} (comma-separated)")
     if args.official is not None and not (args.official / "train.py").is_file():
         p.error(f"--official {args.official} holds no train.py: pass a clone of github.com/Paulcauch/GWF")
+    if args.official_only and args.official is None:
+        p.error("--official-only needs --official <clone of github.com/Paulcauch/GWF>")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     rows = []
     with tempfile.TemporaryDirectory(prefix="gwf-bench-2d-") as root:
         env["FID_BASE_DIR"] = root  # the official script's checkpoint / FID folders
-        for i in range(args.repeats):
-            row = {"run": i + 1}
-            if args.official is not None:
-                exp = f"gwf_bench_2d_{i}"
-                row["official_s"] = _timed(official_command(args.official_python, args.official, args.method, exp,
-                                                            seed=i),
-                                           str(args.official), env, Path(root) / f"official_{i}.log")
-                row["official_hq_rate"] = official_hq_rate(official_checkpoint(Path(root), args.method, exp))
-                print(f"official run {i + 1}/{args.repeats}: {row['official_s']:.1f} s", flush=True)
-            run_dir = Path(root) / "runs"
-            cmd = [sys.executable, "-m", "gwf.train", "experiment=gwf_2d", f"method={args.method}", "threads=1",
-                   f"seed={i}", f"paths.root={run_dir}", f"run_id=run{i}"]
-            row["gwf_s"] = _timed(cmd, root, env, Path(root) / f"gwf_{i}.log")
-            summary = json.loads((run_dir / "gwf_2d" / f"run{i}" / "eval_summary.json").read_text())
-            row["gwf_hq_rate"] = summary["last"]["hq_rate"]
-            print(f"gwf run {i + 1}/{args.repeats}: {row['gwf_s']:.1f} s", flush=True)
-            rows.append(row)
-    official = "official_s" in rows[0]
-    head = "| run (seed) | gwf-train (s) | hq_rate |" + (" official train.py (s) | hq_rate | ratio |" if official else "")
-    lines = [head, "|---:|---:|---:|" + ("---:|---:|---:|" if official else "")]
-    for r in rows:
-        lines.append(f"| {r['run']} ({r['run'] - 1}) | {r['gwf_s']:.1f} | {r['gwf_hq_rate']:.3f} |"
-                     + (f" {r['official_s']:.1f} | {r['official_hq_rate']:.3f} | {r['gwf_s'] / r['official_s']:.2f} |"
-                        if official else ""))
-    med = statistics.median
-
-    def mean_std(key: str) -> str:
-        values = [r[key] for r in rows]
-        return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
-
-    lines.append(f"| median (hq: mean ± std) | {med(r['gwf_s'] for r in rows):.1f} | {mean_std('gwf_hq_rate')} |"
-                 + (f" {med(r['official_s'] for r in rows):.1f} | {mean_std('official_hq_rate')} | "
-                    f"{med(r['gwf_s'] / r['official_s'] for r in rows):.2f} |" if official else ""))
-    print("\n".join(lines))
+        for method in methods:
+            rows += bench(method, args.repeats, args.official, args.official_python, Path(root), env,
+                          run_gwf=not args.official_only)
+    for method in methods:
+        print(f"\n{method}:\n" + table([r for r in rows if r["method"] == method]))
+    if len(methods) > 1:
+        sides = [k for k in ("gwf", "official") if f"{k}_hq_rate" in rows[0]]
+        print("\n| objective |" + "".join(f" {k} hq_rate |" for k in sides) + "\n|---|" + "---:|" * len(sides))
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method]
+            print(f"| {method} |" + "".join(f" {_mean_std([r[k + '_hq_rate'] for r in mine])} |" for k in sides))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
