@@ -81,10 +81,7 @@ class EvalCallback(L.Callback):
         wanted = getattr(self.evaluator, "mode_samples", None)
         if labels is not None or not wanted or wanted <= n:
             return {}
-        was_training = module.training
-        x = module.sample(wanted, None, alpha, seed=self.seed)
-        module.train(was_training)
-        return {"mode_x": x}
+        return {"mode_x": module.sample(wanted, None, alpha, seed=self.seed)}  # restores the model's mode itself
 
     def evaluate(self, trainer, module) -> dict | None:
         if not trainer.is_global_zero:

@@ -174,6 +174,7 @@ def test_mode_metrics_count_the_extra_samples_and_the_divergences_the_scored_one
     assert ev.evaluate(x, mode_x=many * 0.01 + 10)["hq_rate"] == 0.0
     with pytest.raises(ValueError, match="mode_samples"):
         Toy2DEvaluator("8gaussians_gwf", num_samples=10, mode_samples=0)
+    assert Toy2DEvaluator("moons", num_samples=10, mode_samples=5000).mode_samples is None  # no modes to count
 
 
 def test_a_2d_run_counts_its_mode_metrics_on_mode_samples_of_the_fixed_noise(tmp_path):

@@ -131,8 +131,9 @@ class Toy2DEvaluator:
         if mode_samples is not None and mode_samples < 1:
             raise ValueError(f"eval.evaluator.mode_samples must be a positive number of samples or null, got "
                              f"{mode_samples}")
-        self.mode_samples = mode_samples
         self.sampler = make_sampler(target)
+        # only a Gaussian mixture has modes to count: no extra samples are drawn for the other targets
+        self.mode_samples = mode_samples if isinstance(self.sampler, GaussianMixture) else None
         self.reference = self.sampler(num_samples, make_generator("cpu", "toy2d-eval", target, seed))
         self.blur = blur
         self.reference_potentials = SelfPotentials(self.reference)  # the reference's self term, once per schedule
